@@ -1,0 +1,59 @@
+"""punch: direct TCP connections between peers behind NATs, by TCP simultaneous open.
+
+Each peer listens and dials from one local ip:port; a rendezvous server
+introduces two peers and tells each the other's candidates; a trio nursery
+races accept against paced connects; the first stream to pass the
+HMAC handshake and be nominated by the initiator wins::
+
+    stream = await punch.connect("bob", rendezvous="203.0.113.10:7000", name="alice")
+"""
+
+from __future__ import annotations
+
+from ._endpoint import Candidate as Candidate
+from ._endpoint import CandidateType as CandidateType
+from ._endpoint import Endpoint as Endpoint
+from ._endpoint import Role as Role
+from ._errors import CandidateFailed as CandidateFailed
+from ._errors import HandshakeError as HandshakeError
+from ._errors import LocalProtocolError as LocalProtocolError
+from ._errors import ProtocolError as ProtocolError
+from ._errors import PunchError as PunchError
+from ._errors import PunchFailed as PunchFailed
+from ._errors import RemoteProtocolError as RemoteProtocolError
+from ._errors import RendezvousError as RendezvousError
+from ._errors import ReuseUnavailable as ReuseUnavailable
+from ._errors import SelfDialError as SelfDialError
+from ._host import Host as Host
+from ._host import connect as connect
+from ._host import open_host as open_host
+from ._reuse import reuse_available as reuse_available
+from ._server import serve_rendezvous as serve_rendezvous
+from ._stream import PeerStream as PeerStream
+from ._stream import WonBy as WonBy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Candidate",
+    "CandidateFailed",
+    "CandidateType",
+    "Endpoint",
+    "HandshakeError",
+    "Host",
+    "LocalProtocolError",
+    "PeerStream",
+    "ProtocolError",
+    "PunchError",
+    "PunchFailed",
+    "RemoteProtocolError",
+    "RendezvousError",
+    "ReuseUnavailable",
+    "Role",
+    "SelfDialError",
+    "WonBy",
+    "connect",
+    "open_host",
+    "reuse_available",
+    "serve_rendezvous",
+]

@@ -1,0 +1,52 @@
+"""Moves rendezvous frames over a trio stream; used by the server and the host alike."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import attrs
+import trio
+
+from ._protocol import Message, RendezvousConnection
+
+_RECEIVE_SIZE = 4096
+
+
+@attrs.define(eq=False)
+class ControlChannel:
+    """One rendezvous control connection: a stream plus its protocol state.
+
+    Args:
+        stream: the connected TCP stream.
+        connection: the sans-IO :class:`RendezvousConnection` for our side.
+    """
+
+    stream: trio.SocketStream
+    connection: RendezvousConnection
+    _inbox: deque[Message] = attrs.field(factory=deque, init=False)
+    _send_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+
+    async def receive(self) -> Message | None:
+        """The next message, or ``None`` when the peer closed cleanly.
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol.
+            trio.BrokenResourceError: the connection failed.
+        """
+        while not self._inbox:
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            self._inbox.extend(self.connection.receive_data(data))
+            if not data:
+                return None
+        return self._inbox.popleft()
+
+    async def send(self, message: Message) -> None:
+        """Send one message; concurrent senders take turns.
+
+        Raises:
+            LocalProtocolError: we may not send it now.
+            trio.BrokenResourceError, trio.ClosedResourceError: the connection failed.
+        """
+        data = self.connection.send(message)
+        async with self._send_lock:
+            await self.stream.send_all(data)

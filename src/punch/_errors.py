@@ -1,0 +1,105 @@
+"""The exceptions punch raises; all of them derive from :class:`PunchError`.
+
+Connection-level failures also derive from :class:`OSError`, as
+``trio.open_tcp_stream``'s do, so code that already handles socket errors
+handles a failed punch too.
+"""
+
+from __future__ import annotations
+
+
+class PunchError(Exception):
+    """Base class of every exception defined by punch."""
+
+
+class ProtocolError(PunchError):
+    """A rendezvous or handshake message broke the wire protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """*We* tried to send something the protocol forbids (a bug in the caller)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The *other side* sent something malformed, oversized or out of order.
+
+    Attributes:
+        code: the rendezvous error code that answers it (``"protocol-error"``
+            unless a more precise one applies).
+    """
+
+    def __init__(self, message: str, *, code: str = "protocol-error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ReuseUnavailable(PunchError, OSError):
+    """The OS cannot bind several TCP sockets to one ip:port.
+
+    punch needs ``SO_REUSEADDR`` and ``SO_REUSEPORT`` (socket(7)) so that the
+    listener, the rendezvous control connection and every dial share one port.
+    """
+
+
+class SelfDialError(PunchError, OSError):
+    """We were asked to dial our own endpoint, or TCP connected us to ourselves.
+
+    Raised before any SYN is sent when the remote endpoint equals one of our own
+    local or server-reflexive endpoints, and after connect when
+    ``getsockname() == getpeername()`` (a TCP self-connect, which RFC 9293
+    §3.5 simultaneous open allows a socket to make with itself).
+    """
+
+
+class HandshakeError(PunchError, OSError):
+    """A punched TCP stream failed authentication and was closed.
+
+    Wrong secret, an echoed nonce (self-connect), a role claim that contradicts
+    the introduction, a stale attempt id, or a peer that hung up mid-handshake.
+    """
+
+
+class RendezvousError(PunchError, OSError):
+    """The rendezvous server refused a request or could not be reached.
+
+    Attributes:
+        code: the server's error code (``"name-taken"``, ``"unknown-peer"``,
+            ``"same-peer"``, ``"protocol-error"``), or ``"unreachable"`` /
+            ``"closed"`` for transport failures on our side.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+class PunchFailed(PunchError, OSError):
+    """No candidate produced an authenticated, nominated stream before the deadline.
+
+    ``__cause__`` is an :class:`ExceptionGroup` holding one
+    :class:`CandidateFailed` per candidate dialled (and one
+    :class:`HandshakeError` per inbound stream that failed authentication).
+    """
+
+
+class CandidateFailed(PunchError, OSError):
+    """Every attempt to one remote candidate failed.
+
+    Attributes:
+        candidate: the :class:`~punch.Candidate` that was dialled.
+        attempts: how many connect attempts were made (0 if it was skipped).
+
+    ``__cause__`` is the error of the last attempt.
+    """
+
+    def __init__(self, candidate: object, attempts: int, last: BaseException) -> None:
+        super().__init__(f"{candidate}: {attempts} attempt(s), last: {_describe(last)}")
+        self.candidate = candidate
+        self.attempts = attempts
+        self.__cause__ = last
+
+
+def _describe(exc: BaseException) -> str:
+    """One short line for an exception: ``ConnectionRefusedError: [Errno 111] ...``."""
+    text = str(exc) or "no detail"
+    return f"{type(exc).__name__}: {text}"

@@ -1,0 +1,355 @@
+"""A host: one local port for its listener, its control connection and every dial."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from . import _reuse
+from ._control import ControlChannel
+from ._endpoint import Endpoint, as_endpoint
+from ._errors import RemoteProtocolError, RendezvousError, ReuseUnavailable
+from ._protocol import (
+    ConnectRequest,
+    Error,
+    Introduction,
+    Register,
+    Registered,
+    RendezvousConnection,
+    Side,
+    check_name,
+)
+from ._race import DEFAULT_PACING, DEFAULT_TIMEOUT, InboundRouter, Race
+from ._stream import PeerStream
+
+log = logging.getLogger("punch.host")
+
+ACCEPT_QUEUE = 16
+"""Punched streams held for :meth:`Host.accept` before more are refused."""
+
+_Reply = Introduction | Error | RendezvousError
+
+
+@attrs.define(eq=False)
+class Host:
+    """One local ip:port holding a listener, a rendezvous registration and races.
+
+    Made by :func:`open_host`; see there for the arguments.
+
+    Attributes:
+        name: our registered name.
+        local: our bound endpoint (the port every socket shares).
+        host_candidate: the local endpoint the OS chose to reach the rendezvous.
+        observed: our server-reflexive endpoint, as the rendezvous saw it.
+        timeout: seconds one punch may take.
+    """
+
+    name: str
+    local: Endpoint
+    host_candidate: Endpoint
+    observed: Endpoint
+    timeout: float
+    pacing: float
+    _channel: ControlChannel
+    _router: InboundRouter
+    _nursery: trio.Nursery
+    _requests: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _waiters: dict[int, trio.MemorySendChannel[_Reply]] = attrs.field(factory=dict, init=False)
+    _closed: RendezvousError | None = attrs.field(default=None, init=False)
+    _accepted_send: trio.MemorySendChannel[PeerStream] = attrs.field(init=False)
+    _accepted: trio.MemoryReceiveChannel[PeerStream] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._accepted_send, self._accepted = trio.open_memory_channel[PeerStream](ACCEPT_QUEUE)
+
+    @property
+    def own_endpoints(self) -> frozenset[Endpoint]:
+        """Every endpoint that is us: never dialled (self-dial guard)."""
+        return frozenset({self.local, self.host_candidate, self.observed})
+
+    async def connect(self, peer: str, *, timeout: float | None = None) -> PeerStream:
+        """Punch a direct connection to ``peer``, as the initiator.
+
+        Args:
+            peer: the peer's registered name (1-64 of ``[A-Za-z0-9._-]``).
+            timeout: seconds (> 0) for the introduction, and again for the
+                punch itself; default :attr:`timeout`.
+
+        Returns:
+            the authenticated :class:`PeerStream` both sides keep.
+
+        Raises:
+            TypeError, ValueError: a bad ``peer`` or ``timeout``.
+            RendezvousError: ``unknown-peer``, ``same-peer``, ``timeout`` (no
+                answer in time), or ``closed`` (the control connection is gone).
+            SelfDialError: every candidate of ``peer`` is one of our own endpoints.
+            PunchFailed: no path worked within the timeout; the cause groups
+                each candidate's error.
+        """
+        check_name(peer)
+        timeout = _check_timeout(self.timeout if timeout is None else timeout)
+        if self._closed is not None:
+            raise RendezvousError(self._closed.code, str(self._closed))
+        request_id = next(self._requests)
+        send, receive = trio.open_memory_channel[_Reply](1)
+        self._waiters[request_id] = send
+        try:
+            try:
+                await self._channel.send(ConnectRequest(peer, request_id))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise RendezvousError("closed", "control connection lost") from exc
+            with trio.move_on_after(timeout):
+                reply = await receive.receive()
+                if isinstance(reply, RendezvousError):
+                    raise RendezvousError(reply.code, str(reply)) from reply
+                if isinstance(reply, Error):
+                    raise RendezvousError(reply.code, reply.text)
+                return await self._race(reply, timeout)
+            raise RendezvousError("timeout", f"no introduction to {peer!r} within {timeout:g} s")
+        finally:
+            del self._waiters[request_id]
+            try:  # an introduction we will not act on: close its route
+                unread = receive.receive_nowait()
+                if isinstance(unread, Introduction):
+                    self._router.close_route(unread.attempt_id)
+            except trio.WouldBlock:
+                pass
+
+    async def accept(self) -> PeerStream:
+        """The next peer that punched through to us, as the responder.
+
+        Punches run as soon as an introduction arrives, whether or not
+        ``accept`` is waiting; up to :data:`ACCEPT_QUEUE` finished streams wait
+        here. A failed punch is logged (logger ``punch``) and not raised.
+
+        Raises:
+            RendezvousError: ``closed``: the control connection is gone and no
+                punch is left in flight.
+        """
+        try:
+            return await self._accepted.receive()
+        except trio.EndOfChannel:
+            closed = self._closed or RendezvousError("closed", "host closed")
+            raise RendezvousError(closed.code, str(closed)) from None
+
+    async def _race(self, introduction: Introduction, timeout: float) -> PeerStream:
+        """Run the race; the route was opened by :meth:`_dispatch` and closes here."""
+        inbound = self._router.open_route(introduction.attempt_id)
+        try:
+            race = Race(
+                introduction,
+                self.local,
+                inbound,
+                own=self.own_endpoints,
+                timeout=timeout,
+                pacing=self.pacing,
+            )
+            return await race.run()
+        finally:
+            self._router.close_route(introduction.attempt_id)
+
+    async def _respond(self, introduction: Introduction) -> None:
+        try:
+            stream = await self._race(introduction, self.timeout)
+        except OSError as exc:
+            log.warning("inbound punch from %r failed: %s", introduction.peer_name, exc)
+            return
+        try:
+            self._accepted_send.send_nowait(stream)
+        except trio.WouldBlock:
+            log.warning("accept queue full (%d): closing %r", ACCEPT_QUEUE, stream.peer_name)
+            _reuse.abort(stream.socket)
+
+    async def _run_control(self) -> None:
+        """Read the control connection; when it ends, let in-flight punches finish."""
+        async with trio.open_nursery() as responders:
+            try:
+                while (message := await self._channel.receive()) is not None:
+                    self._dispatch(message, responders)
+                self._closed = RendezvousError("closed", "the rendezvous closed the connection")
+            except RemoteProtocolError as exc:
+                self._closed = RendezvousError("protocol-error", f"rendezvous sent garbage: {exc}")
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._closed = RendezvousError("closed", f"control connection lost: {exc}")
+            log.warning("%s; punches under way go on", self._closed)
+            for waiter in self._waiters.values():
+                waiter.send_nowait(self._closed)
+        self._accepted_send.close()
+
+    def _dispatch(self, message: object, responders: trio.Nursery) -> None:
+        if isinstance(message, Introduction):
+            # Open the route now, in the reader, before any inbound Hello for this
+            # attempt can be read; the race that consumes it closes it.
+            if message.request_id is None:
+                log.info("introduced to %r as responder", message.peer_name)
+                self._router.open_route(message.attempt_id)
+                responders.start_soon(self._respond, message)
+                return
+            if message.request_id in self._waiters:
+                log.info("introduced to %r as initiator", message.peer_name)
+                self._router.open_route(message.attempt_id)
+                self._waiters[message.request_id].send_nowait(message)
+                return
+        if isinstance(message, Error) and message.request_id in self._waiters:
+            self._waiters[message.request_id].send_nowait(message)
+        elif isinstance(message, Error):
+            log.warning("rendezvous error: %s: %s", message.code, message.text)
+        else:
+            log.info("ignoring a reply nobody waits for: %r", message)
+
+
+def _check_timeout(timeout: float) -> float:
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be seconds as a float, not {timeout!r}")
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be finite seconds > 0, not {timeout!r}")
+    return float(timeout)
+
+
+@asynccontextmanager
+async def open_host(
+    name: str,
+    *,
+    rendezvous: Endpoint | tuple[str, int] | str,
+    local: Endpoint | tuple[str, int] | str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    pacing: float = DEFAULT_PACING,
+) -> AsyncIterator[Host]:
+    """Bind one port, register ``name`` at the rendezvous, and keep both open.
+
+    Example::
+
+        async with punch.open_host("alice", rendezvous="203.0.113.10:7000") as host:
+            stream = await host.connect("bob")
+
+    Args:
+        name: our name, 1-64 characters of ``[A-Za-z0-9._-]``.
+        rendezvous: the server's IP and TCP port (:class:`Endpoint`,
+            ``(ip, port)`` or ``"ip:port"``/``"[ipv6]:port"``).
+        local: the endpoint to bind; default the unspecified address of the
+            rendezvous's family, port 0 (the kernel picks).
+        timeout: seconds (> 0) one punch, and one rendezvous exchange, may take.
+        pacing: seconds (>= 0.05) between connect attempts to one candidate.
+
+    Yields:
+        the registered :class:`Host`. Leaving the block closes its listener and
+        control connection; streams already returned stay open.
+
+    Raises:
+        TypeError, ValueError: a bad argument.
+        ReuseUnavailable: the OS cannot share one port (see :func:`reuse_available`).
+        OSError: ``local`` cannot be bound.
+        RendezvousError: ``unreachable``, ``name-taken``, ``timeout``,
+            ``closed`` or ``protocol-error`` while registering.
+    """
+    check_name(name)
+    timeout = _check_timeout(timeout)
+    server = as_endpoint(rendezvous, "rendezvous")
+    if local is None:
+        local = Endpoint("::" if server.address.version == 6 else "0.0.0.0", 0)
+    bind = as_endpoint(local, "local")
+    if bind.family != server.family:
+        raise ValueError(f"local {bind} and rendezvous {server} are different address families")
+    if not _reuse.reuse_available():
+        raise ReuseUnavailable("this OS cannot share one TCP port (SO_REUSEADDR + SO_REUSEPORT)")
+    listener = await _reuse.open_listener(bind)
+    try:
+        bound = Endpoint.from_sockaddr(listener.socket.getsockname())
+        channel = await _connect_control(bound, server, timeout)
+        try:
+            host_candidate = Endpoint.from_sockaddr(channel.stream.socket.getsockname())
+            observed = await _register(channel, name, host_candidate, timeout)
+            log.info(
+                "registered %r on %s: host candidate %s, server-reflexive %s",
+                name,
+                bound,
+                host_candidate,
+                observed,
+            )
+            async with trio.open_nursery() as nursery:
+                router = InboundRouter()
+                host = Host(
+                    name, bound, host_candidate, observed, timeout, pacing, channel, router, nursery
+                )
+                await nursery.start(router.serve, listener)
+                nursery.start_soon(host._run_control)
+                try:
+                    yield host
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            _reuse.abort(channel.stream.socket)
+    finally:
+        await listener.aclose()
+
+
+async def _connect_control(local: Endpoint, server: Endpoint, timeout: float) -> ControlChannel:
+    sock = await _reuse.bind_reusable(local)
+    try:
+        with trio.fail_after(timeout):
+            await sock.connect(server.sockaddr())
+    except (OSError, trio.TooSlowError) as exc:
+        _reuse.abort(sock)
+        raise RendezvousError(
+            "unreachable", f"cannot reach the rendezvous at {server}: {exc}"
+        ) from exc
+    except BaseException:
+        _reuse.abort(sock)
+        raise
+    return ControlChannel(trio.SocketStream(sock), RendezvousConnection(Side.CLIENT))
+
+
+async def _register(
+    channel: ControlChannel, name: str, host_candidate: Endpoint, timeout: float
+) -> Endpoint:
+    try:
+        await channel.send(Register(name, (host_candidate,)))
+        with trio.fail_after(timeout):
+            reply = await channel.receive()
+    except trio.TooSlowError:
+        raise RendezvousError("timeout", f"no answer to Register within {timeout:g} s") from None
+    except RemoteProtocolError as exc:
+        raise RendezvousError("protocol-error", f"rendezvous sent garbage: {exc}") from exc
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise RendezvousError("closed", f"control connection lost: {exc}") from exc
+    if isinstance(reply, Error):
+        raise RendezvousError(reply.code, reply.text)
+    if not isinstance(reply, Registered):
+        raise RendezvousError("closed", "the rendezvous closed the connection while registering")
+    return reply.observed
+
+
+async def connect(
+    peer: str,
+    *,
+    rendezvous: Endpoint | tuple[str, int] | str,
+    name: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    local: Endpoint | tuple[str, int] | str | None = None,
+) -> PeerStream:
+    """Register as ``name``, punch a direct TCP connection to ``peer``, and return it.
+
+    A one-shot :func:`open_host` + :meth:`Host.connect`: the host's listener
+    and registration are closed before this returns; the stream stays open.
+
+    Args:
+        peer: the other peer's registered name.
+        rendezvous: the server, as :func:`open_host` takes it.
+        name: our name (1-64 of ``[A-Za-z0-9._-]``), held while connecting.
+        timeout: seconds (> 0; default 10.0) for the introduction and the punch.
+        local: the endpoint to bind, as :func:`open_host` takes it.
+
+    Returns:
+        the authenticated :class:`PeerStream`; we are its initiator.
+
+    Raises:
+        Everything :func:`open_host` and :meth:`Host.connect` raise.
+    """
+    async with open_host(name, rendezvous=rendezvous, local=local, timeout=timeout) as host:
+        return await host.connect(peer)

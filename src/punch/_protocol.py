@@ -1,0 +1,445 @@
+"""The rendezvous wire protocol, sans-IO (h11 is the model): bytes in, messages out.
+
+Nothing here imports trio or touches a socket; the server and the host only
+move bytes through a :class:`RendezvousConnection`.
+
+Framing: every frame is a 4-byte header, ``b"P"``, the protocol version
+(:data:`PROTOCOL_VERSION`), and the body length as a big-endian u16, followed by
+a UTF-8 JSON object body. A whole frame is at most :data:`MAX_FRAME` bytes
+(4 KiB, the bound libp2p DCUtR uses). Decoding is strict: an unknown type, a
+missing or extra field, a wrong JSON type, a duplicate key, a value out of
+range, or a frame sent out of order raises :class:`RemoteProtocolError`.
+
+Order (client = a punch host, server = the rendezvous):
+
+- client → server: ``Register`` once, first; then any number of ``ConnectRequest``
+  once ``Registered`` has arrived.
+- server → client: ``Registered`` once, answering ``Register``; then
+  ``Introduction``; ``Error`` at any time.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import struct
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import attrs
+
+from ._endpoint import Candidate, CandidateType, Endpoint, Role
+from ._errors import LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 4096
+"""Largest frame in bytes, header included."""
+_HEADER = struct.Struct("!cBH")
+_MAGIC = b"P"
+MAX_BODY = MAX_FRAME - _HEADER.size
+MAX_CANDIDATES = 8
+"""Most host candidates a peer may register (RFC 8445 §19 asks for a bound)."""
+SECRET_BYTES = 32
+ATTEMPT_ID_BYTES = 16
+MAX_REQUEST_ID = 2**32 - 1
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_CODE_RE = re.compile(r"[a-z][a-z-]{0,31}")
+MAX_ERROR_TEXT = 512
+
+
+def check_name(name: str) -> str:
+    """Check a peer name: 1 to 64 characters of ``[A-Za-z0-9._-]``.
+
+    Raises:
+        TypeError: not a ``str``.
+        ValueError: empty, too long or with another character.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be str, not {name!r}")
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(f"name must be 1-64 characters of [A-Za-z0-9._-], not {name!r}")
+    return name
+
+
+def _name(_: object, __: object, value: str) -> None:
+    check_name(value)
+
+
+def _request_id(_: object, __: object, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"request_id must be int, not {value!r}")
+    if not 0 <= value <= MAX_REQUEST_ID:
+        raise ValueError(f"request_id must be in 0..2**32-1, not {value!r}")
+
+
+_optional_request_id = attrs.validators.optional(_request_id)
+
+
+def _exact_bytes(size: int) -> Callable[[object, object, bytes], None]:
+    def check(_: object, attribute: Any, value: bytes) -> None:
+        if not isinstance(value, bytes) or len(value) != size:
+            raise ValueError(f"{attribute.name} must be {size} bytes, not {value!r}")
+
+    return check
+
+
+def _bounded_tuple(kind: type, most: int) -> Callable[[object, object, tuple[Any, ...]], None]:
+    def check(_: object, attribute: Any, value: tuple[Any, ...]) -> None:
+        if not isinstance(value, tuple) or not all(isinstance(v, kind) for v in value):
+            raise TypeError(f"{attribute.name} must be a tuple of {kind.__name__}, not {value!r}")
+        if len(value) > most:
+            raise ValueError(f"{attribute.name}: at most {most}, got {len(value)}")
+
+    return check
+
+
+@attrs.frozen
+class Register:
+    """client → server: take ``name`` and offer these host candidates.
+
+    Args:
+        name: 1-64 characters of ``[A-Za-z0-9._-]``.
+        candidates: at most :data:`MAX_CANDIDATES` host endpoints.
+    """
+
+    name: str = attrs.field(validator=_name)
+    candidates: tuple[Endpoint, ...] = attrs.field(
+        default=(), validator=_bounded_tuple(Endpoint, MAX_CANDIDATES)
+    )
+
+
+@attrs.frozen
+class Registered:
+    """server → client: the name is yours; ``observed`` is your server-reflexive endpoint."""
+
+    observed: Endpoint = attrs.field(validator=attrs.validators.instance_of(Endpoint))
+
+
+@attrs.frozen
+class ConnectRequest:
+    """client → server: introduce me to ``target``; ``request_id`` is echoed back."""
+
+    target: str = attrs.field(validator=_name)
+    request_id: int = attrs.field(validator=_request_id)
+
+
+@attrs.frozen
+class Introduction:
+    """server → both peers at once: everything one punch attempt needs.
+
+    Args:
+        peer_name: the other peer.
+        role: this receiver's :class:`Role`; the requester is the initiator.
+        attempt_id: 16 random bytes naming the attempt.
+        secret: 32 random bytes (256 bits), single use, keys the handshake MAC.
+        candidates: the other peer's candidates (server-reflexive first).
+        request_id: the requester's ``ConnectRequest.request_id``; ``None``
+            in the responder's copy.
+    """
+
+    peer_name: str = attrs.field(validator=_name)
+    role: Role = attrs.field(validator=attrs.validators.instance_of(Role))
+    attempt_id: bytes = attrs.field(
+        validator=_exact_bytes(ATTEMPT_ID_BYTES), repr=lambda b: b.hex()
+    )
+    secret: bytes = attrs.field(validator=_exact_bytes(SECRET_BYTES), repr=lambda _: "<secret>")
+    candidates: tuple[Candidate, ...] = attrs.field(
+        validator=_bounded_tuple(Candidate, MAX_CANDIDATES + 1)
+    )
+    request_id: int | None = attrs.field(default=None, validator=_optional_request_id)
+
+
+@attrs.frozen
+class Error:
+    """server → client: a refusal. ``request_id`` names the request, if any."""
+
+    code: str = attrs.field()
+    text: str = attrs.field()
+    request_id: int | None = attrs.field(default=None, validator=_optional_request_id)
+
+    @code.validator
+    def _check_code(self, _: object, value: str) -> None:
+        if not isinstance(value, str) or not _CODE_RE.fullmatch(value):
+            raise ValueError(f"code must be 1-32 of [a-z-], not {value!r}")
+
+    @text.validator
+    def _check_text(self, _: object, value: str) -> None:
+        if not isinstance(value, str) or len(value) > MAX_ERROR_TEXT:
+            raise ValueError(f"text must be a str of at most {MAX_ERROR_TEXT} characters")
+
+
+Message: TypeAlias = Register | Registered | ConnectRequest | Introduction | Error
+
+# --- wire form: one encoder and one strict decoder per type -------------------
+
+
+def _endpoint_to_wire(e: Endpoint) -> dict[str, Any]:
+    return {"ip": e.ip, "port": e.port}
+
+
+def _candidate_to_wire(c: Candidate) -> dict[str, Any]:
+    return {"type": c.type.value, "ip": c.endpoint.ip, "port": c.endpoint.port}
+
+
+def _to_wire(m: Message) -> dict[str, Any]:
+    if isinstance(m, Register):
+        return {
+            "type": "register",
+            "name": m.name,
+            "candidates": [_endpoint_to_wire(e) for e in m.candidates],
+        }
+    if isinstance(m, Registered):
+        return {"type": "registered", "observed": _endpoint_to_wire(m.observed)}
+    if isinstance(m, ConnectRequest):
+        return {"type": "connect", "target": m.target, "request_id": m.request_id}
+    if isinstance(m, Introduction):
+        return {
+            "type": "introduction",
+            "peer_name": m.peer_name,
+            "role": m.role.value,
+            "attempt_id": m.attempt_id.hex(),
+            "secret": m.secret.hex(),
+            "candidates": [_candidate_to_wire(c) for c in m.candidates],
+            "request_id": m.request_id,
+        }
+    if isinstance(m, Error):
+        return {"type": "error", "code": m.code, "text": m.text, "request_id": m.request_id}
+    raise LocalProtocolError(f"not a rendezvous message: {m!r}")
+
+
+class _Fields:
+    """Strict reader of one decoded JSON object: every key read exactly once."""
+
+    def __init__(self, obj: object, what: str) -> None:
+        if not isinstance(obj, dict):
+            raise RemoteProtocolError(f"{what} must be a JSON object")
+        self._obj: dict[str, Any] = obj
+        self._what = what
+        self._read: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        if key not in self._obj:
+            raise RemoteProtocolError(f"{self._what}: missing field {key!r}")
+        value = self._obj[key]
+        self._read.add(key)
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+            raise RemoteProtocolError(f"{self._what}: field {key!r} has the wrong type")
+        return value
+
+    def done(self) -> None:
+        extra = set(self._obj) - self._read
+        if extra:
+            raise RemoteProtocolError(f"{self._what}: unknown field(s) {sorted(extra)}")
+
+
+def _endpoint_from_wire(obj: object) -> Endpoint:
+    f = _Fields(obj, "endpoint")
+    endpoint = Endpoint(f.get("ip", str), f.get("port", int))
+    f.done()
+    return endpoint
+
+
+def _candidate_from_wire(obj: object) -> Candidate:
+    f = _Fields(obj, "candidate")
+    kind = CandidateType(f.get("type", str))
+    candidate = Candidate(kind, Endpoint(f.get("ip", str), f.get("port", int)))
+    f.done()
+    return candidate
+
+
+def _list(f: _Fields, key: str, item: Callable[[object], Any]) -> tuple[Any, ...]:
+    return tuple(item(v) for v in f.get(key, list))
+
+
+_OPTIONAL_INT = (int, type(None))
+
+
+def _from_wire(obj: object) -> Message:
+    f = _Fields(obj, "frame")
+    kind = f.get("type", str)
+    message: Message
+    if kind == "register":
+        message = Register(f.get("name", str), _list(f, "candidates", _endpoint_from_wire))
+    elif kind == "registered":
+        message = Registered(_endpoint_from_wire(f.get("observed", dict)))
+    elif kind == "connect":
+        message = ConnectRequest(f.get("target", str), f.get("request_id", int))
+    elif kind == "introduction":
+        message = Introduction(
+            peer_name=f.get("peer_name", str),
+            role=Role(f.get("role", str)),
+            attempt_id=bytes.fromhex(f.get("attempt_id", str)),
+            secret=bytes.fromhex(f.get("secret", str)),
+            candidates=_list(f, "candidates", _candidate_from_wire),
+            request_id=f.get("request_id", _OPTIONAL_INT),
+        )
+    elif kind == "error":
+        message = Error(f.get("code", str), f.get("text", str), f.get("request_id", _OPTIONAL_INT))
+    else:
+        raise RemoteProtocolError(f"unknown frame type {kind!r}")
+    f.done()
+    return message
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RemoteProtocolError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise RemoteProtocolError(f"{name} is not allowed")
+
+
+def encode_frame(message: Message) -> bytes:
+    """One message as one frame.
+
+    Raises:
+        LocalProtocolError: not a message, or its frame would exceed :data:`MAX_FRAME`.
+    """
+    body = json.dumps(_to_wire(message), separators=(",", ":"), ensure_ascii=False).encode()
+    if len(body) > MAX_BODY:
+        raise LocalProtocolError(f"frame of {len(body) + _HEADER.size} bytes exceeds {MAX_FRAME}")
+    return _HEADER.pack(_MAGIC, PROTOCOL_VERSION, len(body)) + body
+
+
+def decode_body(body: bytes) -> Message:
+    """Parse one frame body (the bytes after the header).
+
+    Raises:
+        RemoteProtocolError: anything but a well-formed message.
+    """
+    try:
+        obj = json.loads(
+            body.decode("utf-8"),
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+        )
+        return _from_wire(obj)
+    except RemoteProtocolError:
+        raise
+    except (ValueError, TypeError, RecursionError) as exc:
+        # UnicodeDecodeError and JSONDecodeError are ValueErrors; the attrs
+        # validators raise ValueError/TypeError for out-of-range fields.
+        raise RemoteProtocolError(f"malformed frame: {exc}") from exc
+
+
+class Side(enum.Enum):
+    """Which end of a rendezvous control connection we are."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+_SENT_BY = {
+    Register: Side.CLIENT,
+    ConnectRequest: Side.CLIENT,
+    Registered: Side.SERVER,
+    Introduction: Side.SERVER,
+    Error: Side.SERVER,
+}
+
+
+class RendezvousConnection:
+    """The state of one control connection, from one side.
+
+    Args:
+        our_side: :class:`Side` we play.
+
+    ``send(message)`` returns the bytes to write; ``receive_data(data)`` takes
+    bytes read (``b""`` for end of stream) and returns the messages completed.
+    After a :class:`RemoteProtocolError` the connection is broken and every
+    further ``receive_data`` raises again: close it.
+    """
+
+    def __init__(self, our_side: Side) -> None:
+        self.our_side = our_side
+        self._buffer = bytearray()
+        self._registered = False  # Register sent/received and Registered answered
+        self._register_seen = False
+        self._broken: RemoteProtocolError | None = None
+
+    @property
+    def registered(self) -> bool:
+        """True once ``Registered`` has been sent (server) or received (client)."""
+        return self._registered
+
+    def send(self, message: Message) -> bytes:
+        """Bytes for ``message``.
+
+        Raises:
+            LocalProtocolError: this side may not send it now.
+        """
+        sender = _SENT_BY.get(type(message))
+        if sender is not self.our_side:
+            raise LocalProtocolError(f"{self.our_side.value} may not send {type(message).__name__}")
+        self._check_order(message, LocalProtocolError)
+        return encode_frame(message)
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        """Feed bytes read from the peer; ``b""`` means it closed its side.
+
+        Returns:
+            the messages completed by these bytes, in order.
+
+        Raises:
+            RemoteProtocolError: a bad header, an oversized frame (detected from
+                the header, before its body is buffered), a malformed body, a
+                message the peer may not send now, or end of stream mid-frame.
+        """
+        if self._broken is not None:
+            raise self._broken
+        try:
+            return self._receive(data)
+        except RemoteProtocolError as exc:
+            self._broken = exc
+            raise
+
+    def _receive(self, data: bytes) -> list[Message]:
+        if not data:
+            if self._buffer:
+                raise RemoteProtocolError("connection closed in the middle of a frame")
+            return []
+        self._buffer += data
+        messages: list[Message] = []
+        while len(self._buffer) >= _HEADER.size:
+            magic, version, length = _HEADER.unpack_from(self._buffer)
+            if magic != _MAGIC:
+                raise RemoteProtocolError("not a punch rendezvous frame")
+            if version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"protocol version {version}, expected {PROTOCOL_VERSION}", code="bad-version"
+                )
+            if length > MAX_BODY:
+                raise RemoteProtocolError(
+                    f"frame of {length + _HEADER.size} bytes exceeds {MAX_FRAME}",
+                    code="frame-too-large",
+                )
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            body = bytes(self._buffer[_HEADER.size : end])
+            del self._buffer[:end]
+            message = decode_body(body)
+            sender = _SENT_BY[type(message)]
+            if sender is self.our_side:
+                raise RemoteProtocolError(f"{type(message).__name__} is not for a {sender.value}")
+            self._check_order(message, RemoteProtocolError)
+            messages.append(message)
+        return messages
+
+    def _check_order(self, message: Message, error: type[Exception]) -> None:
+        if isinstance(message, Register):
+            if self._register_seen:
+                raise error("Register may be sent only once")
+            self._register_seen = True
+        elif isinstance(message, Registered):
+            if not self._register_seen or self._registered:
+                raise error("Registered must answer the one Register")
+            self._registered = True
+        elif isinstance(message, ConnectRequest | Introduction) and not self._registered:
+            raise error(f"{type(message).__name__} before registration completed")

@@ -1,0 +1,397 @@
+"""The race: accept on our port against paced connects to every candidate.
+
+One trio nursery per punch attempt, the shape of ``trio.open_tcp_stream``'s
+happy eyeballs: every path runs as its own task and records its own error;
+the first authenticated stream that the initiator nominates wins; every other
+stream is closed with an RST; if the deadline passes first, the caller gets one
+:class:`PunchFailed` whose cause groups each candidate's error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable
+
+import attrs
+import trio
+
+from . import _reuse
+from ._endpoint import Candidate, Endpoint, Role
+from ._errors import CandidateFailed, HandshakeError, PunchFailed, SelfDialError, _describe
+from ._handshake import ACCEPT, HELLO_SIZE, NOMINATE, PROOF_SIZE, Handshake, Hello, parse_hello
+from ._protocol import Introduction
+from ._stream import ExactReader, PeerStream, WonBy
+
+log = logging.getLogger("punch.race")
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds a punch may take, introduction to nominated stream."""
+DEFAULT_PACING = 0.1
+"""Seconds between the starts of two connect attempts to one candidate (10/s)."""
+MIN_PACING = 0.05
+"""Pacing below 50 ms (20 attempts/s per candidate) is refused (RFC 8445 §14)."""
+HELLO_TIMEOUT = 5.0
+"""Seconds an accepted connection gets to send its Hello before it is dropped."""
+MAX_PENDING_HELLOS = 64
+"""Accepted connections awaiting their Hello at once; more are dropped at once."""
+_ROUTE_BUFFER = 8
+
+DialFn = Callable[[Endpoint, Endpoint, Iterable[Endpoint]], Awaitable[trio.SocketStream]]
+
+
+@attrs.frozen
+class Inbound:
+    """An accepted connection whose Hello has been read."""
+
+    reader: ExactReader
+    hello: Hello
+    remote: Endpoint
+
+
+def _peer(stream: trio.SocketStream) -> Endpoint:
+    return Endpoint.from_sockaddr(stream.socket.getpeername())
+
+
+@attrs.define(eq=False)
+class InboundRouter:
+    """Accepts on a host's listener and hands each connection to its punch attempt.
+
+    The attempt is named by the attempt id in the connection's Hello, so one
+    listener serves any number of concurrent attempts. A connection with no
+    Hello within :data:`HELLO_TIMEOUT`, a malformed one, or one for no live
+    attempt is closed with an RST.
+    """
+
+    _routes: dict[
+        bytes, tuple[trio.MemorySendChannel[Inbound], trio.MemoryReceiveChannel[Inbound]]
+    ] = attrs.field(factory=dict, init=False)
+    _pending_hellos: int = attrs.field(default=0, init=False)
+
+    @property
+    def active(self) -> int:
+        """Number of attempts currently routed."""
+        return len(self._routes)
+
+    def open_route(self, attempt_id: bytes) -> trio.MemoryReceiveChannel[Inbound]:
+        """Start routing connections whose Hello names ``attempt_id``.
+
+        Open the route before the introduction is acted on, so that no
+        inbound Hello can arrive ahead of it; close it with :meth:`close_route`.
+        """
+        if attempt_id not in self._routes:
+            self._routes[attempt_id] = trio.open_memory_channel[Inbound](_ROUTE_BUFFER)
+        return self._routes[attempt_id][1]
+
+    def close_route(self, attempt_id: bytes) -> None:
+        """Stop routing ``attempt_id``; connections still queued are closed."""
+        route = self._routes.pop(attempt_id, None)
+        if route is None:
+            return
+        send, receive = route
+        send.close()
+        while True:
+            try:
+                _reuse.abort(receive.receive_nowait().reader.stream.socket)
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        receive.close()
+
+    async def serve(
+        self,
+        listener: trio.SocketListener,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept forever (until cancelled), routing each connection by its Hello."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                stream = await listener.accept()
+                if self._pending_hellos >= MAX_PENDING_HELLOS:
+                    log.warning(
+                        "dropping inbound connection: %d hellos pending", MAX_PENDING_HELLOS
+                    )
+                    _reuse.abort(stream.socket)
+                    continue
+                self._pending_hellos += 1
+                nursery.start_soon(self._read_hello, stream)
+
+    async def _read_hello(self, stream: trio.SocketStream) -> None:
+        reader = ExactReader(stream)
+        delivered = False
+        try:
+            remote = _peer(stream)
+            with trio.move_on_after(HELLO_TIMEOUT) as scope:
+                hello = parse_hello(await reader.exactly(HELLO_SIZE))
+            if scope.cancelled_caught:
+                log.info("inbound from %s: no hello within %.1f s, dropped", remote, HELLO_TIMEOUT)
+                return
+            route = self._routes.get(hello.attempt_id)
+            if route is None:
+                log.info("inbound from %s: hello for no current attempt, dropped", remote)
+                return
+            route[0].send_nowait(Inbound(reader, hello, remote))
+            delivered = True
+        except (OSError, trio.WouldBlock, trio.BrokenResourceError) as exc:
+            log.info("inbound connection dropped: %s", _describe(exc))
+        finally:
+            self._pending_hellos -= 1
+            if not delivered:
+                _reuse.abort(stream.socket)
+
+
+@attrs.define
+class _CandidateState:
+    candidate: Candidate
+    attempts: int = 0
+    last: BaseException | None = None
+    in_flight: bool = False
+    done: bool = False
+
+    def failure(self) -> CandidateFailed:
+        last = self.last
+        if self.in_flight or last is None:
+            detail = f"attempt {self.attempts} unanswered at the deadline"
+            if last is not None:
+                detail += f" (before it: {_describe(last)})"
+            last = TimeoutError(detail)
+        return CandidateFailed(self.candidate, self.attempts, last)
+
+
+@attrs.define(eq=False)
+class Race:
+    """One punch attempt: everything between an introduction and a kept stream.
+
+    Args:
+        introduction: what the rendezvous sent us (role, secret, candidates).
+        local: the endpoint our listener holds; every dial binds to it.
+        inbound: accepted connections for this attempt (from :class:`InboundRouter`).
+        own: our other endpoints (chosen local, server-reflexive): never dialled.
+        timeout: seconds, > 0; default :data:`DEFAULT_TIMEOUT`.
+        pacing: seconds between attempt starts per candidate, >= :data:`MIN_PACING`.
+        dial: the connect function (:func:`punch._reuse.dial`; tests swap it).
+    """
+
+    introduction: Introduction
+    local: Endpoint
+    inbound: trio.MemoryReceiveChannel[Inbound]
+    own: frozenset[Endpoint] = frozenset()
+    timeout: float = DEFAULT_TIMEOUT
+    pacing: float = DEFAULT_PACING
+    dial: DialFn = _reuse.dial
+    _streams: set[trio.SocketStream] = attrs.field(factory=set, init=False)
+    _states: list[_CandidateState] = attrs.field(factory=list, init=False)
+    _inbound_errors: list[BaseException] = attrs.field(factory=list, init=False)
+    _nominating: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+    _winner: PeerStream | None = attrs.field(default=None, init=False)
+    _started: float = attrs.field(default=0.0, init=False)
+    _scope: trio.CancelScope | None = attrs.field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.timeout, int | float) or not 0 < self.timeout < math.inf:
+            raise ValueError(f"timeout must be finite seconds > 0, not {self.timeout!r}")
+        if not isinstance(self.pacing, int | float) or not MIN_PACING <= self.pacing < math.inf:
+            raise ValueError(f"pacing must be seconds >= {MIN_PACING}, not {self.pacing!r}")
+
+    @property
+    def _label(self) -> str:
+        i = self.introduction
+        return f"punch {i.attempt_id.hex()[:8]} ({i.role.value}) to {i.peer_name!r}"
+
+    async def run(self) -> PeerStream:
+        """Race until a stream is nominated or the deadline passes.
+
+        Returns:
+            the kept :class:`PeerStream`; every other stream is closed.
+
+        Raises:
+            SelfDialError: every candidate is one of our own endpoints.
+            PunchFailed: nothing won within ``timeout`` seconds; ``__cause__`` is
+                an ``ExceptionGroup`` of :class:`CandidateFailed` (one per
+                candidate) and :class:`HandshakeError` (one per failed inbound).
+        """
+        self._started = trio.current_time()
+        intro = self.introduction
+        self._states = self._usable_candidates()
+        log.info(
+            "%s: racing accept on %s against %d candidate(s): %s",
+            self._label,
+            self.local,
+            len(self._states),
+            ", ".join(str(s.candidate) for s in self._states) or "none",
+        )
+        try:
+            with trio.move_on_after(self.timeout):
+                async with trio.open_nursery() as nursery:
+                    self._scope = nursery.cancel_scope
+                    for state in self._states:
+                        nursery.start_soon(self._dial_loop, state)
+                    nursery.start_soon(self._accept_loop, nursery)
+        finally:
+            for stream in self._streams:
+                if self._winner is None or stream is not self._winner.socket_stream:
+                    _reuse.abort(stream.socket)
+            self._streams.clear()
+        if self._winner is not None:
+            return self._winner
+        errors: list[Exception] = [s.failure() for s in self._states] + [
+            e for e in self._inbound_errors if isinstance(e, Exception)
+        ]
+        for error in errors:
+            log.info("%s: failed: %s", self._label, error)
+        summary = "; ".join(str(e) for e in errors) or "no candidates and no inbound connection"
+        group = ExceptionGroup(
+            f"every path to {intro.peer_name!r} failed", errors or [TimeoutError()]
+        )
+        raise PunchFailed(
+            f"punch to {intro.peer_name!r} failed within {self.timeout:g} s: {summary}"
+        ) from group
+
+    def _usable_candidates(self) -> list[_CandidateState]:
+        states: list[_CandidateState] = []
+        self_dials: list[SelfDialError] = []
+        for candidate in dict.fromkeys(self.introduction.candidates):  # dedupe, keep order
+            if candidate.endpoint.family != self.local.family:
+                log.info(
+                    "%s: skip %s: not %s like our port",
+                    self._label,
+                    candidate,
+                    self.local.family.name,
+                )
+                continue
+            try:
+                _reuse.check_not_self(candidate.endpoint, self.local, self.own)
+            except SelfDialError as exc:
+                log.info("%s: skip %s: %s", self._label, candidate, exc)
+                self_dials.append(exc)
+                continue
+            states.append(_CandidateState(candidate))
+        if not states and self_dials:
+            raise SelfDialError(
+                f"every candidate of {self.introduction.peer_name!r} is our own endpoint: "
+                + "; ".join(str(e) for e in self_dials)
+            )
+        return states
+
+    async def _dial_loop(self, state: _CandidateState) -> None:
+        endpoint = state.candidate.endpoint
+        next_start = trio.current_time()
+        while not state.done:
+            await trio.sleep_until(next_start)
+            next_start = trio.current_time() + self.pacing
+            state.attempts += 1
+            state.in_flight = True
+            log.debug("%s: attempt %d to %s", self._label, state.attempts, state.candidate)
+            try:
+                stream = await self.dial(self.local, endpoint, self.own)
+            except SelfDialError as exc:
+                state.in_flight, state.last, state.done = False, exc, True
+                log.info("%s: %s: %s", self._label, state.candidate, exc)
+                return
+            except OSError as exc:
+                state.in_flight, state.last = False, exc
+                log.debug(
+                    "%s: attempt %d to %s: %s",
+                    self._label,
+                    state.attempts,
+                    state.candidate,
+                    _describe(exc),
+                )
+                continue
+            state.in_flight = False
+            self._streams.add(stream)
+            log.info("%s: connected to %s from %s", self._label, state.candidate, self.local)
+            try:
+                await self._authenticate(ExactReader(stream), WonBy.CONNECT, _peer(stream), None)
+                return
+            except OSError as exc:
+                # A host that answers but cannot prove the secret (a stray host on an
+                # overlapping private subnet) will not prove it on a second try.
+                state.last, state.done = exc, True
+                self._drop(stream)
+                log.info("%s: %s: handshake failed: %s", self._label, state.candidate, exc)
+
+    async def _accept_loop(self, nursery: trio.Nursery) -> None:
+        async for inbound in self.inbound:
+            self._streams.add(inbound.reader.stream)
+            log.info("%s: accepted a connection from %s", self._label, inbound.remote)
+            nursery.start_soon(self._authenticate_inbound, inbound)
+
+    async def _authenticate_inbound(self, inbound: Inbound) -> None:
+        try:
+            await self._authenticate(inbound.reader, WonBy.ACCEPT, inbound.remote, inbound.hello)
+        except OSError as exc:
+            self._drop(inbound.reader.stream)
+            failure = HandshakeError(f"inbound from {inbound.remote}: {exc}")
+            failure.__cause__ = exc
+            self._inbound_errors.append(failure)
+            log.info("%s: %s", self._label, failure)
+
+    def _drop(self, stream: trio.SocketStream) -> None:
+        self._streams.discard(stream)
+        _reuse.abort(stream.socket)
+
+    async def _authenticate(
+        self, reader: ExactReader, won_by: WonBy, remote: Endpoint, peer_hello: Hello | None
+    ) -> None:
+        intro = self.introduction
+        shake = Handshake(intro.role, intro.attempt_id, intro.secret)
+        if peer_hello is None:  # we dialled: we speak first
+            await reader.send(shake.hello())
+            shake.receive_hello(await reader.exactly(HELLO_SIZE))
+        else:
+            shake.receive_hello(peer_hello)
+            await reader.send(shake.hello())
+        await reader.send(shake.proof())
+        shake.verify_proof(await reader.exactly(PROOF_SIZE))
+        log.info("%s: authenticated %s (won by %s)", self._label, remote, won_by.value)
+        if intro.role is Role.INITIATOR:
+            async with self._nominating:  # one nomination in flight at a time
+                if self._winner is not None:
+                    return
+                await reader.send(NOMINATE)
+                if await reader.exactly(1) != ACCEPT:
+                    raise HandshakeError("responder answered the nomination with garbage")
+                self._win(reader, won_by, remote)
+        else:
+            if await reader.exactly(1) != NOMINATE:
+                raise HandshakeError("initiator sent garbage instead of a nomination")
+            if self._winner is not None:
+                raise HandshakeError("a second nomination after one was accepted")
+            self._winner = self._peer_stream(reader, won_by, remote)
+            try:
+                await reader.send(ACCEPT)
+            except BaseException:
+                self._winner = None
+                raise
+            self._win(reader, won_by, remote)
+
+    def _peer_stream(self, reader: ExactReader, won_by: WonBy, remote: Endpoint) -> PeerStream:
+        stream = reader.stream
+        return PeerStream(
+            socket_stream=stream,
+            peer_name=self.introduction.peer_name,
+            role=self.introduction.role,
+            local=Endpoint.from_sockaddr(stream.socket.getsockname()),
+            remote=remote,
+            won_by=won_by,
+            attempt_id=self.introduction.attempt_id,
+            connect_time=trio.current_time() - self._started,
+            pending=reader.buffer,
+        )
+
+    def _win(self, reader: ExactReader, won_by: WonBy, remote: Endpoint) -> None:
+        """Keep this stream and cancel every other path."""
+        if self._winner is None:
+            self._winner = self._peer_stream(reader, won_by, remote)
+        log.info(
+            "%s: nominated %s -> %s (won by %s) after %.1f ms",
+            self._label,
+            self._winner.local,
+            remote,
+            won_by.value,
+            self._winner.connect_time * 1000,
+        )
+        assert self._scope is not None
+        self._scope.cancel()

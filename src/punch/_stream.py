@@ -1,0 +1,124 @@
+"""The punched connection handed to applications, and an exact reader for handshakes."""
+
+from __future__ import annotations
+
+import enum
+
+import attrs
+import trio
+
+from ._endpoint import Endpoint, Role
+from ._errors import HandshakeError
+
+_RECEIVE_SIZE = 65536
+
+
+class WonBy(enum.Enum):
+    """Which side of the race produced the kept connection."""
+
+    CONNECT = "connect"
+    """Our outbound SYN (or a simultaneous open, RFC 9293 §3.5) connected."""
+    ACCEPT = "accept"
+    """The peer's SYN reached our listener."""
+
+
+def _lost(exc: trio.BrokenResourceError) -> HandshakeError:
+    return HandshakeError(f"connection lost during the handshake: {exc.__cause__ or exc}")
+
+
+@attrs.define(eq=False)
+class ExactReader:
+    """Reads exact byte counts from a stream, keeping what it read past them.
+
+    Args:
+        stream: a connected :class:`trio.SocketStream`.
+    """
+
+    stream: trio.SocketStream
+    buffer: bytearray = attrs.field(factory=bytearray)
+
+    async def exactly(self, size: int) -> bytes:
+        """Exactly ``size`` bytes.
+
+        Raises:
+            HandshakeError: the peer closed or reset the connection first.
+        """
+        while len(self.buffer) < size:
+            try:
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+            except trio.BrokenResourceError as exc:
+                raise _lost(exc) from exc
+            if not data:
+                raise HandshakeError("peer closed the connection during the handshake")
+            self.buffer += data
+        out = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return out
+
+    async def send(self, data: bytes) -> None:
+        """Send ``data``.
+
+        Raises:
+            HandshakeError: the connection broke.
+        """
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            raise _lost(exc) from exc
+
+
+@attrs.define(eq=False)
+class PeerStream(trio.abc.HalfCloseableStream):
+    """A direct, authenticated TCP connection to a peer.
+
+    A plain kernel TCP socket underneath (no relay, no framing added): the
+    methods are those of :class:`trio.SocketStream`, and raise what it raises
+    (:class:`trio.BrokenResourceError`, :class:`trio.ClosedResourceError`).
+
+    Attributes:
+        peer_name: the peer's registered name.
+        role: our :class:`~punch.Role` in the attempt that made it.
+        local: our end of the 4-tuple (``getsockname()``).
+        remote: the peer's end as we see it (``getpeername()``); behind a
+            NAT this is the peer's NAT's public endpoint.
+        won_by: :class:`WonBy`: our connect or our listener's accept.
+        attempt_id: the introduction's 16-byte attempt id.
+        connect_time: seconds from receiving the introduction to holding this
+            authenticated, nominated stream.
+    """
+
+    socket_stream: trio.SocketStream
+    peer_name: str
+    role: Role
+    local: Endpoint
+    remote: Endpoint
+    won_by: WonBy
+    attempt_id: bytes = attrs.field(repr=lambda b: b.hex())
+    connect_time: float
+    _pending: bytearray = attrs.field(factory=bytearray, alias="pending")
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The underlying trio socket (for ``getsockopt`` and the like)."""
+        return self.socket_stream.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.socket_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.socket_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.socket_stream.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._pending:
+            size = len(self._pending) if max_bytes is None else max_bytes
+            out = bytes(self._pending[:size])
+            del self._pending[:size]
+            await trio.lowlevel.checkpoint()
+            return out
+        return await self.socket_stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.socket_stream.aclose()
