@@ -272,17 +272,34 @@ async def open_host(
                 host_candidate,
                 observed,
             )
-            async with trio.open_nursery() as nursery:
-                router = InboundRouter()
-                host = Host(
-                    name, bound, host_candidate, observed, timeout, pacing, channel, router, nursery
-                )
-                await nursery.start(router.serve, listener)
-                nursery.start_soon(host._run_control)
-                try:
-                    yield host
-                finally:
-                    nursery.cancel_scope.cancel()
+            try:
+                async with trio.open_nursery() as nursery:
+                    router = InboundRouter()
+                    host = Host(
+                        name,
+                        bound,
+                        host_candidate,
+                        observed,
+                        timeout,
+                        pacing,
+                        channel,
+                        router,
+                        nursery,
+                    )
+                    await nursery.start(router.serve, listener)
+                    nursery.start_soon(host._run_control)
+                    try:
+                        yield host
+                    finally:
+                        nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The background tasks never raise, so a lone exception is the
+                # caller's own (RendezvousError, PunchFailed...): give it back as is.
+                if len(group.exceptions) != 1:
+                    raise
+                error = group.exceptions[0]
+                error.__suppress_context__ = True  # keeps its own __cause__
+                raise error from error.__cause__
         finally:
             _reuse.abort(channel.stream.socket)
     finally:

@@ -107,7 +107,12 @@ class InboundRouter:
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: wait for a slot
+                    log.warning("accept failed: %s; retrying in 0.1 s", exc)
+                    await trio.sleep(0.1)
+                    continue
                 if self._pending_hellos >= MAX_PENDING_HELLOS:
                     log.warning(
                         "dropping inbound connection: %d hellos pending", MAX_PENDING_HELLOS

@@ -1,0 +1,7 @@
+"""``python -m punch`` is the ``punch`` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())
