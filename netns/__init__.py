@@ -1,0 +1,1 @@
+"""The netns lab: real hosts, real NATs (nftables), real punch processes."""

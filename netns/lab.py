@@ -1,0 +1,195 @@
+"""Build hosts and NAT routers from network namespaces, veth pairs and nftables.
+
+Every namespace name carries a per-run prefix, so parallel runs never collide,
+and :class:`Lab` deletes each one by name on exit, pass, fail or Ctrl-C.
+Traffic stays inside the namespaces: the WAN is a bridge in its own namespace,
+with addresses from the documentation range 203.0.113.0/24 (RFC 5737) and
+private LANs in 10.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import attrs
+
+RULESETS = Path(__file__).parent / "rulesets"
+WAN_PREFIX = "203.0.113"
+RENDEZVOUS_IP = f"{WAN_PREFIX}.10"
+RENDEZVOUS_PORT = 7000
+
+
+def missing_requirements() -> str | None:
+    """Why the lab cannot run here, or ``None`` when it can."""
+    if os.geteuid() != 0:
+        return "the netns lab needs root (ip netns, nft)"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"the netns lab needs {tool!r} (apt-get install iproute2 nftables)"
+    return None
+
+
+def _run(argv: Sequence[str], stdin: str | None = None) -> str:
+    done = subprocess.run(
+        argv, input=stdin, capture_output=True, text=True, timeout=30, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()}")
+    return done.stdout
+
+
+@attrs.define
+class Lab:
+    """A set of namespaces that exists for one run, then is deleted by name.
+
+    Use as a context manager; ``SIGTERM`` inside it tears down as ``Ctrl-C`` does.
+    """
+
+    prefix: str = attrs.field(factory=lambda: f"pn{os.getpid() % 10000}{secrets.token_hex(2)}-")
+    namespaces: list[str] = attrs.field(factory=list)
+    processes: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
+    _previous_sigterm: object = None
+
+    def __enter__(self) -> Lab:
+        self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        signal.signal(signal.SIGTERM, self._previous_sigterm)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Kill what runs in the namespaces and delete them; never raises."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=5)
+        for ns in reversed(self.namespaces):
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces.clear()
+
+    def ns(self, name: str) -> str:
+        """Create namespace ``prefix + name`` with loopback up; return its full name."""
+        full = self.prefix + name
+        _run(["ip", "netns", "add", full])
+        self.namespaces.append(full)
+        self.sh(full, "ip", "link", "set", "lo", "up")
+        return full
+
+    def sh(self, ns: str, *argv: str, stdin: str | None = None) -> str:
+        """Run a command inside ``ns`` and return its stdout; raise on failure."""
+        return _run(["ip", "netns", "exec", ns, *argv], stdin)
+
+    def exec_prefix(self, ns: str) -> list[str]:
+        """The argv prefix that runs a command inside ``ns``."""
+        return ["ip", "netns", "exec", ns]
+
+    def link(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
+        """A veth pair: ``if_a`` in ``ns_a`` and ``if_b`` in ``ns_b``, both up."""
+        _run(
+            [
+                "ip",
+                "link",
+                "add",
+                if_a,
+                "netns",
+                ns_a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                if_b,
+                "netns",
+                ns_b,
+            ]
+        )
+        self.sh(ns_a, "ip", "link", "set", if_a, "up")
+        self.sh(ns_b, "ip", "link", "set", if_b, "up")
+
+    def address(self, ns: str, ifname: str, cidr: str) -> None:
+        self.sh(ns, "ip", "addr", "add", cidr, "dev", ifname)
+
+    def nat(self, ns: str, profile: str) -> None:
+        """Make ``ns`` a router and load ``rulesets/<profile>.nft`` into it."""
+        self.sh(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
+        self.sh(ns, "nft", "-f", str(RULESETS / f"{profile}.nft"))
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
+
+
+@attrs.frozen
+class Site:
+    """One peer behind one NAT router."""
+
+    name: str
+    peer_ns: str
+    peer_ip: str
+    nat_ns: str | None
+    public_ip: str
+
+
+@attrs.frozen
+class Topology:
+    rendezvous_ns: str
+    rendezvous_ip: str
+    sites: tuple[Site, ...]
+
+
+def build_two_nats(lab: Lab, profile_a: str = "cone", profile_b: str = "cone") -> Topology:
+    """A WAN bridge with the rendezvous host and two NAT routers, one peer behind each.
+
+    ::
+
+        peer a 10.0.1.2 -- 10.0.1.1 nat-a 203.0.113.11 --+
+                                                         WAN bridge -- 203.0.113.10 rendezvous
+        peer b 10.0.2.2 -- 10.0.2.1 nat-b 203.0.113.12 --+
+
+    Routers have no default route: packets for a private address of the other
+    LAN die at the first router, as on the internet.
+    """
+    wan = lab.ns("wan")
+    lab.sh(wan, "ip", "link", "add", "br0", "type", "bridge")
+    lab.sh(wan, "ip", "link", "set", "br0", "up")
+
+    def attach(ns: str, index: int, ip: str) -> None:
+        port = f"p{index}"
+        lab.link(wan, port, ns, "wan0")
+        lab.sh(wan, "ip", "link", "set", port, "master", "br0")
+        lab.address(ns, "wan0", f"{ip}/24")
+
+    rendezvous = lab.ns("rdv")
+    attach(rendezvous, 0, RENDEZVOUS_IP)
+    sites = []
+    for index, (name, profile) in enumerate((("a", profile_a), ("b", profile_b)), start=1):
+        nat = lab.ns(f"nat-{name}")
+        peer = lab.ns(f"peer-{name}")
+        public_ip = f"{WAN_PREFIX}.{10 + index}"
+        attach(nat, index, public_ip)
+        lab.link(nat, "lan0", peer, "eth0")
+        lab.address(nat, "lan0", f"10.0.{index}.1/24")
+        lab.address(peer, "eth0", f"10.0.{index}.2/24")
+        lab.sh(peer, "ip", "route", "add", "default", "via", f"10.0.{index}.1")
+        lab.nat(nat, profile)
+        sites.append(Site(name, peer, f"10.0.{index}.2", nat, public_ip))
+    return Topology(rendezvous, RENDEZVOUS_IP, tuple(sites))
