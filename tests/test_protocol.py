@@ -1,0 +1,218 @@
+"""The rendezvous wire protocol, with bytes alone (sans-IO)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from punch import Candidate, CandidateType, Endpoint, LocalProtocolError, RemoteProtocolError, Role
+from punch._protocol import (
+    MAX_FRAME,
+    ConnectRequest,
+    Error,
+    Introduction,
+    Message,
+    Register,
+    Registered,
+    RendezvousConnection,
+    Side,
+    check_name,
+    encode_frame,
+)
+
+INTRO = Introduction(
+    peer_name="bob",
+    role=Role.INITIATOR,
+    attempt_id=bytes(range(16)),
+    secret=bytes(range(32)),
+    candidates=(
+        Candidate(CandidateType.SERVER_REFLEXIVE, Endpoint("203.0.113.12", 40000)),
+        Candidate(CandidateType.HOST, Endpoint("10.0.2.2", 40000)),
+        Candidate(CandidateType.HOST, Endpoint("2001:db8::1", 40000)),
+    ),
+    request_id=7,
+)
+
+
+def registered_pair() -> tuple[RendezvousConnection, RendezvousConnection]:
+    client, server = RendezvousConnection(Side.CLIENT), RendezvousConnection(Side.SERVER)
+    server.receive_data(client.send(Register("alice", (Endpoint("10.0.1.2", 4000),))))
+    client.receive_data(server.send(Registered(Endpoint("203.0.113.11", 4000))))
+    return client, server
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        ConnectRequest("bob", 0),
+        ConnectRequest("b.o_b-1", 2**32 - 1),
+        INTRO,
+        Introduction("carol", Role.RESPONDER, b"\x01" * 16, b"\x02" * 32, ()),
+        Error("unknown-peer", "'bob' is not registered", 3),
+        Error("name-taken", "ünïcödé text", None),
+    ],
+)
+def test_every_message_round_trips_byte_by_byte(message: Message) -> None:
+    client, server = registered_pair()
+    sender, receiver = (client, server) if isinstance(message, ConnectRequest) else (server, client)
+    data = sender.send(message)
+    received: list[Message] = []
+    for i in range(len(data)):
+        received += receiver.receive_data(data[i : i + 1])
+    assert received == [message]
+
+
+def test_register_and_registered_round_trip() -> None:
+    client, server = RendezvousConnection(Side.CLIENT), RendezvousConnection(Side.SERVER)
+    register = Register("alice", (Endpoint("10.0.1.2", 4000), Endpoint("::1", 4000)))
+    assert server.receive_data(client.send(register)) == [register]
+    registered = Registered(Endpoint("203.0.113.11", 4000))
+    assert client.receive_data(server.send(registered)) == [registered]
+    assert client.registered and server.registered
+
+
+def test_several_frames_in_one_read() -> None:
+    client, server = registered_pair()
+    data = client.send(ConnectRequest("bob", 1)) + client.send(ConnectRequest("carol", 2))
+    assert server.receive_data(data) == [ConnectRequest("bob", 1), ConnectRequest("carol", 2)]
+
+
+def test_4097_byte_frame_is_refused_from_its_header() -> None:
+    server = RendezvousConnection(Side.SERVER)
+    header = struct.pack("!cBH", b"P", 1, MAX_FRAME + 1 - 4)
+    with pytest.raises(RemoteProtocolError) as info:
+        server.receive_data(header)  # the body never needs to arrive
+    assert info.value.code == "frame-too-large"
+
+
+def test_4096_byte_frame_is_read_in_full_before_judging_its_body() -> None:
+    server = RendezvousConnection(Side.SERVER)
+    body = b" " * (MAX_FRAME - 4)
+    assert server.receive_data(struct.pack("!cBH", b"P", 1, len(body)) + body[:-1]) == []
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        server.receive_data(body[-1:])
+
+
+def test_other_version_is_refused() -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        RendezvousConnection(Side.SERVER).receive_data(b"P\x02\x00\x00")
+    assert info.value.code == "bad-version"
+
+
+def _frame(obj: object) -> bytes:
+    body = json.dumps(obj).encode() if not isinstance(obj, bytes) else obj
+    return struct.pack("!cBH", b"P", 1, len(body)) + body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"\xff\xfe",
+        [1, 2],
+        {"type": "nope"},
+        {"type": "register", "name": "alice"},
+        {"type": "register", "name": "alice", "candidates": [], "extra": 1},
+        {"type": "register", "name": "", "candidates": []},
+        {"type": "register", "name": "a b", "candidates": []},
+        {"type": "register", "name": "a" * 65, "candidates": []},
+        {"type": "register", "name": "alice", "candidates": [{"ip": "1.2.3.4", "port": True}]},
+        {"type": "register", "name": "alice", "candidates": [{"ip": "1.2.3.4", "port": 70000}]},
+        {"type": "register", "name": "alice", "candidates": [{"ip": "example.com", "port": 1}]},
+        {"type": "register", "name": "alice", "candidates": [{"ip": "1.2.3.4", "port": 1}] * 9},
+        b'{"type": "register", "type": "register", "name": "a", "candidates": []}',
+        b'{"type": "register", "name": "a", "candidates": [], "x": NaN}',
+    ],
+)
+def test_malformed_bodies_raise_remote_protocol_error(body: object) -> None:
+    with pytest.raises(RemoteProtocolError):
+        RendezvousConnection(Side.SERVER).receive_data(_frame(body))
+
+
+def test_broken_connection_stays_broken() -> None:
+    server = RendezvousConnection(Side.SERVER)
+    with pytest.raises(RemoteProtocolError):
+        server.receive_data(b"GET / HTTP/1.1\r\n")
+    with pytest.raises(RemoteProtocolError):
+        server.receive_data(encode_frame(Register("alice")))
+
+
+def test_end_of_stream_mid_frame_is_an_error_and_clean_end_is_not() -> None:
+    server = RendezvousConnection(Side.SERVER)
+    assert server.receive_data(b"") == []
+    server.receive_data(encode_frame(Register("alice"))[:5])
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        server.receive_data(b"")
+
+
+def test_order_is_enforced_on_receive() -> None:
+    with pytest.raises(RemoteProtocolError, match="before registration"):
+        RendezvousConnection(Side.SERVER).receive_data(encode_frame(ConnectRequest("bob", 1)))
+    with pytest.raises(RemoteProtocolError, match="not for a server"):
+        RendezvousConnection(Side.SERVER).receive_data(encode_frame(Registered(Endpoint("1.2.3.4", 1))))
+    client, server = registered_pair()
+    with pytest.raises(RemoteProtocolError, match="only once"):
+        server.receive_data(encode_frame(Register("alice")))
+    with pytest.raises(RemoteProtocolError, match="Registered must answer"):
+        client.receive_data(encode_frame(Registered(Endpoint("1.2.3.4", 1))))
+
+
+def test_order_is_enforced_on_send() -> None:
+    client = RendezvousConnection(Side.CLIENT)
+    with pytest.raises(LocalProtocolError, match="may not send Registered"):
+        client.send(Registered(Endpoint("1.2.3.4", 1)))
+    with pytest.raises(LocalProtocolError, match="before registration"):
+        client.send(ConnectRequest("bob", 1))
+    client.send(Register("alice"))
+    with pytest.raises(LocalProtocolError, match="only once"):
+        client.send(Register("alice"))
+    with pytest.raises(LocalProtocolError, match="before registration"):
+        RendezvousConnection(Side.SERVER).send(INTRO)
+
+
+def test_message_fields_are_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="1-64"):
+        Register("no spaces")
+    with pytest.raises(ValueError, match="at most 8"):
+        Register("alice", (Endpoint("10.0.0.1", 1),) * 9)
+    with pytest.raises(ValueError, match="32 bytes"):
+        Introduction("bob", Role.INITIATOR, b"\x00" * 16, b"short", ())
+    with pytest.raises(ValueError, match="request_id"):
+        ConnectRequest("bob", -1)
+    assert check_name("A.b_c-9") == "A.b_c-9"
+    assert bytes(range(32)).hex() not in repr(INTRO)  # secrets stay out of logs
+
+
+@given(st.binary(max_size=2 * MAX_FRAME), st.sampled_from(list(Side)))
+def test_arbitrary_bytes_raise_only_remote_protocol_error(data: bytes, side: Side) -> None:
+    connection = RendezvousConnection(side)
+    try:
+        connection.receive_data(data)
+        connection.receive_data(b"")
+    except RemoteProtocolError:
+        pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**33), 2**33) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=6,
+)
+field_names = st.sampled_from(
+    ["type", "name", "candidates", "ip", "port", "target", "request_id", "peer_name", "role",
+     "attempt_id", "secret", "code", "text", "observed"]
+)
+types = st.sampled_from(["register", "registered", "connect", "introduction", "error", "x"])
+
+
+@given(types, st.dictionaries(field_names, json_values, max_size=8))
+def test_arbitrary_json_frames_raise_only_remote_protocol_error(kind: str, fields: dict[str, object]) -> None:
+    for side in Side:
+        try:
+            RendezvousConnection(side).receive_data(_frame({**fields, "type": kind}))
+        except RemoteProtocolError:
+            pass

@@ -1,0 +1,232 @@
+"""The accept-vs-connect race: real sockets on loopback, timing on MockClock."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from punch import Endpoint, HandshakeError, PeerStream, PunchFailed, Role, SelfDialError, WonBy
+from punch._handshake import ACCEPT, NOMINATE
+from punch._race import Race
+from tests.helpers import introductions, open_fds, play_peer, race_side, run_race
+
+ANY = Endpoint("0.0.0.0", 0)
+LOOPBACK = Endpoint("127.0.0.1", 0)
+
+
+async def _race_pair(paths: tuple[str, ...]) -> tuple[PeerStream, PeerStream]:
+    """Two real races; each side reachable at every address in ``paths``."""
+    results: dict[Role, PeerStream] = {}
+    async with race_side(ANY) as (i_local, i_router), race_side(ANY) as (r_local, r_router):
+        to_i = tuple(Endpoint(ip, i_local.port) for ip in paths)
+        to_r = tuple(Endpoint(ip, r_local.port) for ip in paths)
+        intro_i, intro_r = introductions(to_i, to_r)
+
+        async def side(intro, local, router) -> None:  # type: ignore[no-untyped-def]
+            results[intro.role] = await run_race(router, {"introduction": intro, "local": local})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(side, intro_i, i_local, i_router)
+            nursery.start_soon(side, intro_r, r_local, r_router)
+    return results[Role.INITIATOR], results[Role.RESPONDER]
+
+
+async def _assert_same_connection(initiator: PeerStream, responder: PeerStream) -> None:
+    assert (initiator.local, initiator.remote) == (responder.remote, responder.local)
+    assert initiator.socket.getsockname()[:2] == responder.socket.getpeername()[:2]
+    await initiator.send_all(b"ping")
+    assert await responder.receive_some(4) == b"ping"
+    await responder.send_all(b"pong")
+    assert await initiator.receive_some(4) == b"pong"
+
+
+@pytest.mark.parametrize("paths", [("127.0.0.1",), ("127.0.0.1", "127.0.0.2", "127.0.0.3")])
+async def test_both_sides_keep_the_same_connection(paths: tuple[str, ...]) -> None:
+    for _ in range(5):  # several rounds: which path wins varies, agreement must not
+        initiator, responder = await _race_pair(paths)
+        assert (initiator.role, responder.role) == (Role.INITIATOR, Role.RESPONDER)
+        assert initiator.attempt_id == responder.attempt_id
+        await _assert_same_connection(initiator, responder)
+        await initiator.aclose()
+        await responder.aclose()
+
+
+async def test_every_losing_socket_is_closed() -> None:
+    before = open_fds()
+    initiator, responder = await _race_pair(("127.0.0.1", "127.0.0.2", "127.0.0.3"))
+    assert open_fds() == before + 2  # the two ends of the one kept connection
+    await initiator.aclose()
+    await responder.aclose()
+    assert open_fds() == before
+
+
+async def test_responder_holds_every_authenticated_stream_until_the_nomination() -> None:
+    async with race_side(LOOPBACK) as (local, router):
+        intro_i, intro_r = introductions((), ())  # the responder only accepts here
+        router.open_route(intro_r.attempt_id)  # as Host does on receiving the introduction
+        result: list[tuple[PeerStream, bytes]] = []
+        first_stream = await trio.open_tcp_stream(local.ip, local.port)
+        second_stream = await trio.open_tcp_stream(local.ip, local.port)
+        async with first_stream, second_stream, trio.open_nursery() as nursery:
+
+            async def respond() -> None:
+                kept = await run_race(router, {"introduction": intro_r, "local": local})
+                result.append((kept, await kept.receive_some(100)))
+
+            nursery.start_soon(respond)
+            nominee = second_stream.socket.getsockname()
+            first = await play_peer(first_stream, intro_i, speak_first=True)
+            second = await play_peer(second_stream, intro_i, speak_first=True)
+            # both are authenticated now; nominate the second, with early application data
+            await second.send(NOMINATE + b"early bytes")
+            assert await second.exactly(1) == ACCEPT
+            with pytest.raises(HandshakeError):
+                await first.exactly(1)  # the other authenticated stream gets closed
+        [(kept, early)] = result
+        assert kept.socket.getpeername() == nominee
+        assert kept.won_by is WonBy.ACCEPT
+        assert early == b"early bytes"  # not lost to the handshake reader
+        await kept.aclose()
+
+
+async def test_initiator_nominates_one_stream_and_closes_the_rest() -> None:
+    listeners = [(await trio.open_tcp_listeners(0, host="127.0.0.1"))[0] for _ in range(3)]
+    endpoints = tuple(Endpoint.from_sockaddr(lst.socket.getsockname()) for lst in listeners)
+    outcomes: dict[Endpoint, str] = {}  # our end of each accepted connection -> what happened
+    async with race_side(LOOPBACK) as (local, router):
+        intro_i, intro_r = introductions((), endpoints)
+        result: list[PeerStream] = []
+
+        async def answer(listener: trio.SocketListener) -> None:
+            async with await listener.accept() as stream:
+                here = Endpoint.from_sockaddr(stream.socket.getsockname())
+                try:
+                    peer = await play_peer(stream, intro_r, speak_first=False)
+                    assert await peer.exactly(1) == NOMINATE
+                    await peer.send(ACCEPT)
+                    outcomes[here] = "nominated"
+                    await trio.sleep_forever()  # hold it until the test ends
+                except HandshakeError:
+                    outcomes[here] = "closed"
+
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(answer, listener)
+            result.append(await run_race(router, {"introduction": intro_i, "local": local}))
+            nursery.cancel_scope.cancel()
+        [kept] = result
+        nominated = [here for here, what in outcomes.items() if what == "nominated"]
+        assert nominated == [kept.remote]
+        assert all(what == "closed" for here, what in outcomes.items() if here != kept.remote)
+        await kept.aclose()
+    for listener in listeners:
+        await listener.aclose()
+
+
+def _fake_dial(behaviour: dict[Endpoint, float | None], log: dict[Endpoint, list[float]]):  # type: ignore[no-untyped-def]
+    """A dial that fails after ``behaviour[remote]`` virtual seconds (None: never answers)."""
+
+    async def dial(local: Endpoint, remote: Endpoint, own: object) -> trio.SocketStream:
+        log.setdefault(remote, []).append(trio.current_time())
+        delay = behaviour[remote]
+        if delay is None:
+            await trio.sleep_forever()
+        await trio.sleep(delay)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    return dial
+
+
+async def test_failure_names_every_candidate_and_its_cause(autojump_clock: trio.testing.MockClock) -> None:
+    refused, silent = Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)
+    attempts: dict[Endpoint, list[float]] = {}
+    intro, _ = introductions((), (refused, silent))
+    _, inbound = trio.open_memory_channel(0)
+    race = Race(intro, LOOPBACK, inbound, timeout=0.95, pacing=0.1, dial=_fake_dial({refused: 0, silent: None}, attempts))
+    start = trio.current_time()
+    with pytest.raises(PunchFailed) as info:
+        await race.run()
+    assert trio.current_time() - start == pytest.approx(0.95)
+    group = info.value.__cause__
+    assert isinstance(group, ExceptionGroup)
+    failures = {e.candidate.endpoint: e for e in group.exceptions}
+    assert set(failures) == {refused, silent}
+    assert failures[refused].attempts == 10
+    assert isinstance(failures[refused].__cause__, ConnectionRefusedError)
+    assert failures[silent].attempts == 1
+    assert isinstance(failures[silent].__cause__, TimeoutError)
+    assert "192.0.2.1:1" in str(info.value) and "192.0.2.2:2" in str(info.value)
+    assert isinstance(info.value, OSError)
+
+
+async def test_pacing_holds_between_attempts_to_one_candidate(autojump_clock: trio.testing.MockClock) -> None:
+    fast, slow = Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)
+    attempts: dict[Endpoint, list[float]] = {}
+    intro, _ = introductions((), (fast, slow))
+    _, inbound = trio.open_memory_channel(0)
+    start = trio.current_time()
+    race = Race(intro, LOOPBACK, inbound, timeout=2.0, pacing=0.25, dial=_fake_dial({fast: 0, slow: 0.4}, attempts))
+    with pytest.raises(PunchFailed):
+        await race.run()
+    fast_times = [t - start for t in attempts[fast]]
+    slow_times = [t - start for t in attempts[slow]]
+    # refused at once: one attempt every 0.25 s, never sooner, never a busy loop
+    assert fast_times == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    # an attempt slower than the pacing is followed at once by the next
+    assert slow_times == pytest.approx([0.0, 0.4, 0.8, 1.2, 1.6])
+
+
+async def test_every_candidate_being_our_own_is_a_self_dial_error(autojump_clock: trio.testing.MockClock) -> None:
+    local, observed = Endpoint("10.0.1.2", 4000), Endpoint("203.0.113.11", 4000)
+    intro, _ = introductions((), (local, observed))
+    _, inbound = trio.open_memory_channel(0)
+    start = trio.current_time()
+    with pytest.raises(SelfDialError, match="every candidate"):
+        await Race(intro, local, inbound, own=frozenset({observed})).run()
+    assert trio.current_time() == start  # at once, never a hang
+
+
+async def test_our_own_endpoint_is_skipped_and_the_others_dialled(autojump_clock: trio.testing.MockClock) -> None:
+    local, other = Endpoint("10.0.1.2", 4000), Endpoint("203.0.113.12", 4000)
+    attempts: dict[Endpoint, list[float]] = {}
+    intro, _ = introductions((), (local, other))
+    _, inbound = trio.open_memory_channel(0)
+    race = Race(intro, local, inbound, timeout=0.5, dial=_fake_dial({other: 0}, attempts))
+    with pytest.raises(PunchFailed):
+        await race.run()
+    assert set(attempts) == {other}
+
+
+@pytest.mark.parametrize(("timeout", "pacing"), [(0, 0.1), (-1, 0.1), (float("inf"), 0.1), (1, 0.049)])
+def test_bad_timeout_or_pacing_is_refused(timeout: float, pacing: float) -> None:
+    intro, _ = introductions((), ())
+    _, inbound = trio.open_memory_channel(0)
+    with pytest.raises(ValueError, match="timeout|pacing"):
+        Race(intro, LOOPBACK, inbound, timeout=timeout, pacing=pacing)
+
+
+async def test_a_stranger_fails_the_handshake_and_the_race_goes_on() -> None:
+    async with race_side(LOOPBACK) as (local, router):
+        intro_i, intro_r = introductions((), ())
+        stranger_intro = type(intro_i)(
+            intro_i.peer_name, Role.INITIATOR, intro_i.attempt_id, b"\x00" * 32, (), 1
+        )  # knows the attempt id (it is in every Hello) but not the secret
+        router.open_route(intro_r.attempt_id)  # as Host does on receiving the introduction
+        result: list[PeerStream] = []
+        stranger = await trio.open_tcp_stream(local.ip, local.port)
+        real_stream = await trio.open_tcp_stream(local.ip, local.port)
+        async with stranger, real_stream, trio.open_nursery() as nursery:
+
+            async def respond() -> None:
+                result.append(await run_race(router, {"introduction": intro_r, "local": local}))
+
+            nursery.start_soon(respond)
+            real_end = real_stream.socket.getsockname()
+            with pytest.raises(HandshakeError):
+                await play_peer(stranger, stranger_intro, speak_first=True)
+            real = await play_peer(real_stream, intro_i, speak_first=True)
+            await real.send(NOMINATE)
+            assert await real.exactly(1) == ACCEPT
+        [kept] = result
+        assert kept.socket.getpeername() == real_end
+        await kept.aclose()

@@ -1,0 +1,115 @@
+"""Reusable sockets on loopback: one port for the listener and the dials."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+import trio
+
+from punch import Endpoint, SelfDialError, reuse_available
+from punch import _reuse
+from punch._reuse import abort, check_not_self, dial, open_listener
+
+from tests.helpers import open_fds
+
+
+def test_reuse_is_available_on_linux() -> None:
+    assert reuse_available() is True
+
+
+async def test_listener_and_dialer_share_one_port() -> None:
+    shared = await open_listener(Endpoint("127.0.0.1", 0))
+    port = shared.socket.getsockname()[1]
+    other = await open_listener(Endpoint("127.0.0.1", 0))
+    async with shared, other:
+        outbound = await dial(Endpoint("127.0.0.1", port), Endpoint.from_sockaddr(other.socket.getsockname()))
+        accepted_there = await other.accept()
+        # while the shared listener still accepts on the very same port
+        inbound = await trio.open_tcp_stream("127.0.0.1", port)
+        accepted_here = await shared.accept()
+        assert outbound.socket.getsockname() == ("127.0.0.1", port)
+        assert accepted_there.socket.getpeername() == ("127.0.0.1", port)
+        assert accepted_here.socket.getsockname() == ("127.0.0.1", port)
+        for stream in (outbound, accepted_there, inbound, accepted_here):
+            await stream.aclose()
+
+
+async def test_ipv6_listener_and_dialer_share_one_port() -> None:
+    shared = await open_listener(Endpoint("::1", 0))
+    other = await open_listener(Endpoint("::1", 0))
+    async with shared, other:
+        port = shared.socket.getsockname()[1]
+        outbound = await dial(Endpoint("::1", port), Endpoint.from_sockaddr(other.socket.getsockname()))
+        assert outbound.socket.getsockname()[:2] == ("::1", port)
+        await outbound.aclose()
+
+
+@pytest.mark.parametrize(
+    ("remote", "own"),
+    [
+        (Endpoint("127.0.0.1", 5000), ()),  # our bound endpoint itself
+        (Endpoint("203.0.113.11", 5000), (Endpoint("203.0.113.11", 5000),)),  # our observed endpoint
+    ],
+)
+async def test_dialing_our_own_endpoint_is_refused_before_any_syn(remote: Endpoint, own: tuple[Endpoint, ...]) -> None:
+    before = open_fds()
+    with pytest.raises(SelfDialError, match="our own endpoint"):
+        await dial(Endpoint("127.0.0.1", 5000), remote, own)
+    assert open_fds() == before  # no socket was even created
+
+
+def test_loopback_on_our_port_is_us_when_bound_to_any() -> None:
+    with pytest.raises(SelfDialError, match="our own port"):
+        check_not_self(Endpoint("127.0.0.1", 5000), Endpoint("0.0.0.0", 5000))
+    check_not_self(Endpoint("127.0.0.1", 5001), Endpoint("0.0.0.0", 5000))  # another port is fine
+
+
+async def test_forced_tcp_self_connect_is_detected_and_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Skip the check before the SYN, so the kernel really connects the socket to
+    # itself (RFC 9293 simultaneous open with itself); the check after must catch it.
+    monkeypatch.setattr(_reuse, "check_not_self", lambda *args: None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    here = Endpoint("127.0.0.1", port)
+    before = open_fds()
+    with pytest.raises(SelfDialError, match="self-connect"):
+        await dial(here, here)
+    assert open_fds() == before
+
+
+async def test_abort_leaves_no_time_wait_so_the_same_4_tuple_dials_again() -> None:
+    listener = await open_listener(Endpoint("127.0.0.1", 0))
+    async with listener:
+        remote = Endpoint.from_sockaddr(listener.socket.getsockname())
+        first = await dial(Endpoint("127.0.0.1", 0), remote)
+        local = Endpoint.from_sockaddr(first.socket.getsockname())
+        (await listener.accept()).socket.close()
+        abort(first.socket)
+        again = await dial(local, remote)  # EADDRNOTAVAIL if the old 4-tuple lingered
+        assert again.socket.getsockname() == local.sockaddr()
+        abort(again.socket)
+
+
+async def test_an_existing_4_tuple_cannot_be_dialled_twice() -> None:
+    listener = await open_listener(Endpoint("127.0.0.1", 0))
+    async with listener:
+        remote = Endpoint.from_sockaddr(listener.socket.getsockname())
+        first = await dial(Endpoint("127.0.0.1", 0), remote)
+        local = Endpoint.from_sockaddr(first.socket.getsockname())
+        with pytest.raises(OSError) as info:
+            await dial(local, remote)
+        assert info.value.errno == errno.EADDRNOTAVAIL
+        abort(first.socket)
+
+
+async def test_refused_dial_closes_its_socket() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    before = open_fds()
+    with pytest.raises(ConnectionRefusedError):
+        await dial(Endpoint("127.0.0.1", 0), Endpoint("127.0.0.1", closed_port))
+    assert open_fds() == before
