@@ -21,9 +21,8 @@ def _describe(run: PeerRun, expect_remote_ip: str | None, where: str, other: Pee
     connected = run.event("connected")
     if connected is None or run.returncode != 0:
         error = run.event("error")
-        print(
-            f"{run.name}: FAILED (exit {run.returncode}): {error['error'] if error else run.stderr.strip()}"
-        )
+        detail = error["error"] if error else run.stderr.strip()
+        print(f"{run.name}: FAILED (exit {run.returncode}): {detail}")
         return False
     remote_ip = connected["remote"].rsplit(":", 1)[0]
     other_connected = other.event("connected") or {}
@@ -34,7 +33,8 @@ def _describe(run: PeerRun, expect_remote_ip: str | None, where: str, other: Pee
     )
     print(
         f"{run.name:5}: {connected['local']} -> {connected['remote']}  "
-        f"({connected['role']}, won by {connected['won_by']}) in {connected['connect_time'] * 1000:.1f} ms"
+        f"({connected['role']}, won by {connected['won_by']}) "
+        f"in {connected['connect_time'] * 1000:.1f} ms"
     )
     verdict = "direct path" if direct else "NOT the expected direct path"
     print(f"       {verdict}: remote {connected['remote']} is {where}")

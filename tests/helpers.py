@@ -35,8 +35,12 @@ def introductions(
         return tuple(Candidate(CandidateType.HOST, e) for e in endpoints)
 
     return (
-        Introduction("responder", Role.INITIATOR, attempt, secret, candidates(responder_candidates), 1),
-        Introduction("initiator", Role.RESPONDER, attempt, secret, candidates(initiator_candidates)),
+        Introduction(
+            "responder", Role.INITIATOR, attempt, secret, candidates(responder_candidates), 1
+        ),
+        Introduction(
+            "initiator", Role.RESPONDER, attempt, secret, candidates(initiator_candidates)
+        ),
     )
 
 
@@ -61,7 +65,9 @@ async def run_race(router: InboundRouter, race_args: dict[str, Any]) -> PeerStre
         router.close_route(intro.attempt_id)
 
 
-async def play_peer(stream: trio.abc.Stream, intro: Introduction, *, speak_first: bool) -> ExactReader:
+async def play_peer(
+    stream: trio.abc.Stream, intro: Introduction, *, speak_first: bool
+) -> ExactReader:
     """Authenticate ``stream`` as the peer named by ``intro``'s role (test-side handshake)."""
     reader = ExactReader(stream)  # type: ignore[arg-type]
     shake = Handshake(intro.role, intro.attempt_id, intro.secret)

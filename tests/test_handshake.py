@@ -62,7 +62,9 @@ def test_replayed_proof_from_an_earlier_exchange_is_rejected() -> None:
     recorded = responder.proof()
     # same attempt and secret, fresh nonces: the old proof no longer fits
     again = Handshake(Role.INITIATOR, initiator.attempt_id, initiator.secret)
-    replayer = Handshake(Role.RESPONDER, initiator.attempt_id, initiator.secret, nonce=responder.nonce)
+    replayer = Handshake(
+        Role.RESPONDER, initiator.attempt_id, initiator.secret, nonce=responder.nonce
+    )
     again.receive_hello(replayer.hello())
     with pytest.raises(HandshakeError):
         again.verify_proof(recorded)
@@ -83,7 +85,13 @@ def test_proof_before_hello_is_an_error() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"PNCH", b"XXXX" + bytes(HELLO_SIZE - 4), b"PNCH\x02\x01" + bytes(32), b"PNCH\x01\x07" + bytes(32)],
+    [
+        b"",
+        b"PNCH",
+        b"XXXX" + bytes(HELLO_SIZE - 4),
+        b"PNCH\x02\x01" + bytes(32),
+        b"PNCH\x01\x07" + bytes(32),
+    ],
 )
 def test_bad_hellos(data: bytes) -> None:
     with pytest.raises(HandshakeError):

@@ -72,7 +72,8 @@ def test_register_and_registered_round_trip() -> None:
     assert server.receive_data(client.send(register)) == [register]
     registered = Registered(Endpoint("203.0.113.11", 4000))
     assert client.receive_data(server.send(registered)) == [registered]
-    assert client.registered and server.registered
+    assert client.registered
+    assert server.registered
 
 
 def test_several_frames_in_one_read() -> None:
@@ -153,7 +154,9 @@ def test_order_is_enforced_on_receive() -> None:
     with pytest.raises(RemoteProtocolError, match="before registration"):
         RendezvousConnection(Side.SERVER).receive_data(encode_frame(ConnectRequest("bob", 1)))
     with pytest.raises(RemoteProtocolError, match="not for a server"):
-        RendezvousConnection(Side.SERVER).receive_data(encode_frame(Registered(Endpoint("1.2.3.4", 1))))
+        RendezvousConnection(Side.SERVER).receive_data(
+            encode_frame(Registered(Endpoint("1.2.3.4", 1)))
+        )
     client, server = registered_pair()
     with pytest.raises(RemoteProtocolError, match="only once"):
         server.receive_data(encode_frame(Register("alice")))
@@ -199,18 +202,36 @@ def test_arbitrary_bytes_raise_only_remote_protocol_error(data: bytes, side: Sid
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**33), 2**33) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 field_names = st.sampled_from(
-    ["type", "name", "candidates", "ip", "port", "target", "request_id", "peer_name", "role",
-     "attempt_id", "secret", "code", "text", "observed"]
+    [
+        "type",
+        "name",
+        "candidates",
+        "ip",
+        "port",
+        "target",
+        "request_id",
+        "peer_name",
+        "role",
+        "attempt_id",
+        "secret",
+        "code",
+        "text",
+        "observed",
+    ]
 )
 types = st.sampled_from(["register", "registered", "connect", "introduction", "error", "x"])
 
 
 @given(types, st.dictionaries(field_names, json_values, max_size=8))
-def test_arbitrary_json_frames_raise_only_remote_protocol_error(kind: str, fields: dict[str, object]) -> None:
+def test_arbitrary_json_frames_raise_only_remote_protocol_error(
+    kind: str, fields: dict[str, object]
+) -> None:
     for side in Side:
         try:
             RendezvousConnection(side).receive_data(_frame({**fields, "type": kind}))

@@ -137,12 +137,21 @@ def _fake_dial(behaviour: dict[Endpoint, float | None], log: dict[Endpoint, list
     return dial
 
 
-async def test_failure_names_every_candidate_and_its_cause(autojump_clock: trio.testing.MockClock) -> None:
+async def test_failure_names_every_candidate_and_its_cause(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     refused, silent = Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), (refused, silent))
     _, inbound = trio.open_memory_channel(0)
-    race = Race(intro, LOOPBACK, inbound, timeout=0.95, pacing=0.1, dial=_fake_dial({refused: 0, silent: None}, attempts))
+    race = Race(
+        intro,
+        LOOPBACK,
+        inbound,
+        timeout=0.95,
+        pacing=0.1,
+        dial=_fake_dial({refused: 0, silent: None}, attempts),
+    )
     start = trio.current_time()
     with pytest.raises(PunchFailed) as info:
         await race.run()
@@ -155,17 +164,27 @@ async def test_failure_names_every_candidate_and_its_cause(autojump_clock: trio.
     assert isinstance(failures[refused].__cause__, ConnectionRefusedError)
     assert failures[silent].attempts == 1
     assert isinstance(failures[silent].__cause__, TimeoutError)
-    assert "192.0.2.1:1" in str(info.value) and "192.0.2.2:2" in str(info.value)
+    assert "192.0.2.1:1" in str(info.value)
+    assert "192.0.2.2:2" in str(info.value)
     assert isinstance(info.value, OSError)
 
 
-async def test_pacing_holds_between_attempts_to_one_candidate(autojump_clock: trio.testing.MockClock) -> None:
+async def test_pacing_holds_between_attempts_to_one_candidate(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     fast, slow = Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), (fast, slow))
     _, inbound = trio.open_memory_channel(0)
     start = trio.current_time()
-    race = Race(intro, LOOPBACK, inbound, timeout=2.0, pacing=0.25, dial=_fake_dial({fast: 0, slow: 0.4}, attempts))
+    race = Race(
+        intro,
+        LOOPBACK,
+        inbound,
+        timeout=2.0,
+        pacing=0.25,
+        dial=_fake_dial({fast: 0, slow: 0.4}, attempts),
+    )
     with pytest.raises(PunchFailed):
         await race.run()
     fast_times = [t - start for t in attempts[fast]]
@@ -176,7 +195,9 @@ async def test_pacing_holds_between_attempts_to_one_candidate(autojump_clock: tr
     assert slow_times == pytest.approx([0.0, 0.4, 0.8, 1.2, 1.6])
 
 
-async def test_every_candidate_being_our_own_is_a_self_dial_error(autojump_clock: trio.testing.MockClock) -> None:
+async def test_every_candidate_being_our_own_is_a_self_dial_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     local, observed = Endpoint("10.0.1.2", 4000), Endpoint("203.0.113.11", 4000)
     intro, _ = introductions((), (local, observed))
     _, inbound = trio.open_memory_channel(0)
@@ -186,7 +207,9 @@ async def test_every_candidate_being_our_own_is_a_self_dial_error(autojump_clock
     assert trio.current_time() == start  # at once, never a hang
 
 
-async def test_our_own_endpoint_is_skipped_and_the_others_dialled(autojump_clock: trio.testing.MockClock) -> None:
+async def test_our_own_endpoint_is_skipped_and_the_others_dialled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     local, other = Endpoint("10.0.1.2", 4000), Endpoint("203.0.113.12", 4000)
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), (local, other))
@@ -197,11 +220,13 @@ async def test_our_own_endpoint_is_skipped_and_the_others_dialled(autojump_clock
     assert set(attempts) == {other}
 
 
-@pytest.mark.parametrize(("timeout", "pacing"), [(0, 0.1), (-1, 0.1), (float("inf"), 0.1), (1, 0.049)])
+@pytest.mark.parametrize(
+    ("timeout", "pacing"), [(0, 0.1), (-1, 0.1), (float("inf"), 0.1), (1, 0.049)]
+)
 def test_bad_timeout_or_pacing_is_refused(timeout: float, pacing: float) -> None:
     intro, _ = introductions((), ())
     _, inbound = trio.open_memory_channel(0)
-    with pytest.raises(ValueError, match="timeout|pacing"):
+    with pytest.raises(ValueError, match=r"timeout|pacing"):
         Race(intro, LOOPBACK, inbound, timeout=timeout, pacing=pacing)
 
 

@@ -8,10 +8,8 @@ import socket
 import pytest
 import trio
 
-from punch import Endpoint, SelfDialError, reuse_available
-from punch import _reuse
+from punch import Endpoint, SelfDialError, _reuse, reuse_available
 from punch._reuse import abort, check_not_self, dial, open_listener
-
 from tests.helpers import open_fds
 
 
@@ -24,7 +22,9 @@ async def test_listener_and_dialer_share_one_port() -> None:
     port = shared.socket.getsockname()[1]
     other = await open_listener(Endpoint("127.0.0.1", 0))
     async with shared, other:
-        outbound = await dial(Endpoint("127.0.0.1", port), Endpoint.from_sockaddr(other.socket.getsockname()))
+        outbound = await dial(
+            Endpoint("127.0.0.1", port), Endpoint.from_sockaddr(other.socket.getsockname())
+        )
         accepted_there = await other.accept()
         # while the shared listener still accepts on the very same port
         inbound = await trio.open_tcp_stream("127.0.0.1", port)
@@ -41,7 +41,9 @@ async def test_ipv6_listener_and_dialer_share_one_port() -> None:
     other = await open_listener(Endpoint("::1", 0))
     async with shared, other:
         port = shared.socket.getsockname()[1]
-        outbound = await dial(Endpoint("::1", port), Endpoint.from_sockaddr(other.socket.getsockname()))
+        outbound = await dial(
+            Endpoint("::1", port), Endpoint.from_sockaddr(other.socket.getsockname())
+        )
         assert outbound.socket.getsockname()[:2] == ("::1", port)
         await outbound.aclose()
 
@@ -50,10 +52,15 @@ async def test_ipv6_listener_and_dialer_share_one_port() -> None:
     ("remote", "own"),
     [
         (Endpoint("127.0.0.1", 5000), ()),  # our bound endpoint itself
-        (Endpoint("203.0.113.11", 5000), (Endpoint("203.0.113.11", 5000),)),  # our observed endpoint
+        (
+            Endpoint("203.0.113.11", 5000),
+            (Endpoint("203.0.113.11", 5000),),
+        ),  # our observed endpoint
     ],
 )
-async def test_dialing_our_own_endpoint_is_refused_before_any_syn(remote: Endpoint, own: tuple[Endpoint, ...]) -> None:
+async def test_dialing_our_own_endpoint_is_refused_before_any_syn(
+    remote: Endpoint, own: tuple[Endpoint, ...]
+) -> None:
     before = open_fds()
     with pytest.raises(SelfDialError, match="our own endpoint"):
         await dial(Endpoint("127.0.0.1", 5000), remote, own)
@@ -66,7 +73,9 @@ def test_loopback_on_our_port_is_us_when_bound_to_any() -> None:
     check_not_self(Endpoint("127.0.0.1", 5001), Endpoint("0.0.0.0", 5000))  # another port is fine
 
 
-async def test_forced_tcp_self_connect_is_detected_and_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_forced_tcp_self_connect_is_detected_and_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # Skip the check before the SYN, so the kernel really connects the socket to
     # itself (RFC 9293 simultaneous open with itself); the check after must catch it.
     monkeypatch.setattr(_reuse, "check_not_self", lambda *args: None)
@@ -99,7 +108,7 @@ async def test_an_existing_4_tuple_cannot_be_dialled_twice() -> None:
         remote = Endpoint.from_sockaddr(listener.socket.getsockname())
         first = await dial(Endpoint("127.0.0.1", 0), remote)
         local = Endpoint.from_sockaddr(first.socket.getsockname())
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match="assign requested address") as info:
             await dial(local, remote)
         assert info.value.errno == errno.EADDRNOTAVAIL
         abort(first.socket)

@@ -1,0 +1,262 @@
+"""Loopback integration: a real rendezvous server and real hosts in one trio run."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import trio
+
+import punch
+from punch import Endpoint, RendezvousError, ReuseUnavailable, Role, WonBy
+from punch._protocol import Error, decode_body
+from tests.helpers import open_fds
+
+
+@pytest.fixture
+async def rendezvous(nursery: trio.Nursery) -> Endpoint:
+    bound: Endpoint = await nursery.start(punch.serve_rendezvous, "127.0.0.1", 0)
+    return bound
+
+
+async def _exchange(a: punch.PeerStream, b: punch.PeerStream) -> None:
+    await a.send_all(b"from " + a.peer_name.encode())
+    await b.send_all(b"from " + b.peer_name.encode())
+    assert await b.receive_some(100) == b"from " + a.peer_name.encode()
+    assert await a.receive_some(100) == b"from " + b.peer_name.encode()
+
+
+async def test_two_hosts_punch_and_talk_both_ways(rendezvous: Endpoint) -> None:
+    async with (
+        punch.open_host("alice", rendezvous=rendezvous) as alice,
+        punch.open_host("bob", rendezvous=rendezvous) as bob,
+    ):
+        assert alice.observed.ip == "127.0.0.1"
+        assert alice.observed.port == alice.local.port
+        async with trio.open_nursery() as nursery:
+            accepted: list[punch.PeerStream] = []
+
+            async def accept() -> None:
+                accepted.append(await bob.accept())
+
+            nursery.start_soon(accept)
+            to_bob = await alice.connect("bob")
+        [to_alice] = accepted
+        assert (to_bob.role, to_alice.role) == (Role.INITIATOR, Role.RESPONDER)
+        assert (to_bob.peer_name, to_alice.peer_name) == ("bob", "alice")
+        assert (to_bob.local, to_bob.remote) == (to_alice.remote, to_alice.local)
+        assert to_bob.local.port == alice.local.port  # dialled and accepted on the host's one port
+        assert to_alice.local.port == bob.local.port
+        assert {to_bob.won_by, to_alice.won_by} <= set(WonBy)
+        assert 0 < to_bob.connect_time < 10
+        await _exchange(to_bob, to_alice)
+        await to_bob.send_eof()
+        assert await to_alice.receive_some(10) == b""  # half-close works
+        await to_alice.send_all(b"still open")
+        assert await to_bob.receive_some(100) == b"still open"
+        await to_bob.aclose()
+        await to_alice.aclose()
+
+
+async def test_punch_connect_is_one_call(rendezvous: Endpoint) -> None:
+    async with punch.open_host("bob", rendezvous=rendezvous) as bob, trio.open_nursery() as nursery:
+        accepted: list[punch.PeerStream] = []
+
+        async def accept() -> None:
+            accepted.append(await bob.accept())
+
+        nursery.start_soon(accept)
+        stream = await punch.connect("bob", rendezvous=str(rendezvous), name="alice", timeout=5.0)
+    assert stream.role is Role.INITIATOR
+    await _exchange(stream, accepted[0])
+    await stream.aclose()
+    await accepted[0].aclose()
+
+
+async def test_one_host_holds_several_peers_on_one_port(rendezvous: Endpoint) -> None:
+    names = ["bob", "carol", "dave"]
+    async with punch.open_host("alice", rendezvous=rendezvous) as alice:
+        async with trio.open_nursery() as nursery:
+            peers: dict[str, punch.PeerStream] = {}
+            hosts = {}
+            for name in names:
+                hosts[name] = await nursery.start(_serve_one, name, rendezvous, peers)
+            streams = {}
+
+            async def dial(name: str) -> None:
+                streams[name] = await alice.connect(name)
+
+            async with trio.open_nursery() as dials:
+                for name in names:
+                    dials.start_soon(dial, name)
+            for name in names:
+                assert streams[name].local.port == alice.local.port
+                assert streams[name].attempt_id != b""
+                await streams[name].send_all(name.encode())
+                assert await streams[name].receive_some(100) == name.encode()
+                await streams[name].aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def _serve_one(
+    name: str,
+    rendezvous: Endpoint,
+    peers: dict[str, punch.PeerStream],
+    *,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """A host that echoes one message back to the first peer that punches in."""
+    async with punch.open_host(name, rendezvous=rendezvous) as host:
+        task_status.started()
+        stream = await host.accept()
+        async with stream:
+            await stream.send_all(await stream.receive_some(100))
+            await trio.sleep_forever()
+
+
+async def test_unknown_and_same_peer_are_refused(rendezvous: Endpoint) -> None:
+    async with punch.open_host("alice", rendezvous=rendezvous) as alice:
+        with pytest.raises(RendezvousError) as info:
+            await alice.connect("nobody")
+        assert info.value.code == "unknown-peer"
+        with pytest.raises(RendezvousError) as info:
+            await alice.connect("alice")
+        assert info.value.code == "same-peer"
+
+
+async def test_a_held_name_is_refused(rendezvous: Endpoint) -> None:
+    async with punch.open_host("alice", rendezvous=rendezvous):
+        with pytest.raises(RendezvousError) as info:
+            async with punch.open_host("alice", rendezvous=rendezvous):
+                pass  # pragma: no cover
+        assert info.value.code == "name-taken"
+    async with punch.open_host("alice", rendezvous=rendezvous):  # free again once its holder left
+        pass
+
+
+async def test_unreachable_rendezvous() -> None:
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        closed = Endpoint.from_sockaddr(probe.getsockname())
+    with pytest.raises(RendezvousError) as info:
+        async with punch.open_host("alice", rendezvous=closed):
+            pass  # pragma: no cover
+    assert info.value.code == "unreachable"
+    assert str(closed) in str(info.value)
+
+
+async def test_a_malformed_frame_closes_only_that_connection(rendezvous: Endpoint) -> None:
+    async with (
+        punch.open_host("alice", rendezvous=rendezvous) as alice,
+        punch.open_host("bob", rendezvous=rendezvous) as bob,
+    ):
+        for garbage in (
+            b"GET / HTTP/1.1\r\n\r\n",
+            struct.pack("!cBH", b"P", 1, 5000),
+            b"P\x01\x00\x02{}",
+        ):
+            async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as raw:
+                await raw.send_all(garbage)
+                with trio.fail_after(5):
+                    reply = await _read_all(raw)
+                error = decode_body(reply[4:])
+                assert isinstance(error, Error)
+                assert error.code in {"protocol-error", "frame-too-large"}
+        # the server and every other peer carry on
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_accept_and_close, bob)
+            stream = await alice.connect("bob")
+            await stream.aclose()
+
+
+async def _accept_and_close(host: punch.Host) -> None:
+    await (await host.accept()).aclose()
+
+
+async def _read_all(stream: trio.SocketStream) -> bytes:
+    data = b""
+    try:
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+    except trio.BrokenResourceError:
+        pass
+    return data
+
+
+async def test_registration_must_come_in_time(nursery: trio.Nursery) -> None:
+    server = await nursery.start(
+        lambda task_status: punch.serve_rendezvous(
+            "127.0.0.1", 0, registration_timeout=0.2, task_status=task_status
+        )
+    )
+    async with await trio.open_tcp_stream(server.ip, server.port) as idle:
+        with trio.fail_after(5):
+            reply = await _read_all(idle)  # sends nothing; is told why and closed
+    assert decode_body(reply[4:]) == Error("registration-timeout", "no Register in time")
+
+
+async def test_losing_the_rendezvous_is_a_clear_error_not_a_hang(nursery: trio.Nursery) -> None:
+    server_scope = trio.CancelScope()
+
+    async def server(task_status: trio.TaskStatus[Endpoint]) -> None:
+        with server_scope:
+            await punch.serve_rendezvous("127.0.0.1", 0, task_status=task_status)
+
+    rendezvous = await nursery.start(server)
+    async with punch.open_host("alice", rendezvous=rendezvous) as alice:
+        server_scope.cancel()
+        with trio.fail_after(5):
+            with pytest.raises(RendezvousError) as info:
+                await alice.accept()  # the control connection ends: accept stops waiting
+            assert info.value.code == "closed"
+            with pytest.raises(RendezvousError) as info:
+                await alice.connect("bob")
+            assert info.value.code == "closed"
+
+
+async def test_bad_arguments_are_refused_up_front(rendezvous: Endpoint) -> None:
+    with pytest.raises(ValueError, match="name"):
+        async with punch.open_host("not ok", rendezvous=rendezvous):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="timeout"):
+        async with punch.open_host("alice", rendezvous=rendezvous, timeout=0):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="IP:PORT"):
+        async with punch.open_host("alice", rendezvous="localhost"):
+            pass  # pragma: no cover
+    with pytest.raises(TypeError, match="rendezvous"):
+        async with punch.open_host("alice", rendezvous=7000):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+    async with punch.open_host("alice", rendezvous=rendezvous) as alice:
+        with pytest.raises(ValueError, match="name"):
+            await alice.connect("")
+        with pytest.raises(ValueError, match="timeout"):
+            await alice.connect("bob", timeout=-1)
+
+
+async def test_reuse_unavailable_is_a_typed_error(
+    rendezvous: Endpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(punch._reuse, "reuse_available", lambda: False)
+    with pytest.raises(ReuseUnavailable):
+        async with punch.open_host("alice", rendezvous=rendezvous):
+            pass  # pragma: no cover
+
+
+async def test_repeated_punches_leak_no_file_descriptors(rendezvous: Endpoint) -> None:
+    async with punch.open_host("bob", rendezvous=rendezvous) as bob, trio.open_nursery() as nursery:
+
+        async def echo_forever() -> None:
+            while True:
+                stream = await bob.accept()
+                await stream.aclose()
+
+        nursery.start_soon(echo_forever)
+        baseline = None
+        for round_ in range(12):
+            stream = await punch.connect("bob", rendezvous=rendezvous, name="alice")
+            await stream.aclose()
+            if round_ == 1:  # after warm-up
+                baseline = open_fds()
+        assert open_fds() == baseline
+        nursery.cancel_scope.cancel()

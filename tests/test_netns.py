@@ -1,0 +1,84 @@
+"""Through real NATs: network namespaces, veth, nftables, the real commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from netns.lab import Lab, build_two_nats, missing_requirements
+from netns.scenario import PairRun
+
+REASON = missing_requirements()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+
+def _namespaces() -> str:
+    return subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_two_peers_behind_two_cone_nats_get_a_direct_stream() -> None:
+    with Lab() as lab:
+        topology = build_two_nats(lab)
+        a, b = topology.sites
+        # Control: the NAT really filters. An unsolicited SYN to NAT b's public
+        # address gets no answer (one attempt, 1 s), so any stream below is punched.
+        probe = subprocess.run(
+            [
+                *lab.exec_prefix(a.peer_ns),
+                sys.executable,
+                "-c",
+                f"import socket; socket.create_connection(('{b.public_ip}', 40000), timeout=1)",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert probe.returncode != 0
+        assert "timed out" in probe.stderr
+        pair = PairRun()
+        try:
+            alice, bob, _ = pair.run(
+                rendezvous_prefix=lab.exec_prefix(topology.rendezvous_ns),
+                rendezvous_listen=f"{topology.rendezvous_ip}:7000",
+                listener_prefix=lab.exec_prefix(b.peer_ns),
+                connector_prefix=lab.exec_prefix(a.peer_ns),
+            )
+        finally:
+            pair.close()
+        prefix = lab.prefix
+    assert prefix not in _namespaces()  # torn down by name
+
+    assert (alice.returncode, bob.returncode) == (0, 0), (alice.stderr, bob.stderr)
+    registered_a, registered_b = alice.event("registered"), bob.event("registered")
+    connected_a, connected_b = alice.event("connected"), bob.event("connected")
+    assert registered_a
+    assert registered_b
+    assert connected_a
+    assert connected_b
+    # the rendezvous saw each peer at its NAT's public address (the NAT translated)
+    assert registered_a["observed"].startswith(a.public_ip + ":")
+    assert registered_b["observed"].startswith(b.public_ip + ":")
+    # each peer's stream goes straight to the other NAT's public endpoint: no relay
+    assert connected_a["local"].startswith(a.peer_ip + ":")
+    assert connected_a["remote"] == registered_b["observed"]
+    assert connected_b["remote"] == registered_a["observed"]
+    assert (connected_a["role"], connected_b["role"]) == ("initiator", "responder")
+    assert alice.received == b"hello from bob\n"
+    assert bob.received == b"hello from alice\n"
+
+
+def test_lab_is_torn_down_even_when_the_body_fails() -> None:
+    lab = Lab()
+
+    def fail_inside_the_lab() -> None:
+        with lab:
+            lab.ns("x")
+            assert lab.prefix in _namespaces()
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail_inside_the_lab()
+    assert lab.prefix not in _namespaces()
