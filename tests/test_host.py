@@ -9,7 +9,8 @@ import trio
 
 import punch
 from punch import Endpoint, RendezvousError, ReuseUnavailable, Role, WonBy
-from punch._protocol import Error, decode_body
+from punch._control import ControlChannel
+from punch._protocol import Error, Register, RendezvousConnection, Side, decode_body
 from tests.helpers import open_fds
 
 
@@ -260,3 +261,31 @@ async def test_repeated_punches_leak_no_file_descriptors(rendezvous: Endpoint) -
                 baseline = open_fds()
         assert open_fds() == baseline
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_never_punches_gives_punch_failed_naming_each_candidate(
+    rendezvous: Endpoint,
+) -> None:
+    # "bob" registers by hand and then does nothing: every SYN to him is refused.
+    async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as raw:
+        bob = ControlChannel(raw, RendezvousConnection(Side.CLIENT))
+        await bob.send(Register("bob", (Endpoint("127.0.0.2", 9),)))
+        registered = await bob.receive()
+        async with punch.open_host("alice", rendezvous=rendezvous, timeout=0.5) as alice:
+            with pytest.raises(punch.PunchFailed) as info:
+                await alice.connect("bob")
+            # bob got his half of the introduction, naming alice's endpoints
+            intro = await bob.receive()
+        assert isinstance(intro, punch._protocol.Introduction)
+        assert (intro.role, intro.peer_name) == (Role.RESPONDER, "alice")
+        assert intro.candidates[0] == punch.Candidate(
+            punch.CandidateType.SERVER_REFLEXIVE, alice.observed
+        )
+    assert registered is not None
+    failures = info.value.__cause__
+    assert isinstance(failures, ExceptionGroup)
+    tried = {str(e.candidate) for e in failures.exceptions}
+    assert tried == {f"srflx {registered.observed}", "host 127.0.0.2:9"}  # type: ignore[union-attr]
+    for failure in failures.exceptions:
+        assert failure.attempts >= 2  # paced retries, not one try
+        assert isinstance(failure.__cause__, ConnectionRefusedError)

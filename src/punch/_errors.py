@@ -64,13 +64,16 @@ class RendezvousError(PunchError, OSError):
 
     Attributes:
         code: the server's error code (``"name-taken"``, ``"unknown-peer"``,
-            ``"same-peer"``, ``"protocol-error"``), or ``"unreachable"`` /
-            ``"closed"`` for transport failures on our side.
+            ``"same-peer"``, ``"protocol-error"``, ``"registration-timeout"``),
+            or ``"unreachable"``, ``"timeout"``, ``"closed"`` for failures seen
+            on our side.
+        detail: the explanation, without the code.
     """
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
         self.code = code
+        self.detail = detail
 
 
 class PunchFailed(PunchError, OSError):

@@ -95,8 +95,9 @@ class Host:
         check_name(peer)
         timeout = _check_timeout(self.timeout if timeout is None else timeout)
         if self._closed is not None:
-            raise RendezvousError(self._closed.code, str(self._closed))
+            raise RendezvousError(self._closed.code, self._closed.detail)
         request_id = next(self._requests)
+        reply: _Reply | None = None
         send, receive = trio.open_memory_channel[_Reply](1)
         self._waiters[request_id] = send
         try:
@@ -106,12 +107,16 @@ class Host:
                 raise RendezvousError("closed", "control connection lost") from exc
             with trio.move_on_after(timeout):
                 reply = await receive.receive()
-                if isinstance(reply, RendezvousError):
-                    raise RendezvousError(reply.code, str(reply)) from reply
-                if isinstance(reply, Error):
-                    raise RendezvousError(reply.code, reply.text)
-                return await self._race(reply, timeout)
-            raise RendezvousError("timeout", f"no introduction to {peer!r} within {timeout:g} s")
+            if reply is None:
+                raise RendezvousError(
+                    "timeout", f"no introduction to {peer!r} within {timeout:g} s"
+                )
+            if isinstance(reply, RendezvousError):
+                raise RendezvousError(reply.code, reply.detail) from reply
+            if isinstance(reply, Error):
+                raise RendezvousError(reply.code, reply.text)
+            # the punch has its own deadline, outside the wait for the introduction
+            return await self._race(reply, timeout)
         finally:
             del self._waiters[request_id]
             try:  # an introduction we will not act on: close its route
@@ -136,7 +141,7 @@ class Host:
             return await self._accepted.receive()
         except trio.EndOfChannel:
             closed = self._closed or RendezvousError("closed", "host closed")
-            raise RendezvousError(closed.code, str(closed)) from None
+            raise RendezvousError(closed.code, closed.detail) from None
 
     async def _race(self, introduction: Introduction, timeout: float) -> PeerStream:
         """Run the race; the route was opened by :meth:`_dispatch` and closes here."""
@@ -178,9 +183,18 @@ class Host:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._closed = RendezvousError("closed", f"control connection lost: {exc}")
             log.warning("%s; punches under way go on", self._closed)
-            for waiter in self._waiters.values():
-                waiter.send_nowait(self._closed)
+            for request_id in list(self._waiters):
+                self._reply(request_id, self._closed)
         self._accepted_send.close()
+
+    def _reply(self, request_id: int, reply: _Reply) -> bool:
+        """Hand ``reply`` to the ``connect`` waiting on ``request_id``; False if none takes it."""
+        try:
+            self._waiters[request_id].send_nowait(reply)
+        except (KeyError, trio.WouldBlock, trio.BrokenResourceError):
+            log.info("dropping a second or late reply to request %d: %r", request_id, reply)
+            return False
+        return True
 
     def _dispatch(self, message: object, responders: trio.Nursery) -> None:
         if isinstance(message, Introduction):
@@ -193,11 +207,11 @@ class Host:
                 return
             if message.request_id in self._waiters:
                 log.info("introduced to %r as initiator", message.peer_name)
-                self._router.open_route(message.attempt_id)
-                self._waiters[message.request_id].send_nowait(message)
+                if self._reply(message.request_id, message):
+                    self._router.open_route(message.attempt_id)
                 return
         if isinstance(message, Error) and message.request_id in self._waiters:
-            self._waiters[message.request_id].send_nowait(message)
+            self._reply(message.request_id, message)
         elif isinstance(message, Error):
             log.warning("rendezvous error: %s: %s", message.code, message.text)
         else:
