@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from netns.lab import RENDEZVOUS_PORT, Lab, Topology, build_two_nats, missing_requirements
-from netns.scenario import PairRun, PeerRun
+from netns.scenario import PeerRun, run_in_lab, run_on_loopback
 
 
 def _describe(run: PeerRun, expect_remote_ip: str | None, where: str, other: PeerRun) -> bool:
@@ -62,16 +62,7 @@ def run_lab() -> int:
         print(f"  alice       {a.peer_ip} behind NAT a, public {a.public_ip}")
         print(f"  bob         {b.peer_ip} behind NAT b, public {b.public_ip}")
         print()
-        pair = PairRun()
-        try:
-            alice, bob, _ = pair.run(
-                rendezvous_prefix=lab.exec_prefix(topology.rendezvous_ns),
-                rendezvous_listen=f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}",
-                listener_prefix=lab.exec_prefix(b.peer_ns),
-                connector_prefix=lab.exec_prefix(a.peer_ns),
-            )
-        finally:
-            pair.close()
+        alice, bob = run_in_lab(lab, topology)
         return _report(
             alice,
             bob,
@@ -91,16 +82,7 @@ def run_lab() -> int:
 def run_loopback(reason: str) -> int:
     print(f"punch demo on LOOPBACK ONLY ({reason}): no NAT is crossed here.")
     print("Run `sudo make demo` for the real NATs of the netns lab.\n")
-    pair = PairRun()
-    try:
-        alice, bob, address = pair.run(
-            rendezvous_prefix=[],
-            rendezvous_listen="127.0.0.1:0",
-            listener_prefix=[],
-            connector_prefix=[],
-        )
-    finally:
-        pair.close()
+    alice, bob, address = run_on_loopback()
     print(f"  rendezvous  {address}\n")
     return _report(
         alice, bob, {"alice": (None, "bob's own socket"), "bob": (None, "alice's own socket")}

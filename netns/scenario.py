@@ -18,6 +18,8 @@ from typing import Any
 
 import attrs
 
+from netns.lab import RENDEZVOUS_PORT, Lab, Topology
+
 PUNCH = [sys.executable, "-m", "punch"]
 STARTUP_TIMEOUT = 15.0
 """Seconds the rendezvous gets to print its address, and a listener to register."""
@@ -146,3 +148,33 @@ class PairRun:
                 process.kill()
                 process.wait(timeout=5)
         return self.result("alice", alice), self.result("bob", bob), address
+
+
+def run_on_loopback() -> tuple[PeerRun, PeerRun, str]:
+    """The pair on 127.0.0.1, no namespaces: (alice, bob, rendezvous address)."""
+    pair = PairRun()
+    try:
+        return pair.run(
+            rendezvous_prefix=[],
+            rendezvous_listen="127.0.0.1:0",
+            listener_prefix=[],
+            connector_prefix=[],
+        )
+    finally:
+        pair.close()
+
+
+def run_in_lab(lab: Lab, topology: Topology) -> tuple[PeerRun, PeerRun]:
+    """The pair in the lab: rendezvous on the public host, bob behind site b, alice behind a."""
+    a, b = topology.sites
+    pair = PairRun()
+    try:
+        alice, bob, _ = pair.run(
+            rendezvous_prefix=lab.exec_prefix(topology.rendezvous_ns),
+            rendezvous_listen=f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}",
+            listener_prefix=lab.exec_prefix(b.peer_ns),
+            connector_prefix=lab.exec_prefix(a.peer_ns),
+        )
+    finally:
+        pair.close()
+    return alice, bob

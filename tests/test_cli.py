@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from netns.scenario import PUNCH, PairRun, _wait_for
+from netns.scenario import PUNCH, PairRun, _wait_for, run_on_loopback
 
 from punch import _cli
 
 
 def test_listen_and_connect_pipe_both_ways_on_loopback() -> None:
-    pair = PairRun()
-    try:
-        alice, bob, _ = pair.run(
-            rendezvous_prefix=[],
-            rendezvous_listen="127.0.0.1:0",
-            listener_prefix=[],
-            connector_prefix=[],
-        )
-    finally:
-        pair.close()
+    alice, bob, _ = run_on_loopback()
     assert (alice.returncode, bob.returncode) == (0, 0), (alice.stderr, bob.stderr)
     assert alice.received == b"hello from bob\n"
     assert bob.received == b"hello from alice\n"

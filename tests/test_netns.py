@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from netns.lab import Lab, build_two_nats, missing_requirements
-from netns.scenario import PairRun
+from netns.scenario import run_in_lab
 
 REASON = missing_requirements()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
@@ -38,16 +38,7 @@ def test_two_peers_behind_two_cone_nats_get_a_direct_stream() -> None:
         )
         assert probe.returncode != 0
         assert "timed out" in probe.stderr
-        pair = PairRun()
-        try:
-            alice, bob, _ = pair.run(
-                rendezvous_prefix=lab.exec_prefix(topology.rendezvous_ns),
-                rendezvous_listen=f"{topology.rendezvous_ip}:7000",
-                listener_prefix=lab.exec_prefix(b.peer_ns),
-                connector_prefix=lab.exec_prefix(a.peer_ns),
-            )
-        finally:
-            pair.close()
+        alice, bob = run_in_lab(lab, topology)
         prefix = lab.prefix
     assert prefix not in _namespaces()  # torn down by name
 

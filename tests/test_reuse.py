@@ -95,9 +95,9 @@ async def test_abort_leaves_no_time_wait_so_the_same_4_tuple_dials_again() -> No
         remote = Endpoint.from_sockaddr(listener.socket.getsockname())
         first = await dial(Endpoint("127.0.0.1", 0), remote)
         local = Endpoint.from_sockaddr(first.socket.getsockname())
-        (await listener.accept()).socket.close()
-        abort(first.socket)
-        again = await dial(local, remote)  # EADDRNOTAVAIL if the old 4-tuple lingered
+        async with await listener.accept():
+            abort(first.socket)  # we close first: a plain close would leave us in TIME_WAIT
+            again = await dial(local, remote)  # EADDRNOTAVAIL if the old 4-tuple lingered
         assert again.socket.getsockname() == local.sockaddr()
         abort(again.socket)
 
