@@ -15,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -156,8 +156,50 @@ class Topology:
     sites: tuple[Site, ...]
 
 
+PROFILES = ("public", "cone", "cone-rst", "symmetric")
+"""Per-site NAT behaviours; ``public`` is a host on the WAN with no NAT."""
+
+
+def _wan(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
+    """The WAN bridge, the rendezvous host on it, and a function to attach more hosts."""
+    wan = lab.ns("wan")
+    lab.sh(wan, "ip", "link", "add", "br0", "type", "bridge")
+    lab.sh(wan, "ip", "link", "set", "br0", "up")
+    ports = iter(range(100))
+
+    def attach(ns: str, ip: str) -> None:
+        port = f"p{next(ports)}"
+        lab.link(wan, port, ns, "wan0")
+        lab.sh(wan, "ip", "link", "set", port, "master", "br0")
+        lab.address(ns, "wan0", f"{ip}/24")
+
+    return wan, attach
+
+
+def _nat_site(
+    lab: Lab,
+    attach: Callable[[str, str], None],
+    name: str,
+    profile: str,
+    public_ip: str,
+    lan: str,
+    peer_host: int = 2,
+) -> Site:
+    """A NAT router with ``profile`` at ``public_ip`` and one peer on LAN ``lan`` (a /24 prefix)."""
+    nat = lab.ns(f"nat-{name}")
+    peer = lab.ns(f"peer-{name}")
+    attach(nat, public_ip)
+    lab.link(nat, "lan0", peer, "eth0")
+    lab.address(nat, "lan0", f"{lan}.1/24")
+    peer_ip = f"{lan}.{peer_host}"
+    lab.address(peer, "eth0", f"{peer_ip}/24")
+    lab.sh(peer, "ip", "route", "add", "default", "via", f"{lan}.1")
+    lab.nat(nat, profile)
+    return Site(name, peer, peer_ip, nat, public_ip)
+
+
 def build_two_nats(lab: Lab, profile_a: str = "cone", profile_b: str = "cone") -> Topology:
-    """A WAN bridge with the rendezvous host and two NAT routers, one peer behind each.
+    """A WAN bridge with the rendezvous host and two sites, one peer at each.
 
     ::
 
@@ -165,31 +207,28 @@ def build_two_nats(lab: Lab, profile_a: str = "cone", profile_b: str = "cone") -
                                                          WAN bridge -- 203.0.113.10 rendezvous
         peer b 10.0.2.2 -- 10.0.2.1 nat-b 203.0.113.12 --+
 
+    A ``public`` site has no router: its peer sits on the WAN at 203.0.113.2x.
     Routers have no default route: packets for a private address of the other
     LAN die at the first router, as on the internet.
+
+    Raises:
+        ValueError: a profile not in :data:`PROFILES`.
     """
-    wan = lab.ns("wan")
-    lab.sh(wan, "ip", "link", "add", "br0", "type", "bridge")
-    lab.sh(wan, "ip", "link", "set", "br0", "up")
-
-    def attach(ns: str, index: int, ip: str) -> None:
-        port = f"p{index}"
-        lab.link(wan, port, ns, "wan0")
-        lab.sh(wan, "ip", "link", "set", port, "master", "br0")
-        lab.address(ns, "wan0", f"{ip}/24")
-
+    for profile in (profile_a, profile_b):
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
+    _, attach = _wan(lab)
     rendezvous = lab.ns("rdv")
-    attach(rendezvous, 0, RENDEZVOUS_IP)
+    attach(rendezvous, RENDEZVOUS_IP)
     sites = []
     for index, (name, profile) in enumerate((("a", profile_a), ("b", profile_b)), start=1):
-        nat = lab.ns(f"nat-{name}")
-        peer = lab.ns(f"peer-{name}")
-        public_ip = f"{WAN_PREFIX}.{10 + index}"
-        attach(nat, index, public_ip)
-        lab.link(nat, "lan0", peer, "eth0")
-        lab.address(nat, "lan0", f"10.0.{index}.1/24")
-        lab.address(peer, "eth0", f"10.0.{index}.2/24")
-        lab.sh(peer, "ip", "route", "add", "default", "via", f"10.0.{index}.1")
-        lab.nat(nat, profile)
-        sites.append(Site(name, peer, f"10.0.{index}.2", nat, public_ip))
+        if profile == "public":
+            peer = lab.ns(f"peer-{name}")
+            ip = f"{WAN_PREFIX}.{20 + index}"
+            attach(peer, ip)
+            sites.append(Site(name, peer, ip, None, ip))
+        else:
+            sites.append(
+                _nat_site(lab, attach, name, profile, f"{WAN_PREFIX}.{10 + index}", f"10.0.{index}")
+            )
     return Topology(rendezvous, RENDEZVOUS_IP, tuple(sites))

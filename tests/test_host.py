@@ -289,3 +289,15 @@ async def test_a_peer_that_never_punches_gives_punch_failed_naming_each_candidat
     for failure in failures.exceptions:
         assert failure.attempts >= 2  # paced retries, not one try
         assert isinstance(failure.__cause__, ConnectionRefusedError)
+
+
+async def test_accept_raises_an_inbound_punch_that_failed(rendezvous: Endpoint) -> None:
+    async with punch.open_host("bob", rendezvous=rendezvous, timeout=0.5) as bob:
+        # "alice" asks for bob by hand and then never punches back
+        async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as raw:
+            alice = ControlChannel(raw, RendezvousConnection(Side.CLIENT))
+            await alice.send(Register("alice"))
+            await alice.receive()
+            await alice.send(punch._protocol.ConnectRequest("bob", 1))
+            with trio.fail_after(5), pytest.raises(punch.PunchFailed, match="alice"):
+                await bob.accept()

@@ -14,7 +14,7 @@ import trio
 from . import _reuse
 from ._control import ControlChannel
 from ._endpoint import Endpoint, as_endpoint
-from ._errors import RemoteProtocolError, RendezvousError, ReuseUnavailable
+from ._errors import PunchFailed, RemoteProtocolError, RendezvousError, ReuseUnavailable
 from ._protocol import (
     ConnectRequest,
     Error,
@@ -62,11 +62,13 @@ class Host:
     _requests: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _waiters: dict[int, trio.MemorySendChannel[_Reply]] = attrs.field(factory=dict, init=False)
     _closed: RendezvousError | None = attrs.field(default=None, init=False)
-    _accepted_send: trio.MemorySendChannel[PeerStream] = attrs.field(init=False)
-    _accepted: trio.MemoryReceiveChannel[PeerStream] = attrs.field(init=False)
+    _accepted_send: trio.MemorySendChannel[PeerStream | OSError] = attrs.field(init=False)
+    _accepted: trio.MemoryReceiveChannel[PeerStream | OSError] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._accepted_send, self._accepted = trio.open_memory_channel[PeerStream](ACCEPT_QUEUE)
+        self._accepted_send, self._accepted = trio.open_memory_channel[PeerStream | OSError](
+            ACCEPT_QUEUE
+        )
 
     @property
     def own_endpoints(self) -> frozenset[Endpoint]:
@@ -127,21 +129,28 @@ class Host:
                 pass
 
     async def accept(self) -> PeerStream:
-        """The next peer that punched through to us, as the responder.
+        """The next inbound punch, as the responder: its stream, or why it failed.
 
-        Punches run as soon as an introduction arrives, whether or not
-        ``accept`` is waiting; up to :data:`ACCEPT_QUEUE` finished streams wait
-        here. A failed punch is logged (logger ``punch``) and not raised.
+        A punch starts as soon as its introduction arrives, whether or not
+        ``accept`` is waiting; up to :data:`ACCEPT_QUEUE` outcomes wait here
+        (a stream beyond that is closed). Call ``accept`` again after an error
+        to wait for the next peer.
 
         Raises:
+            PunchFailed: an inbound punch found no path within :attr:`timeout`;
+                the cause groups each candidate's error.
+            SelfDialError: an inbound punch offered only our own endpoints.
             RendezvousError: ``closed``: the control connection is gone and no
                 punch is left in flight.
         """
         try:
-            return await self._accepted.receive()
+            outcome = await self._accepted.receive()
         except trio.EndOfChannel:
             closed = self._closed or RendezvousError("closed", "host closed")
             raise RendezvousError(closed.code, closed.detail) from None
+        if isinstance(outcome, OSError):
+            raise outcome
+        return outcome
 
     async def _race(self, introduction: Introduction, timeout: float) -> PeerStream:
         """Run the race; the route was opened by :meth:`_dispatch` and closes here."""
@@ -156,20 +165,32 @@ class Host:
                 pacing=self.pacing,
             )
             return await race.run()
+        except PunchFailed as exc:
+            if self.observed.port == self.local.port:
+                raise
+            # RFC 4787 §4.1: a NAT that does not keep our port may map per destination
+            raise PunchFailed(
+                f"{exc}; hint: the rendezvous saw us at port {self.observed.port}, not our "
+                f"port {self.local.port}: this NAT does not preserve ports and may map each "
+                "destination to a new port (endpoint-dependent mapping), so a direct path "
+                "may not exist"
+            ) from exc.__cause__
         finally:
             self._router.close_route(introduction.attempt_id)
 
     async def _respond(self, introduction: Introduction) -> None:
+        outcome: PeerStream | OSError
         try:
-            stream = await self._race(introduction, self.timeout)
+            outcome = await self._race(introduction, self.timeout)
         except OSError as exc:
             log.warning("inbound punch from %r failed: %s", introduction.peer_name, exc)
-            return
+            outcome = exc
         try:
-            self._accepted_send.send_nowait(stream)
+            self._accepted_send.send_nowait(outcome)
         except trio.WouldBlock:
-            log.warning("accept queue full (%d): closing %r", ACCEPT_QUEUE, stream.peer_name)
-            _reuse.abort(stream.socket)
+            log.warning("accept queue full (%d): dropping %r", ACCEPT_QUEUE, outcome)
+            if isinstance(outcome, PeerStream):
+                _reuse.abort(outcome.socket)
 
     async def _run_control(self) -> None:
         """Read the control connection; when it ends, let in-flight punches finish."""
