@@ -131,6 +131,15 @@ class Lab:
     def nat(self, ns: str, profile: str) -> None:
         """Make ``ns`` a router and load ``rulesets/<profile>.nft`` into it."""
         self.sh(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
+        # Where br_netfilter is loaded (Docker loads it), bridged LAN-to-LAN frames
+        # would cross the router's IP firewall; a home router's switch does not do
+        # that, so switch it off for this namespace when the knob exists.
+        self.sh(
+            ns,
+            "sh",
+            "-c",
+            "f=/proc/sys/net/bridge/bridge-nf-call-iptables; [ ! -e $f ] || echo 0 > $f",
+        )
         self.sh(ns, "nft", "-f", str(RULESETS / f"{profile}.nft"))
 
 
@@ -161,7 +170,7 @@ PROFILES = ("public", "cone", "cone-rst", "symmetric")
 
 
 def _wan(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
-    """The WAN bridge, the rendezvous host on it, and a function to attach more hosts."""
+    """The WAN bridge, and a function that attaches a namespace to it at an address."""
     wan = lab.ns("wan")
     lab.sh(wan, "ip", "link", "add", "br0", "type", "bridge")
     lab.sh(wan, "ip", "link", "set", "br0", "up")
@@ -176,26 +185,60 @@ def _wan(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
     return wan, attach
 
 
-def _nat_site(
+def _router(
     lab: Lab,
     attach: Callable[[str, str], None],
     name: str,
     profile: str,
     public_ip: str,
     lan: str,
-    peer_host: int = 2,
-) -> Site:
-    """A NAT router with ``profile`` at ``public_ip`` and one peer on LAN ``lan`` (a /24 prefix)."""
+    hosts: dict[str, int],
+) -> dict[str, tuple[str, str]]:
+    """A NAT router at ``public_ip`` whose LAN ``lan``.0/24 is a bridge ``lan0``.
+
+    Args:
+        hosts: host name -> last octet; each host gets its own namespace.
+
+    Returns:
+        host name -> (namespace, LAN address).
+    """
     nat = lab.ns(f"nat-{name}")
-    peer = lab.ns(f"peer-{name}")
     attach(nat, public_ip)
-    lab.link(nat, "lan0", peer, "eth0")
+    lab.sh(nat, "ip", "link", "add", "lan0", "type", "bridge")
+    lab.sh(nat, "ip", "link", "set", "lan0", "up")
     lab.address(nat, "lan0", f"{lan}.1/24")
-    peer_ip = f"{lan}.{peer_host}"
-    lab.address(peer, "eth0", f"{peer_ip}/24")
-    lab.sh(peer, "ip", "route", "add", "default", "via", f"{lan}.1")
+    placed = {}
+    for index, (host, octet) in enumerate(hosts.items()):
+        ns = lab.ns(host)
+        lab.link(nat, f"l{index}", ns, "eth0")
+        lab.sh(nat, "ip", "link", "set", f"l{index}", "master", "lan0")
+        lab.address(ns, "eth0", f"{lan}.{octet}/24")
+        lab.sh(ns, "ip", "route", "add", "default", "via", f"{lan}.1")
+        placed[host] = (ns, f"{lan}.{octet}")
     lab.nat(nat, profile)
-    return Site(name, peer, peer_ip, nat, public_ip)
+    return placed
+
+
+def _site(
+    lab: Lab, attach: Callable[[str, str], None], name: str, profile: str, index: int
+) -> Site:
+    if profile == "public":
+        peer = lab.ns(f"peer-{name}")
+        ip = f"{WAN_PREFIX}.{20 + index}"
+        attach(peer, ip)
+        return Site(name, peer, ip, None, ip)
+    public_ip = f"{WAN_PREFIX}.{10 + index}"
+    peer, ip = _router(lab, attach, name, profile, public_ip, f"10.0.{index}", {f"peer-{name}": 2})[
+        f"peer-{name}"
+    ]
+    return Site(name, peer, ip, lab.prefix + f"nat-{name}", public_ip)
+
+
+def _rendezvous(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
+    _, attach = _wan(lab)
+    rendezvous = lab.ns("rdv")
+    attach(rendezvous, RENDEZVOUS_IP)
+    return rendezvous, attach
 
 
 def build_two_nats(lab: Lab, profile_a: str = "cone", profile_b: str = "cone") -> Topology:
@@ -217,18 +260,45 @@ def build_two_nats(lab: Lab, profile_a: str = "cone", profile_b: str = "cone") -
     for profile in (profile_a, profile_b):
         if profile not in PROFILES:
             raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
-    _, attach = _wan(lab)
-    rendezvous = lab.ns("rdv")
-    attach(rendezvous, RENDEZVOUS_IP)
-    sites = []
-    for index, (name, profile) in enumerate((("a", profile_a), ("b", profile_b)), start=1):
-        if profile == "public":
-            peer = lab.ns(f"peer-{name}")
-            ip = f"{WAN_PREFIX}.{20 + index}"
-            attach(peer, ip)
-            sites.append(Site(name, peer, ip, None, ip))
-        else:
-            sites.append(
-                _nat_site(lab, attach, name, profile, f"{WAN_PREFIX}.{10 + index}", f"10.0.{index}")
-            )
-    return Topology(rendezvous, RENDEZVOUS_IP, tuple(sites))
+    rendezvous, attach = _rendezvous(lab)
+    sites = (_site(lab, attach, "a", profile_a, 1), _site(lab, attach, "b", profile_b, 2))
+    return Topology(rendezvous, RENDEZVOUS_IP, sites)
+
+
+def build_hairpin(lab: Lab) -> Topology:
+    """Both peers behind one cone NAT, on one LAN (10.0.1.2 and 10.0.1.3).
+
+    The direct path is the LAN itself, through the peers' host candidates.
+    """
+    rendezvous, attach = _rendezvous(lab)
+    public_ip = f"{WAN_PREFIX}.11"
+    hosts = _router(lab, attach, "ab", "cone", public_ip, "10.0.1", {"peer-a": 2, "peer-b": 3})
+    nat = lab.prefix + "nat-ab"
+    sites = tuple(Site(name, *hosts[f"peer-{name}"], nat, public_ip) for name in ("a", "b"))
+    return Topology(rendezvous, RENDEZVOUS_IP, sites)
+
+
+OVERLAP_PORT = 45000
+"""Peer b's fixed local port in the overlap topology; the stray host holds it too."""
+
+
+def build_overlap(lab: Lab) -> tuple[Topology, tuple[str, str]]:
+    """Two cone NATs whose LANs are both 10.0.0.0/24; a stray host on A's LAN.
+
+    Peer a is 10.0.0.2 behind nat-a; peer b is 10.0.0.3 behind nat-b; and on
+    A's LAN a *different* host, also 10.0.0.3, runs its own punch peer on the
+    very ip:port b advertises as its host candidate (10.0.0.3:45000).
+
+    Returns:
+        the topology, and the stray's (namespace, address).
+    """
+    rendezvous, attach = _rendezvous(lab)
+    a_hosts = _router(
+        lab, attach, "a", "cone", f"{WAN_PREFIX}.11", "10.0.0", {"peer-a": 2, "stray": 3}
+    )
+    b_hosts = _router(lab, attach, "b", "cone", f"{WAN_PREFIX}.12", "10.0.0", {"peer-b": 3})
+    sites = (
+        Site("a", *a_hosts["peer-a"], lab.prefix + "nat-a", f"{WAN_PREFIX}.11"),
+        Site("b", *b_hosts["peer-b"], lab.prefix + "nat-b", f"{WAN_PREFIX}.12"),
+    )
+    return Topology(rendezvous, RENDEZVOUS_IP, sites), a_hosts["stray"]

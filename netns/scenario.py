@@ -113,9 +113,16 @@ class PairRun:
         listener_prefix: list[str],
         connector_prefix: list[str],
         timeout: float = 30.0,
-        extra_args: tuple[str, ...] = (),
+        listener_args: tuple[str, ...] = (),
+        connector_args: tuple[str, ...] = (),
+        after_rendezvous: Callable[[PairRun, str], None] | None = None,
     ) -> tuple[PeerRun, PeerRun, str]:
         """Rendezvous, then ``bob`` listens, then ``alice`` connects; each sends one line.
+
+        Args:
+            listener_args, connector_args: more ``punch`` arguments for bob, alice.
+            after_rendezvous: called with this run and the rendezvous address
+                once the server is up (to start more processes).
 
         Returns:
             (alice's run, bob's run, the rendezvous address used).
@@ -127,18 +134,20 @@ class PairRun:
             self.workdir / "rendezvous.out", lambda t: t.endswith("\n"), server, "rendezvous"
         )
         address = address.strip()
-        common = ["--rendezvous", address, "--json", "--timeout", "10", *extra_args]
+        if after_rendezvous is not None:
+            after_rendezvous(self, address)
+        common = ["--rendezvous", address, "--json", "--timeout", "10"]
         bob = self.start(
             "bob",
             listener_prefix,
-            [*PUNCH, "listen", "--name", "bob", *common],
+            [*PUNCH, "listen", "--name", "bob", *common, *listener_args],
             b"hello from bob\n",
         )
         _wait_for(self.workdir / "bob.err", lambda t: '"registered"' in t, bob, "bob")
         alice = self.start(
             "alice",
             connector_prefix,
-            [*PUNCH, "connect", "bob", "--name", "alice", *common],
+            [*PUNCH, "connect", "bob", "--name", "alice", *common, *connector_args],
             b"hello from alice\n",
         )
         for process in (alice, bob):
@@ -164,8 +173,11 @@ def run_on_loopback() -> tuple[PeerRun, PeerRun, str]:
         pair.close()
 
 
-def run_in_lab(lab: Lab, topology: Topology) -> tuple[PeerRun, PeerRun]:
-    """The pair in the lab: rendezvous on the public host, bob behind site b, alice behind a."""
+def run_in_lab(lab: Lab, topology: Topology, **options: Any) -> tuple[PeerRun, PeerRun]:
+    """The pair in the lab: rendezvous on the public host, bob at site b, alice at site a.
+
+    ``options`` go to :meth:`PairRun.run` (``listener_args``, ``after_rendezvous``...).
+    """
     a, b = topology.sites
     pair = PairRun()
     try:
@@ -174,6 +186,7 @@ def run_in_lab(lab: Lab, topology: Topology) -> tuple[PeerRun, PeerRun]:
             rendezvous_listen=f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}",
             listener_prefix=lab.exec_prefix(b.peer_ns),
             connector_prefix=lab.exec_prefix(a.peer_ns),
+            **options,
         )
     finally:
         pair.close()
