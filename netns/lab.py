@@ -56,6 +56,8 @@ class Lab:
     prefix: str = attrs.field(factory=lambda: f"pn{os.getpid() % 10000}{secrets.token_hex(2)}-")
     namespaces: list[str] = attrs.field(factory=list)
     processes: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
+    wan_ports: dict[str, str] = attrs.field(factory=dict)
+    """namespace -> the name of its port on the WAN bridge (in the ``wan`` namespace)."""
     _previous_sigterm: object = None
 
     def __enter__(self) -> Lab:
@@ -128,6 +130,33 @@ class Lab:
     def address(self, ns: str, ifname: str, cidr: str) -> None:
         self.sh(ns, "ip", "addr", "add", cidr, "dev", ifname)
 
+    def loss(self, ns: str, percent: int) -> None:
+        """Drop ``percent`` % of the IP packets on ``ns``'s WAN link, both directions.
+
+        nft ``numgen random`` on the netdev ingress hook at each end of the link,
+        so the sender's NAT has already mapped a packet that the wire then loses.
+        ARP is spared: on the internet, neighbour resolution happens at the ISP's
+        edge, not end to end as on this lab's one flat WAN segment.
+        """
+        rule = f"meta protocol ip numgen random mod 100 < {percent} drop"
+        for where, device in ((ns, "wan0"), (self.prefix + "wan", self.wan_ports[ns])):
+            table = (
+                "table netdev punchloss {\n  chain ingress {\n"
+                f'    type filter hook ingress device "{device}" priority 0;\n    {rule}\n  }}\n}}\n'
+            )
+            self.sh(where, "nft", "-f", "-", stdin=table)
+
+    def block(self, ns: str, address: str) -> None:
+        """Drop everything ``ns`` would forward to ``address`` until :meth:`unblock`."""
+        table = (
+            "table ip punchblock {\n  chain forward {\n"
+            f"    type filter hook forward priority -10;\n    ip daddr {address} drop\n  }}\n}}\n"
+        )
+        self.sh(ns, "nft", "-f", "-", stdin=table)
+
+    def unblock(self, ns: str) -> None:
+        self.sh(ns, "nft", "delete", "table", "ip", "punchblock")
+
     def nat(self, ns: str, profile: str) -> None:
         """Make ``ns`` a router and load ``rulesets/<profile>.nft`` into it."""
         self.sh(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
@@ -178,6 +207,7 @@ def _wan(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
 
     def attach(ns: str, ip: str) -> None:
         port = f"p{next(ports)}"
+        lab.wan_ports[ns] = port
         lab.link(wan, port, ns, "wan0")
         lab.sh(wan, "ip", "link", "set", port, "master", "br0")
         lab.address(ns, "wan0", f"{ip}/24")

@@ -105,6 +105,32 @@ class PairRun:
             stderr,
         )
 
+    def start_rendezvous(self, prefix: list[str], listen: str) -> str:
+        """Start ``punch rendezvous`` and return the address it printed."""
+        server = self.start("rendezvous", prefix, [*PUNCH, "rendezvous", "--listen", listen])
+        path = self.workdir / "rendezvous.out"
+        return _wait_for(path, lambda t: t.endswith("\n"), server, "rendezvous").strip()
+
+    def start_peer(
+        self, name: str, prefix: list[str], command: list[str], address: str, *args: str
+    ) -> subprocess.Popen[bytes]:
+        """Start ``punch COMMAND --name NAME`` (JSON status) sending one line; for
+        ``listen``, return once it has registered."""
+        argv = [*PUNCH, *command, "--name", name, "--rendezvous", address, "--json", *args]
+        process = self.start(name, prefix, argv, f"hello from {name}\n".encode())
+        if command[0] == "listen":
+            _wait_for(self.workdir / f"{name}.err", lambda t: '"registered"' in t, process, name)
+        return process
+
+    def wait(self, name: str, process: subprocess.Popen[bytes], timeout: float) -> PeerRun:
+        """Wait for the process to exit by itself (else kill it) and collect its run."""
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        return self.result(name, process)
+
     def run(
         self,
         *,
@@ -120,6 +146,7 @@ class PairRun:
         """Rendezvous, then ``bob`` listens, then ``alice`` connects; each sends one line.
 
         Args:
+            timeout: seconds each peer gets to exit by itself before it is killed.
             listener_args, connector_args: more ``punch`` arguments for bob, alice.
             after_rendezvous: called with this run and the rendezvous address
                 once the server is up (to start more processes).
@@ -127,36 +154,14 @@ class PairRun:
         Returns:
             (alice's run, bob's run, the rendezvous address used).
         """
-        server = self.start(
-            "rendezvous", rendezvous_prefix, [*PUNCH, "rendezvous", "--listen", rendezvous_listen]
-        )
-        address = _wait_for(
-            self.workdir / "rendezvous.out", lambda t: t.endswith("\n"), server, "rendezvous"
-        )
-        address = address.strip()
+        address = self.start_rendezvous(rendezvous_prefix, rendezvous_listen)
         if after_rendezvous is not None:
             after_rendezvous(self, address)
-        common = ["--rendezvous", address, "--json", "--timeout", "10"]
-        bob = self.start(
-            "bob",
-            listener_prefix,
-            [*PUNCH, "listen", "--name", "bob", *common, *listener_args],
-            b"hello from bob\n",
+        bob = self.start_peer("bob", listener_prefix, ["listen"], address, *listener_args)
+        alice = self.start_peer(
+            "alice", connector_prefix, ["connect", "bob"], address, *connector_args
         )
-        _wait_for(self.workdir / "bob.err", lambda t: '"registered"' in t, bob, "bob")
-        alice = self.start(
-            "alice",
-            connector_prefix,
-            [*PUNCH, "connect", "bob", "--name", "alice", *common, *connector_args],
-            b"hello from alice\n",
-        )
-        for process in (alice, bob):
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        return self.result("alice", alice), self.result("bob", bob), address
+        return self.wait("alice", alice, timeout), self.wait("bob", bob, timeout), address
 
 
 def run_on_loopback() -> tuple[PeerRun, PeerRun, str]:
@@ -191,3 +196,36 @@ def run_in_lab(lab: Lab, topology: Topology, **options: Any) -> tuple[PeerRun, P
     finally:
         pair.close()
     return alice, bob
+
+
+def run_rendezvous_dies(lab: Lab, topology: Topology) -> tuple[PeerRun, PeerRun, PeerRun]:
+    """Introduce the peers, kill the rendezvous before they can connect, then connect again.
+
+    NAT a forwards nothing to site b until the server is dead, so both peers
+    hold their introduction but no path yet; then the path opens.
+
+    Returns:
+        (alice, bob, carol): carol's ``punch connect`` comes after the server died.
+    """
+    a, b = topology.sites
+    assert a.nat_ns is not None, "site a must be behind a NAT"
+    lab.block(a.nat_ns, b.public_ip)
+    pair = PairRun()
+    try:
+        listen = f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}"
+        address = pair.start_rendezvous(lab.exec_prefix(topology.rendezvous_ns), listen)
+        server = pair.processes[-1]
+        bob = pair.start_peer("bob", lab.exec_prefix(b.peer_ns), ["listen"], address, "-v")
+        alice = pair.start_peer(
+            "alice", lab.exec_prefix(a.peer_ns), ["connect", "bob"], address, "-v"
+        )
+        for name, process in (("alice", alice), ("bob", bob)):
+            _wait_for(pair.workdir / f"{name}.err", lambda t: "racing accept" in t, process, name)
+        server.kill()
+        server.wait(timeout=5)
+        lab.unblock(a.nat_ns)
+        alice_run, bob_run = pair.wait("alice", alice, 30), pair.wait("bob", bob, 30)
+        carol = pair.start_peer("carol", lab.exec_prefix(a.peer_ns), ["connect", "bob"], address)
+        return alice_run, bob_run, pair.wait("carol", carol, 15)
+    finally:
+        pair.close()

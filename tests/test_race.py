@@ -255,3 +255,28 @@ async def test_a_stranger_fails_the_handshake_and_the_race_goes_on() -> None:
         [kept] = result
         assert kept.socket.getpeername() == real_end
         await kept.aclose()
+
+
+async def test_a_handshake_cut_short_is_retried_but_a_failed_proof_is_not() -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    target = Endpoint.from_sockaddr(listener.socket.getsockname())
+    async with listener, race_side(LOOPBACK) as (local, router):
+        intro_i, intro_r = introductions((), (target,))
+        result: list[PeerStream] = []
+        async with trio.open_nursery() as nursery:
+
+            async def initiate() -> None:
+                result.append(await run_race(router, {"introduction": intro_i, "local": local}))
+
+            nursery.start_soon(initiate)
+            for _ in range(2):  # cut the first two connections before the handshake ends
+                cut = await listener.accept()
+                await cut.aclose()
+            async with await listener.accept() as stream:
+                peer = await play_peer(stream, intro_r, speak_first=False)
+                assert await peer.exactly(1) == NOMINATE
+                await peer.send(ACCEPT)
+                kept_end = stream.socket.getsockname()
+        [kept] = result  # the nursery waited for the race to return
+        assert kept.socket.getpeername() == kept_end
+        await kept.aclose()

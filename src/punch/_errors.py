@@ -59,6 +59,15 @@ class HandshakeError(PunchError, OSError):
     """
 
 
+class HandshakeInterrupted(HandshakeError):
+    """The connection closed or reset before the handshake finished.
+
+    Unlike a failed proof, this says nothing about who is at the other end
+    (loss, a NAT timing out, the peer's race closing a loser), so the race
+    dials that candidate again.
+    """
+
+
 class RendezvousError(PunchError, OSError):
     """The rendezvous server refused a request or could not be reached.
 

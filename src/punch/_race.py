@@ -18,7 +18,14 @@ import trio
 
 from . import _reuse
 from ._endpoint import Candidate, Endpoint, Role
-from ._errors import CandidateFailed, HandshakeError, PunchFailed, SelfDialError, _describe
+from ._errors import (
+    CandidateFailed,
+    HandshakeError,
+    HandshakeInterrupted,
+    PunchFailed,
+    SelfDialError,
+    _describe,
+)
 from ._handshake import ACCEPT, HELLO_SIZE, NOMINATE, PROOF_SIZE, Handshake, Hello, parse_hello
 from ._protocol import Introduction
 from ._stream import ExactReader, PeerStream, WonBy
@@ -29,6 +36,12 @@ DEFAULT_TIMEOUT = 10.0
 """Seconds a punch may take, introduction to nominated stream."""
 DEFAULT_PACING = 0.1
 """Seconds between the starts of two connect attempts to one candidate (10/s)."""
+# An attempt that gets no answer is left to the kernel's own SYN retransmissions
+# (RFC 6298: 1, 3, 7 s...) until the deadline, and never aborted and re-dialled:
+# a fresh socket has a fresh ISN, which a stateful NAT (Linux conntrack) that
+# still tracks the old one marks INVALID, while the peer's half-open connection
+# for the old ISN holds the 4-tuple (EADDRNOTAVAIL). Measured in the netns lab
+# under 20% loss; see the issue notes.
 MIN_PACING = 0.05
 """Pacing below 50 ms (20 attempts/s per candidate) is refused (RFC 8445 §14)."""
 HELLO_TIMEOUT = 5.0
@@ -280,7 +293,7 @@ class Race:
         return states
 
     async def _dial_loop(self, state: _CandidateState) -> None:
-        endpoint = state.candidate.endpoint
+        """Dial one candidate, paced, until the race ends or the candidate is ruled out."""
         next_start = trio.current_time()
         while not state.done:
             await trio.sleep_until(next_start)
@@ -288,34 +301,37 @@ class Race:
             state.attempts += 1
             state.in_flight = True
             log.debug("%s: attempt %d to %s", self._label, state.attempts, state.candidate)
-            try:
-                stream = await self.dial(self.local, endpoint, self.own)
-            except SelfDialError as exc:
-                state.in_flight, state.last, state.done = False, exc, True
-                log.info("%s: %s: %s", self._label, state.candidate, exc)
-                return
-            except OSError as exc:
-                state.in_flight, state.last = False, exc
-                log.debug(
-                    "%s: attempt %d to %s: %s",
-                    self._label,
-                    state.attempts,
-                    state.candidate,
-                    _describe(exc),
-                )
-                continue
+            stream = await self._attempt(state)
             state.in_flight = False
+            if stream is None:
+                continue
             self._streams.add(stream)
             log.info("%s: connected to %s from %s", self._label, state.candidate, self.local)
             try:
                 await self._authenticate(ExactReader(stream), WonBy.CONNECT, _peer(stream), None)
                 return
             except OSError as exc:
-                # A host that answers but cannot prove the secret (a stray host on an
-                # overlapping private subnet) will not prove it on a second try.
-                state.last, state.done = exc, True
                 self._drop(stream)
+                state.last = exc
+                # A host that answers but cannot prove the secret (a stray host on an
+                # overlapping private subnet) will not prove it on a second try; a
+                # connection that merely broke may work on the next.
+                state.done = isinstance(exc, HandshakeError) and not isinstance(
+                    exc, HandshakeInterrupted
+                )
                 log.info("%s: %s: handshake failed: %s", self._label, state.candidate, exc)
+
+    async def _attempt(self, state: _CandidateState) -> trio.SocketStream | None:
+        """One connect attempt; None if it failed (the reason goes in ``state``)."""
+        try:
+            return await self.dial(self.local, state.candidate.endpoint, self.own)
+        except SelfDialError as exc:
+            state.last, state.done = exc, True
+            log.info("%s: %s: %s", self._label, state.candidate, exc)
+        except OSError as exc:
+            state.last = exc
+            log.debug("%s: %s: %s", self._label, state.candidate, _describe(exc))
+        return None
 
     async def _accept_loop(self, nursery: trio.Nursery) -> None:
         async for inbound in self.inbound:

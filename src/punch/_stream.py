@@ -8,7 +8,7 @@ import attrs
 import trio
 
 from ._endpoint import Endpoint, Role
-from ._errors import HandshakeError
+from ._errors import HandshakeInterrupted
 
 _RECEIVE_SIZE = 65536
 
@@ -22,8 +22,8 @@ class WonBy(enum.Enum):
     """The peer's SYN reached our listener."""
 
 
-def _lost(exc: trio.BrokenResourceError) -> HandshakeError:
-    return HandshakeError(f"connection lost during the handshake: {exc.__cause__ or exc}")
+def _lost(exc: trio.BrokenResourceError) -> HandshakeInterrupted:
+    return HandshakeInterrupted(f"connection lost during the handshake: {exc.__cause__ or exc}")
 
 
 @attrs.define(eq=False)
@@ -41,7 +41,7 @@ class ExactReader:
         """Exactly ``size`` bytes.
 
         Raises:
-            HandshakeError: the peer closed or reset the connection first.
+            HandshakeInterrupted: the peer closed or reset the connection first.
         """
         while len(self.buffer) < size:
             try:
@@ -49,7 +49,7 @@ class ExactReader:
             except trio.BrokenResourceError as exc:
                 raise _lost(exc) from exc
             if not data:
-                raise HandshakeError("peer closed the connection during the handshake")
+                raise HandshakeInterrupted("peer closed the connection during the handshake")
             self.buffer += data
         out = bytes(self.buffer[:size])
         del self.buffer[:size]
@@ -59,7 +59,7 @@ class ExactReader:
         """Send ``data``.
 
         Raises:
-            HandshakeError: the connection broke.
+            HandshakeInterrupted: the connection broke.
         """
         try:
             await self.stream.send_all(data)

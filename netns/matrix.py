@@ -1,0 +1,377 @@
+"""The NAT behaviour matrix: which pairs punch directly, and which fail fast and clearly.
+
+``python -m netns.matrix [--trials N] [--cells NAME ...] [--json PATH] [--readme]``
+
+Every ordered pair of the per-site profiles (``public``, ``cone``, ``cone-rst``,
+``symmetric``; RFC 4787 behaviours, ``netns/rulesets/``), plus ``hairpin``
+(both peers on one LAN behind one NAT) and ``overlap`` (two LANs with one
+subnet, and a stray punch peer on A's LAN at the very ip:port B advertises).
+Each cell builds its own lab and runs the real ``punch`` commands ``N`` times.
+
+A direct path exists unless a symmetric NAT faces anything but a public host.
+Where one exists, every trial must connect, straight to the other side's NAT
+public address (its LAN address for hairpin), with data both ways. Where none
+exists, both peers must exit with "punch failed" within the deadline, the
+error naming each candidate. Every trial's connect attempts, from the peers'
+``-vv`` logs, must stay at or under :data:`MAX_ATTEMPTS_PER_SECOND` per
+candidate in any one-second window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from netns.lab import (
+    OVERLAP_PORT,
+    PROFILES,
+    Lab,
+    Topology,
+    build_hairpin,
+    build_overlap,
+    build_two_nats,
+)
+from netns.scenario import PUNCH, PairRun, PeerRun, _wait_for, run_in_lab, run_rendezvous_dies
+from punch._cli import EXIT_PUNCH_FAILED, EXIT_RENDEZVOUS
+
+DEADLINE = 10.0
+"""The punch deadline the peers run with (seconds), punch's default."""
+EXIT_MARGIN = 5.0
+"""Seconds beyond the deadline for process start-up and exit before a failure counts as a hang."""
+MAX_ATTEMPTS_PER_SECOND = 20
+README = Path(__file__).parent.parent / "README.md"
+BEGIN, END = "<!-- nat-matrix:begin -->", "<!-- nat-matrix:end -->"
+
+
+FAULTS = {
+    "loss": "20% loss on both WAN links",
+    "rendezvous-dies": "rendezvous killed after introduction",
+}
+
+
+@attrs.frozen
+class Cell:
+    """One row: peer A's site against peer B's site, optionally under a fault."""
+
+    a: str
+    b: str
+    fault: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.a == self.b and self.a in ("hairpin", "overlap"):
+            return self.a
+        return f"{self.a} x {self.b}" + (f", {FAULTS[self.fault]}" if self.fault else "")
+
+    @property
+    def direct(self) -> bool:
+        """Whether a direct TCP path can exist (RFC 5382 §5: EIM both sides, or one public)."""
+        return (self.a != "symmetric" or self.b == "public") and (
+            self.b != "symmetric" or self.a == "public"
+        )
+
+
+def cells() -> list[Cell]:
+    """Every ordered profile pair, hairpin, overlap, then cone x cone under each fault."""
+    special = [Cell("hairpin", "hairpin"), Cell("overlap", "overlap")]
+    faults = [Cell("cone", "cone", fault) for fault in FAULTS]
+    return [Cell(a, b) for a in PROFILES for b in PROFILES] + special + faults
+
+
+@attrs.frozen
+class Trial:
+    """One run of the real peers in a cell."""
+
+    ok: bool
+    problems: tuple[str, ...]
+    connected: bool
+    time_ms: float | None
+    won_by: str | None
+    seconds: float
+    attempts_per_second: int
+    stray_contacted: bool | None = None
+
+
+@attrs.frozen
+class CellResult:
+    cell: Cell
+    trials: tuple[Trial, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(t.ok for t in self.trials)
+
+    @property
+    def problems(self) -> list[str]:
+        return [
+            f"{self.cell.name} trial {i}: {p}"
+            for i, t in enumerate(self.trials)
+            for p in t.problems
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        times = [t.time_ms for t in self.trials if t.time_ms is not None]
+        failed_in = [t.seconds for t in self.trials if not t.connected]
+        return {
+            "cell": self.cell.name,
+            "expect": "direct" if self.cell.direct else "no direct path",
+            "trials": len(self.trials),
+            "connected": sum(t.connected for t in self.trials),
+            "as_expected": sum(t.ok for t in self.trials),
+            "median_ms": round(statistics.median(times), 1) if times else None,
+            "max_ms": round(max(times), 1) if times else None,
+            "won_by": dict(Counter(t.won_by for t in self.trials if t.won_by)),
+            "failed_within_s": round(max(failed_in), 1) if failed_in else None,
+            "max_attempts_per_second": max(t.attempts_per_second for t in self.trials),
+            "stray_contacted": sum(bool(t.stray_contacted) for t in self.trials)
+            if self.cell.a == "overlap"
+            else None,
+            "ok": self.ok,
+        }
+
+
+_ATTEMPT = re.compile(r"^(\S+ \S+) punch\.race DEBUG .*: attempt \d+ to (\S+ \S+)$")
+
+
+def max_attempts_per_second(*runs: PeerRun) -> int:
+    """The most connect attempts to one candidate in any one-second window (from -vv logs)."""
+    worst = 0
+    for run in runs:
+        times: dict[str, list[float]] = {}
+        for line in run.stderr.splitlines():
+            match = _ATTEMPT.match(line)
+            if match:
+                when = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                times.setdefault(match[2], []).append(when)
+        for stamps in times.values():
+            start = 0
+            for end, stamp in enumerate(stamps):
+                while stamp - stamps[start] >= 1.0:
+                    start += 1
+                worst = max(worst, end - start + 1)
+    return worst
+
+
+def _ip(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[0]
+
+
+def judge(cell: Cell, topology: Topology, alice: PeerRun, bob: PeerRun, seconds: float) -> Trial:
+    """Check one trial against its cell's expectation."""
+    problems: list[str] = []
+    site_a, site_b = topology.sites
+    connected_a, connected_b = alice.event("connected"), bob.event("connected")
+    registered_a, registered_b = alice.event("registered"), bob.event("registered")
+    attempts = max_attempts_per_second(alice, bob)
+    if attempts > MAX_ATTEMPTS_PER_SECOND:
+        problems.append(f"{attempts} attempts/s to one candidate (limit {MAX_ATTEMPTS_PER_SECOND})")
+    if cell.direct:
+        if (alice.returncode, bob.returncode) != (0, 0) or not (connected_a and connected_b):
+            error = alice.event("error") or bob.event("error") or {}
+            problems.append(
+                f"exit {alice.returncode}/{bob.returncode}: {error.get('error', 'no status')}"
+            )
+        else:
+            hairpin = cell.a == "hairpin"
+            for run, connected, registered, other in (
+                (alice, connected_a, registered_b, site_b),
+                (bob, connected_b, registered_a, site_a),
+            ):
+                expected_ip = other.peer_ip if hairpin else other.public_ip
+                if _ip(connected["remote"]) != expected_ip:
+                    problems.append(
+                        f"{run.name}'s stream goes to {connected['remote']}, not {expected_ip}"
+                    )
+                port_preserved = not hairpin and "symmetric" not in (cell.a, cell.b)
+                if port_preserved and registered and connected["remote"] != registered["observed"]:
+                    problems.append(
+                        f"{run.name}'s stream goes to {connected['remote']}, "
+                        f"not {registered['observed']}"
+                    )
+            if alice.received != b"hello from bob\n" or bob.received != b"hello from alice\n":
+                problems.append(f"data: alice got {alice.received!r}, bob got {bob.received!r}")
+    else:
+        if (alice.returncode, bob.returncode) != (EXIT_PUNCH_FAILED, EXIT_PUNCH_FAILED):
+            problems.append(
+                f"exit {alice.returncode}/{bob.returncode}, expected punch failed on both"
+            )
+        if seconds > DEADLINE + EXIT_MARGIN:
+            problems.append(f"took {seconds:.1f} s, deadline {DEADLINE:g} s")
+        error = (alice.event("error") or {}).get("error", "")
+        if registered_b:
+            for candidate in (registered_b["observed"], registered_b["host"]):
+                if candidate not in error:
+                    problems.append(f"alice's error does not name candidate {candidate}: {error!r}")
+    return Trial(
+        ok=not problems,
+        problems=tuple(problems),
+        connected=bool(connected_a and connected_b),
+        time_ms=connected_a["connect_time"] * 1000 if connected_a else None,
+        won_by=f"{connected_a['won_by']}/{connected_b['won_by']}"
+        if connected_a and connected_b
+        else None,
+        seconds=seconds,
+        attempts_per_second=attempts,
+    )
+
+
+def run_cell(cell: Cell, trials: int) -> CellResult:
+    """Build the cell's lab, run ``trials`` punches in it, and judge each."""
+    verbose = {"listener_args": ("-vv",), "connector_args": ("-vv",)}
+    results = []
+    with Lab() as lab:
+        stray: tuple[str, str] | None = None
+        if cell.a == "hairpin":
+            topology = build_hairpin(lab)
+        elif cell.a == "overlap":
+            topology, stray = build_overlap(lab)
+            b_local = f"{topology.sites[1].peer_ip}:{OVERLAP_PORT}"
+            verbose["listener_args"] = ("-vv", "--local", b_local)
+        else:
+            topology = build_two_nats(lab, cell.a, cell.b)
+        if cell.fault == "loss":
+            for site in topology.sites:
+                assert site.nat_ns is not None
+                lab.loss(site.nat_ns, 20)
+        strays: list[PairRun] = []
+
+        def start_stray(pair: PairRun, address: str) -> None:
+            assert stray is not None
+            ns, ip = stray
+            argv = [*PUNCH, "listen", "--name", "stray", "--rendezvous", address, "--json", "-v"]
+            process = pair.start(
+                "stray", lab.exec_prefix(ns), [*argv, "--local", f"{ip}:{OVERLAP_PORT}"]
+            )
+            _wait_for(pair.workdir / "stray.err", lambda t: '"registered"' in t, process, "stray")
+            strays.append(pair)
+
+        for _ in range(trials):
+            strays.clear()
+            options: dict[str, Any] = dict(verbose)
+            if stray is not None:
+                options["after_rendezvous"] = start_stray
+            start = time.monotonic()
+            if cell.fault == "rendezvous-dies":
+                alice, bob, carol = run_rendezvous_dies(lab, topology)
+                trial = judge(cell, topology, alice, bob, time.monotonic() - start)
+                trial = _judge_later_connect(trial, carol)
+            else:
+                alice, bob = run_in_lab(lab, topology, **options)
+                trial = judge(cell, topology, alice, bob, time.monotonic() - start)
+            if stray is not None:
+                trial = _judge_stray(trial, strays[0], alice)
+            results.append(trial)
+    return CellResult(cell, tuple(results))
+
+
+def _judge_later_connect(trial: Trial, carol: PeerRun) -> Trial:
+    """After the rendezvous died, a new connect must fail at once and say why."""
+    error = (carol.event("error") or {}).get("error", "")
+    problems = list(trial.problems)
+    if carol.returncode != EXIT_RENDEZVOUS or "unreachable" not in error:
+        problems.append(f"connect after the rendezvous died: exit {carol.returncode}, {error!r}")
+    return attrs.evolve(trial, ok=not problems, problems=tuple(problems))
+
+
+def _judge_stray(trial: Trial, pair: PairRun, alice: PeerRun) -> Trial:
+    """Overlap: the stray may be reached, but must never be the one kept."""
+    log = (pair.workdir / "stray.err").read_text(errors="replace")
+    contacted = "hello for no current attempt" in log
+    problems = list(trial.problems)
+    if '"connected"' in log:
+        problems.append("the stray host got a punched stream")
+    return attrs.evolve(trial, ok=not problems, problems=tuple(problems), stray_contacted=contacted)
+
+
+def table(results: list[CellResult]) -> str:
+    """A Markdown table of the summaries."""
+    rows = [
+        "| cell | expect | trials | as expected | median ms | max ms | won by (A/B) "
+        "| failed within | attempts/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        s = result.summary()
+        won = ", ".join(f"{k} x{v}" for k, v in sorted(s["won_by"].items())) or "-"
+        failed = f"{s['failed_within_s']} s" if s["failed_within_s"] is not None else "-"
+        rows.append(
+            f"| {s['cell']} | {s['expect']} | {s['trials']} | {s['as_expected']}/{s['trials']} "
+            f"| {s['median_ms'] if s['median_ms'] is not None else '-'} "
+            f"| {s['max_ms'] if s['max_ms'] is not None else '-'} | {won} | {failed} "
+            f"| {s['max_attempts_per_second']} |"
+        )
+    return "\n".join(rows)
+
+
+def update_readme(markdown: str, trials: int) -> None:
+    """Replace the README's NAT compatibility table with this run's."""
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        raise RuntimeError(f"README.md has no {BEGIN} ... {END} section")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    stamp = datetime.date.today().isoformat()
+    body = (
+        f"\n_Generated by `python -m netns.matrix --trials {trials} --readme` on {stamp}, "
+        f"{trials} trials per cell; times are the initiator's, from introduction to "
+        f"nominated stream._\n\n"
+        f"{markdown}\n"
+    )
+    README.write_text(head + BEGIN + body + END + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m netns.matrix", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--trials", type=int, default=10, help="trials per cell (default 10)")
+    parser.add_argument("--cells", nargs="*", help="only these cells, by name (e.g. 'cone x cone')")
+    parser.add_argument(
+        "--json", type=Path, default=Path("netns/matrix.json"), help="where to write the JSON"
+    )
+    parser.add_argument(
+        "--readme", action="store_true", help="update README.md's NAT compatibility table"
+    )
+    args = parser.parse_args(argv)
+    chosen = [c for c in cells() if not args.cells or c.name in args.cells]
+    results = []
+    for cell in chosen:
+        result = run_cell(cell, args.trials)
+        results.append(result)
+        s = result.summary()
+        print(
+            f"{cell.name:24} {s['as_expected']}/{s['trials']} as expected",
+            file=sys.stderr,
+            flush=True,
+        )
+    markdown = table(results)
+    print(markdown)
+    args.json.write_text(
+        json.dumps(
+            [
+                {**r.summary(), "trials_detail": [attrs.asdict(t) for t in r.trials]}
+                for r in results
+            ],
+            indent=2,
+        )
+    )
+    if args.readme:
+        update_readme(markdown, args.trials)
+    for result in results:
+        for problem in result.problems:
+            print(f"PROBLEM {problem}", file=sys.stderr)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
