@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint netns-deps clean
+.PHONY: demo test matrix lint netns-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP) netns-deps
 
 test: $(STAMP) netns-deps
 	$(PY) -m pytest
+
+# The full NAT behaviour matrix (10 trials a cell, as root, about 15 minutes):
+# prints the table, writes netns/matrix.json, and regenerates README.md's table.
+matrix: $(STAMP) netns-deps
+	$(PY) -m netns.matrix --trials 10 --readme
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests netns examples

@@ -140,19 +140,19 @@ class Lab:
         """
         rule = f"meta protocol ip numgen random mod 100 < {percent} drop"
         for where, device in ((ns, "wan0"), (self.prefix + "wan", self.wan_ports[ns])):
-            table = (
-                "table netdev punchloss {\n  chain ingress {\n"
-                f'    type filter hook ingress device "{device}" priority 0;\n    {rule}\n  }}\n}}\n'
-            )
-            self.sh(where, "nft", "-f", "-", stdin=table)
+            hook = f'type filter hook ingress device "{device}" priority 0'
+            self._table(where, "netdev punchloss", hook, rule)
 
     def block(self, ns: str, address: str) -> None:
         """Drop everything ``ns`` would forward to ``address`` until :meth:`unblock`."""
-        table = (
-            "table ip punchblock {\n  chain forward {\n"
-            f"    type filter hook forward priority -10;\n    ip daddr {address} drop\n  }}\n}}\n"
+        self._table(
+            ns, "ip punchblock", "type filter hook forward priority -10", f"ip daddr {address} drop"
         )
-        self.sh(ns, "nft", "-f", "-", stdin=table)
+
+    def _table(self, ns: str, table: str, hook: str, rule: str) -> None:
+        """Load an nft table of one chain with one rule into ``ns``."""
+        text = f"table {table} {{\n  chain c {{\n    {hook};\n    {rule}\n  }}\n}}\n"
+        self.sh(ns, "nft", "-f", "-", stdin=text)
 
     def unblock(self, ns: str) -> None:
         self.sh(ns, "nft", "delete", "table", "ip", "punchblock")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from netns.lab import Lab, build_two_nats, missing_requirements
-from netns.scenario import run_in_lab
+from netns.scenario import PairRun, run_in_lab
+
+from punch._cli import EXIT_UNKNOWN_PEER
 
 REASON = missing_requirements()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
@@ -73,3 +76,26 @@ def test_lab_is_torn_down_even_when_the_body_fails() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         fail_inside_the_lab()
     assert lab.prefix not in _namespaces()
+
+
+def test_an_unknown_peer_is_refused_at_once_in_the_lab() -> None:
+    with Lab() as lab:
+        topology = build_two_nats(lab)
+        pair = PairRun()
+        try:
+            address = pair.start_rendezvous(
+                lab.exec_prefix(topology.rendezvous_ns), f"{topology.rendezvous_ip}:7000"
+            )
+            start = time.monotonic()
+            process = pair.start_peer(
+                "alice", lab.exec_prefix(topology.sites[0].peer_ns), ["connect", "nobody"], address
+            )
+            alice = pair.wait("alice", process, 10)
+            elapsed = time.monotonic() - start
+        finally:
+            pair.close()
+    assert alice.returncode == EXIT_UNKNOWN_PEER
+    assert elapsed < 3.0  # process start-up included; no punch is attempted
+    error = alice.event("error")
+    assert error is not None
+    assert "unknown-peer" in error["error"]
