@@ -41,13 +41,15 @@ DEFAULT_PACING = 0.1
 # a fresh socket has a fresh ISN, which a stateful NAT (Linux conntrack) that
 # still tracks the old one marks INVALID, while the peer's half-open connection
 # for the old ISN holds the 4-tuple (EADDRNOTAVAIL). Measured in the netns lab
-# under 20% loss; see the issue notes.
+# under 20% loss; see README.md, "NAT compatibility".
 MIN_PACING = 0.05
 """Pacing below 50 ms (20 attempts/s per candidate) is refused (RFC 8445 §14)."""
 HELLO_TIMEOUT = 5.0
 """Seconds an accepted connection gets to send its Hello before it is dropped."""
 MAX_PENDING_HELLOS = 64
 """Accepted connections awaiting their Hello at once; more are dropped at once."""
+MAX_REPORTED_INBOUND = 8
+"""Failed inbound streams kept for :class:`PunchFailed`'s cause; the rest are only logged."""
 _ROUTE_BUFFER = 8
 
 DialFn = Callable[[Endpoint, Endpoint, Iterable[Endpoint]], Awaitable[trio.SocketStream]]
@@ -346,7 +348,8 @@ class Race:
             self._drop(inbound.reader.stream)
             failure = HandshakeError(f"inbound from {inbound.remote}: {exc}")
             failure.__cause__ = exc
-            self._inbound_errors.append(failure)
+            if len(self._inbound_errors) < MAX_REPORTED_INBOUND:
+                self._inbound_errors.append(failure)
             log.info("%s: %s", self._label, failure)
 
     def _drop(self, stream: trio.SocketStream) -> None:
