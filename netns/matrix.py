@@ -61,6 +61,9 @@ MEASURED_ONLY = {"loss"}
 """Faults whose rows are measured and reported, not asserted: at 20% loss the kernel's
 SYN retransmissions (1, 3, 7 s) leave the punch short of 10/10 within 10 s (see the
 README); asserting a row that passes by chance would make CI flaky."""
+MEASURED_ONLY_PAIRS = {("cone-rst", "cone-rst")}
+"""Measured, not asserted: both SYNs must leave within about a millisecond of
+each other, and about 1 trial in 16 runs out of its 10 s (see the README)."""
 
 
 @attrs.frozen
@@ -80,7 +83,7 @@ class Cell:
     @property
     def asserted(self) -> bool:
         """Whether this row must meet its expectation (else it is measured only)."""
-        return self.fault not in MEASURED_ONLY
+        return self.fault not in MEASURED_ONLY and (self.a, self.b) not in MEASURED_ONLY_PAIRS
 
     @property
     def direct(self) -> bool:

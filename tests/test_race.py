@@ -280,3 +280,41 @@ async def test_a_handshake_cut_short_is_retried_but_a_failed_proof_is_not() -> N
         [kept] = result  # the nursery waited for the race to return
         assert kept.socket.getpeername() == kept_end
         await kept.aclose()
+
+
+async def test_a_silent_attempt_after_a_refusal_is_dialled_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    remote = Endpoint("192.0.2.3", 3)
+    starts: list[float] = []
+    script = iter(["refuse", "hang", "refuse", "hang"])
+
+    async def dial(local: Endpoint, remote: Endpoint, own: object) -> trio.SocketStream:
+        starts.append(trio.current_time())
+        if next(script, "hang") == "refuse":
+            raise ConnectionRefusedError(111, "Connection refused")
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    intro, _ = introductions((), (remote,))
+    _, inbound = trio.open_memory_channel(0)
+    start = trio.current_time()
+    with pytest.raises(PunchFailed):
+        await Race(intro, LOOPBACK, inbound, timeout=5.0, pacing=0.1, dial=dial).run()
+    # refused at 0; silent from 0.1, given up at 1.1 and dialled again at once,
+    # refused; silent from 1.2, given up at 2.2; silent again from 2.2 to the
+    # deadline, for a silence that follows a silence is left to the kernel
+    assert [t - start for t in starts] == pytest.approx([0.0, 0.1, 1.1, 1.2, 2.2])
+
+
+async def test_a_silent_first_attempt_is_left_to_the_kernel(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    silent = Endpoint("192.0.2.2", 2)
+    attempts: dict[Endpoint, list[float]] = {}
+    intro, _ = introductions((), (silent,))
+    _, inbound = trio.open_memory_channel(0)
+    race = Race(intro, LOOPBACK, inbound, timeout=5.0, dial=_fake_dial({silent: None}, attempts))
+    with pytest.raises(PunchFailed):
+        await race.run()
+    assert len(attempts[silent]) == 1  # never aborted: its SYN retransmits keep one ISN
