@@ -55,7 +55,6 @@ class Lab:
 
     prefix: str = attrs.field(factory=lambda: f"pn{os.getpid() % 10000}{secrets.token_hex(2)}-")
     namespaces: list[str] = attrs.field(factory=list)
-    processes: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
     wan_ports: dict[str, str] = attrs.field(factory=dict)
     """namespace -> the name of its port on the WAN bridge (in the ``wan`` namespace)."""
     _previous_sigterm: object = None
@@ -75,10 +74,6 @@ class Lab:
 
     def close(self) -> None:
         """Kill what runs in the namespaces and delete them; never raises."""
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=5)
         for ns in reversed(self.namespaces):
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
             for pid in pids.stdout.split():

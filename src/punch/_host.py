@@ -58,7 +58,6 @@ class Host:
     pacing: float
     _channel: ControlChannel
     _router: InboundRouter
-    _nursery: trio.Nursery
     _requests: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _waiters: dict[int, trio.MemorySendChannel[_Reply]] = attrs.field(factory=dict, init=False)
     _closed: RendezvousError | None = attrs.field(default=None, init=False)
@@ -319,7 +318,6 @@ async def open_host(
                         pacing,
                         channel,
                         router,
-                        nursery,
                     )
                     await nursery.start(router.serve, listener)
                     nursery.start_soon(host._run_control)

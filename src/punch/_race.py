@@ -96,11 +96,6 @@ class InboundRouter:
     ] = attrs.field(factory=dict, init=False)
     _pending_hellos: int = attrs.field(default=0, init=False)
 
-    @property
-    def active(self) -> int:
-        """Number of attempts currently routed."""
-        return len(self._routes)
-
     def open_route(self, attempt_id: bytes) -> trio.MemoryReceiveChannel[Inbound]:
         """Start routing connections whose Hello names ``attempt_id``.
 
