@@ -1,7 +1,10 @@
 """Send a file over a punched connection, with its SHA-256 checked on arrival.
 
-The wire: one JSON line ``{"name", "size", "sha256"}``, then ``size`` bytes;
-the receiver answers ``ok`` or ``bad`` on a line of its own.
+These are the library calls behind ``punch send`` / ``punch receive``:
+:func:`punch.transfer.send_file` announces name, size and SHA-256, waits for
+the receiver's go-ahead, sends the bytes and waits for its verdict;
+:func:`punch.transfer.receive_file` saves the file under its name only once
+size and digest match.
 
 Run it all in one process (a 4 MiB random file, loopback rendezvous)::
 
@@ -16,8 +19,6 @@ or across machines, against a running ``punch-rendezvous``::
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import tempfile
 import time
@@ -26,57 +27,7 @@ from pathlib import Path
 import trio
 
 import punch
-
-CHUNK = 65536
-
-
-async def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    async with await trio.open_file(path, "rb") as file:
-        while chunk := await file.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-async def send_file(stream: punch.PeerStream, path: Path) -> None:
-    """Send ``path``; raise ``ValueError`` if the receiver reports a bad checksum."""
-    size = (await trio.Path(path).stat()).st_size
-    header = {"name": path.name, "size": size, "sha256": await _sha256(path)}
-    await stream.send_all(json.dumps(header).encode() + b"\n")
-    async with await trio.open_file(path, "rb") as file:
-        while chunk := await file.read(CHUNK):
-            await stream.send_all(chunk)
-    await stream.send_eof()
-    answer = await stream.receive_some()
-    if answer != b"ok\n":
-        raise ValueError(f"receiver answered {answer!r}")
-
-
-async def receive_file(stream: punch.PeerStream, directory: Path) -> Path:
-    """Receive one file into ``directory``; it must not exist yet. Returns its path."""
-    buffer = b""
-    while b"\n" not in buffer:
-        data = await stream.receive_some()
-        if not data:
-            raise ValueError("sender closed before the header")
-        buffer += data
-    line, body = buffer.split(b"\n", 1)
-    header = json.loads(line)
-    target = directory / Path(header["name"]).name  # never outside `directory`
-    digest, received = hashlib.sha256(), 0
-    async with await trio.open_file(target, "xb") as file:
-        while True:
-            await file.write(body)
-            digest.update(body)
-            received += len(body)
-            if not (body := await stream.receive_some(CHUNK)):
-                break
-    good = received == header["size"] and digest.hexdigest() == header["sha256"]
-    await stream.send_all(b"ok\n" if good else b"bad\n")
-    if not good:
-        await trio.Path(target).unlink()
-        raise ValueError(f"{header['name']}: size or SHA-256 does not match")
-    return target
+from punch.transfer import receive_file, send_file
 
 
 async def demo() -> None:

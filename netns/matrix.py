@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import statistics
 import sys
 import time
@@ -154,19 +153,14 @@ class CellResult:
         }
 
 
-_ATTEMPT = re.compile(r"^(\S+ \S+) punch\.race DEBUG .*: attempt \d+ to (\S+ \S+)$")
-
-
 def max_attempts_per_second(*runs: PeerRun) -> int:
-    """The most connect attempts to one candidate in any one-second window (from -vv logs)."""
+    """The most connect attempts to one candidate in any one-second window (``-vv --json``)."""
     worst = 0
     for run in runs:
         times: dict[str, list[float]] = {}
-        for line in run.stderr.splitlines():
-            match = _ATTEMPT.match(line)
-            if match:
-                when = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-                times.setdefault(match[2], []).append(when)
+        for event in run.events:
+            if event.get("event") == "log" and "attempt" in event and "outcome" not in event:
+                times.setdefault(event["candidate"], []).append(event["time"])
         for stamps in times.values():
             start = 0
             for end, stamp in enumerate(stamps):

@@ -91,6 +91,8 @@ class PairRun:
 
     def close(self) -> None:
         for process in self.processes:
+            if process.stdin is not None:
+                process.stdin.close()
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=5)
@@ -114,11 +116,11 @@ class PairRun:
     def start_peer(
         self, name: str, prefix: list[str], command: list[str], address: str, *args: str
     ) -> subprocess.Popen[bytes]:
-        """Start ``punch COMMAND --name NAME`` (JSON status) sending one line; for
-        ``listen``, return once it has registered."""
+        """Start ``punch COMMAND --name NAME`` (JSON status) with one line on stdin; for
+        ``listen`` and ``receive``, return once it has registered."""
         argv = [*PUNCH, *command, "--name", name, "--rendezvous", address, "--json", *args]
         process = self.start(name, prefix, argv, f"hello from {name}\n".encode())
-        if command[0] == "listen":
+        if command[0] in ("listen", "receive"):
             _wait_for(self.workdir / f"{name}.err", lambda t: '"registered"' in t, process, name)
         return process
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import json
+import subprocess
+from pathlib import Path
+
 import pytest
 from netns.scenario import PUNCH, PairRun, _wait_for, run_on_loopback
 
-from punch import _cli
+from punch import CandidateFailed, Endpoint, HandshakeError, HandshakeInterrupted, PunchFailed, _cli
+from punch._commands import Progress, Reporter
+from punch.transfer import FileHeader
 
 
 def test_listen_and_connect_pipe_both_ways_on_loopback() -> None:
@@ -21,14 +28,36 @@ def test_listen_and_connect_pipe_both_ways_on_loopback() -> None:
 
 
 @pytest.fixture
-def rendezvous_process() -> str:  # type: ignore[misc]
-    pair = PairRun()
-    server = pair.start("rendezvous", [], [*PUNCH, "rendezvous", "--listen", "127.0.0.1:0"])
-    address = _wait_for(
-        pair.workdir / "rendezvous.out", lambda t: t.endswith("\n"), server, "rendezvous"
+def pair():  # type: ignore[no-untyped-def]
+    run = PairRun()
+    yield run
+    run.close()
+
+
+@pytest.fixture
+def rendezvous_process(pair: PairRun) -> str:
+    return pair.start_rendezvous([], "127.0.0.1:0")
+
+
+def test_json_with_vv_gives_every_step_as_json(pair: PairRun) -> None:
+    alice, bob, _ = pair.run(
+        rendezvous_prefix=[],
+        rendezvous_listen="127.0.0.1:0",
+        listener_prefix=[],
+        connector_prefix=[],
+        connector_args=("-vv",),
     )
-    yield address.strip()
-    pair.close()
+    assert (alice.returncode, bob.returncode) == (0, 0), (alice.stderr, bob.stderr)
+    assert all(line.startswith("{") for line in alice.stderr.splitlines())
+    logs = [e for e in alice.events if e["event"] == "log"]
+    messages = " | ".join(e["message"] for e in logs)
+    assert "introduced to 'bob' as initiator; its candidates: srflx" in messages
+    assert "racing accept" in messages
+    assert "nominated" in messages
+    attempts = [e for e in logs if "attempt" in e]
+    assert attempts
+    assert {e["level"] for e in attempts} <= {"debug", "info"}
+    assert all(e["candidate"].startswith(("srflx ", "host ")) for e in attempts)
 
 
 def test_unknown_peer_exit_code_and_one_line(
@@ -50,7 +79,13 @@ def test_unreachable_rendezvous_exit_code(capsys: pytest.CaptureFixture[str]) ->
     "argv",
     [
         ["connect", "--name", "alice", "--rendezvous", "127.0.0.1:7000"],  # no PEER
-        ["listen", "--name", "alice", "--rendezvous", "localhost:7000"],  # not an IP
+        ["listen", "--name", "alice", "--rendezvous", "::1:7000"],  # no brackets
+        ["listen", "--name", "alice", "--rendezvous", "127.0.0.1:7000", "--ipv6"],
+        ["listen", "--name", "a", "--rendezvous", "127.0.0.1:7000", "--local", "[::1]:0"],
+        ["send", "/nonexistent/file", "--to", "bob", "--rendezvous", "127.0.0.1:7000"],
+        ["send", "/", "--to", "bob", "--rendezvous", "127.0.0.1:7000"],  # not a file
+        ["receive", "--name", "bob", "--rendezvous", "127.0.0.1:7000", "--out", "/nonexistent"],
+        ["chat", "--name", "bob", "--rendezvous", "127.0.0.1:7000"],  # no PEER
         ["listen", "--name", "alice", "--rendezvous", "127.0.0.1:7000", "--timeout", "0"],
     ],
 )
@@ -60,14 +95,165 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
     assert info.value.code == _cli.EXIT_USAGE
 
 
-def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["listen", "connect", "send", "receive", "chat"])
+def test_help_documents_options_and_exit_codes(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit):
-        _cli.main(["connect", "--help"])
+        _cli.main([command, "--help"])
     out = capsys.readouterr().out
+    for option in ("--name", "--rendezvous", "--local", "--ipv6", "--timeout", "--json", "-v"):
+        assert option in out
     for code in (
+        _cli.EXIT_USAGE,
         _cli.EXIT_RENDEZVOUS,
         _cli.EXIT_UNKNOWN_PEER,
         _cli.EXIT_PUNCH_FAILED,
         _cli.EXIT_REUSE,
+        _cli.EXIT_HANDSHAKE,
+        _cli.EXIT_TRANSFER,
     ):
         assert f"  {code}  " in out
+
+
+def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("listen", "connect", "send", "receive", "chat", "rendezvous"):
+        assert f"    {command} " in out
+
+
+def _punch_failed(*lasts: OSError) -> PunchFailed:
+    failures = [CandidateFailed(f"srflx 192.0.2.{i}:5000", 3, last) for i, last in enumerate(lasts)]
+    error = PunchFailed("punch to 'bob' failed")
+    error.__cause__ = ExceptionGroup("every path failed", failures)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("lasts", "code"),
+    [
+        ((TimeoutError("no answer"),), _cli.EXIT_PUNCH_FAILED),
+        ((HandshakeInterrupted("reset"), ConnectionRefusedError()), _cli.EXIT_PUNCH_FAILED),
+        ((TimeoutError("no answer"), HandshakeError("wrong proof")), _cli.EXIT_HANDSHAKE),
+    ],
+)
+def test_a_failed_proof_has_its_own_exit_code(lasts: tuple[OSError, ...], code: int) -> None:
+    assert _cli._failure(_punch_failed(*lasts))[0] == code
+
+
+def test_an_inbound_failed_proof_counts_too() -> None:
+    error = PunchFailed("punch to 'bob' failed")
+    error.__cause__ = ExceptionGroup("x", [HandshakeError("inbound from 192.0.2.1:5: bad proof")])
+    assert _cli._failure(error)[0] == _cli.EXIT_HANDSHAKE
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere() -> None:
+    header = FileHeader("f.bin", 1000, "0" * 64)
+    terminal, log = _Terminal(), io.StringIO()
+    bar = Progress(Reporter(False, log), "sent", terminal)
+    plain = Progress(Reporter(False, log), "sent", io.StringIO())
+    for done in range(0, 1001, 50):
+        bar(header, done)
+        plain(header, done)
+    bar.close()
+    assert "sent f.bin: 100%" in terminal.getvalue()  # tqdm's bar, with rate
+    assert "B/s" in terminal.getvalue()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 10  # one per 10%, not one per chunk
+    assert lines[-1].startswith("punch: sent 0.0 MiB of 0.0 MiB (100%)")
+    assert "ETA" in lines[0]
+
+
+def _transfer(pair: PairRun, address: str, inbox: Path, source: Path, *extra: str) -> tuple:
+    bob = pair.start_peer("bob", [], ["receive", "--out", str(inbox), *extra], address)
+    alice = pair.start_peer("alice", [], ["send", str(source), "--to", "bob"], address)
+    return pair.wait("alice", alice, 30), pair.wait("bob", bob, 30)
+
+
+def test_send_and_receive_verify_the_file(
+    pair: PairRun, rendezvous_process: str, tmp_path: Path
+) -> None:
+    source, inbox = tmp_path / "notes.txt", tmp_path / "inbox"
+    source.write_bytes(b"line\n" * 100_000)
+    inbox.mkdir()
+    alice, bob = _transfer(pair, rendezvous_process, inbox, source)
+    assert (alice.returncode, bob.returncode) == (0, 0), (alice.stderr, bob.stderr)
+    assert (inbox / "notes.txt").read_bytes() == source.read_bytes()
+    saved = bob.event("verified")
+    assert saved
+    assert saved["path"] == str(inbox / "notes.txt")
+    assert [e["done"] for e in alice.events if e["event"] == "progress"][-1] == 500_000
+
+
+def test_receive_refuses_to_overwrite_without_force(
+    pair: PairRun, rendezvous_process: str, tmp_path: Path
+) -> None:
+    source, inbox = tmp_path / "notes.txt", tmp_path / "inbox"
+    source.write_bytes(b"new")
+    inbox.mkdir()
+    (inbox / "notes.txt").write_bytes(b"old")
+    alice, bob = _transfer(pair, rendezvous_process, inbox, source)
+    assert (alice.returncode, bob.returncode) == (_cli.EXIT_TRANSFER, _cli.EXIT_TRANSFER)
+    error = alice.event("error")
+    assert error
+    assert "refused: notes.txt already exists at the receiver" in error["error"]
+    assert (inbox / "notes.txt").read_bytes() == b"old"
+    alice, bob = _transfer(pair, rendezvous_process, inbox, source, "--force")
+    assert (alice.returncode, bob.returncode) == (0, 0), (alice.stderr, bob.stderr)
+    assert (inbox / "notes.txt").read_bytes() == b"new"
+
+
+def _chatter(pair: PairRun, name: str, peer: str, address: str) -> subprocess.Popen[bytes]:
+    argv = [*PUNCH, "chat", peer, "--name", name, "--rendezvous", address, "--ipv6"]
+    out = (pair.workdir / f"{name}.out").open("wb")
+    err = (pair.workdir / f"{name}.err").open("wb")
+    with out, err:
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=err)
+    pair.processes.append(process)
+    return process
+
+
+def test_chat_over_ipv6_both_ways_until_one_side_quits(pair: PairRun) -> None:
+    address = pair.start_rendezvous([], "[::1]:0")
+    # alice sorts first, so she asks for bob, and asks again until he registers
+    alice = _chatter(pair, "alice", "bob", address)
+    _wait_for(pair.workdir / "alice.err", lambda t: "waiting for 'bob'" in t, alice, "alice")
+    bob = _chatter(pair, "bob", "alice", address)
+    assert alice.stdin is not None
+    assert bob.stdin is not None
+    alice.stdin.write(b"hi bob\n")
+    alice.stdin.flush()
+    bob.stdin.write(b"hi alice\n")
+    bob.stdin.flush()
+    _wait_for(pair.workdir / "bob.out", lambda t: "alice> hi bob\n" in t, bob, "bob")
+    _wait_for(pair.workdir / "alice.out", lambda t: "bob> hi alice\n" in t, alice, "alice")
+    alice.stdin.close()  # alice quits; bob's chat ends too
+    assert alice.wait(timeout=10) == 0
+    assert bob.wait(timeout=10) == 0
+    assert "'alice' left the chat" in (pair.workdir / "bob.err").read_text()
+    assert "connected to 'bob' (initiator" in (pair.workdir / "alice.err").read_text()
+    assert "[::1]:" in (pair.workdir / "alice.err").read_text()
+
+
+def test_a_chat_peer_that_never_turns_up_is_unknown(
+    rendezvous_process: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["chat", "zed", "--name", "amy", "--rendezvous", rendezvous_process, "--wait", "1"]
+    assert _cli.main(argv) == _cli.EXIT_UNKNOWN_PEER
+    assert "'zed' did not turn up within 1 s" in capsys.readouterr().err
+
+
+def test_rendezvous_may_be_a_dns_name(rendezvous_process: str) -> None:
+    port = Endpoint.parse(rendezvous_process).port
+    argv = [*PUNCH, "connect", "nobody", "--rendezvous", f"localhost:{port}", "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == _cli.EXIT_UNKNOWN_PEER
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    assert events[0]["rendezvous"] == f"127.0.0.1:{port}"

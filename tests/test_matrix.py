@@ -33,21 +33,19 @@ def test_the_matrix_covers_every_ordered_pair_and_the_special_cells() -> None:
     assert {"hairpin", "overlap", "cone-rst x symmetric", "symmetric x cone-rst"} <= set(names)
 
 
-def _run_with_attempts(times: list[str]) -> PeerRun:
-    lines = [
-        f"2026-11-22 03:00:{t} punch.race DEBUG punch 1a2b3c4d (initiator) to 'bob': "
-        f"attempt {i} to srflx 203.0.113.12:4000"
-        for i, t in enumerate(times, 1)
-    ]
-    return PeerRun("alice", 0, b"", (), "\n".join(lines))
+def _run_with_attempts(times: list[float]) -> PeerRun:
+    """A run whose ``-vv --json`` log started an attempt at each of ``times``, and failed it."""
+    events = []
+    for i, t in enumerate(times, 1):
+        fields = {"event": "log", "time": t, "candidate": "srflx 203.0.113.12:4000", "attempt": i}
+        events += [fields, {**fields, "outcome": "ConnectionRefusedError: refused"}]
+    return PeerRun("alice", 0, b"", tuple(events), "")
 
 
 def test_attempts_are_counted_per_candidate_in_a_sliding_second() -> None:
-    paced = _run_with_attempts(
-        [f"{s:02d},{ms:03d}" for s in range(3) for ms in range(0, 1000, 100)]
-    )
-    assert max_attempts_per_second(paced) == 10
-    burst = _run_with_attempts(["00,000", "00,010", "00,020", "00,990", "02,000"])
+    paced = _run_with_attempts([s + i / 8 for s in range(3) for i in range(8)])  # exact floats
+    assert max_attempts_per_second(paced) == 8
+    burst = _run_with_attempts([0.0, 0.25, 0.5, 0.875, 2.0])
     assert max_attempts_per_second(burst) == 4
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from netns.lab import Lab, build_two_nats, missing_requirements
@@ -99,3 +102,50 @@ def test_an_unknown_peer_is_refused_at_once_in_the_lab() -> None:
     error = alice.event("error")
     assert error is not None
     assert "unknown-peer" in error["error"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_punch_send_moves_100_mib_through_two_nats(tmp_path: Path) -> None:
+    source, inbox = tmp_path / "payload.bin", tmp_path / "inbox"
+    inbox.mkdir()
+    with source.open("wb") as file:
+        for _ in range(100):
+            file.write(os.urandom(1 << 20))
+    with Lab() as lab:
+        topology = build_two_nats(lab)
+        a, b = topology.sites
+        pair = PairRun()
+        try:
+            address = pair.start_rendezvous(
+                lab.exec_prefix(topology.rendezvous_ns), f"{topology.rendezvous_ip}:7000"
+            )
+            bob = pair.start_peer(
+                "bob", lab.exec_prefix(b.peer_ns), ["receive", "--out", str(inbox)], address
+            )
+            alice = pair.start_peer(
+                "alice", lab.exec_prefix(a.peer_ns), ["send", str(source), "--to", "bob"], address
+            )
+            alice_run, bob_run = pair.wait("alice", alice, 120), pair.wait("bob", bob, 30)
+        finally:
+            pair.close()
+    assert (alice_run.returncode, bob_run.returncode) == (0, 0), (alice_run.stderr, bob_run.stderr)
+    assert _sha256(inbox / "payload.bin") == _sha256(source)
+    connected, registered_b = alice_run.event("connected"), bob_run.event("registered")
+    assert connected
+    assert registered_b
+    assert connected["remote"] == registered_b["observed"]  # direct, through NAT b
+    for run in (alice_run, bob_run):
+        progress = [e["done"] for e in run.events if e["event"] == "progress"]
+        assert len(progress) >= 10
+        assert progress == sorted(progress)
+        assert progress[-1] == 100 << 20
+    verified = alice_run.event("verified")
+    assert verified
+    assert verified["sha256"] == _sha256(source)

@@ -16,6 +16,7 @@ from ._endpoint import Endpoint as Endpoint
 from ._endpoint import Role as Role
 from ._errors import CandidateFailed as CandidateFailed
 from ._errors import HandshakeError as HandshakeError
+from ._errors import HandshakeInterrupted as HandshakeInterrupted
 from ._errors import LocalProtocolError as LocalProtocolError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import PunchError as PunchError
@@ -40,6 +41,7 @@ __all__ = [
     "CandidateType",
     "Endpoint",
     "HandshakeError",
+    "HandshakeInterrupted",
     "Host",
     "LocalProtocolError",
     "PeerStream",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import attrs
@@ -221,12 +221,20 @@ class Host:
             # Open the route now, in the reader, before any inbound Hello for this
             # attempt can be read; the race that consumes it closes it.
             if message.request_id is None:
-                log.info("introduced to %r as responder", message.peer_name)
+                log.info(
+                    "introduced to %r as responder; its candidates: %s",
+                    message.peer_name,
+                    _listed(message.candidates),
+                )
                 self._router.open_route(message.attempt_id)
                 responders.start_soon(self._respond, message)
                 return
             if message.request_id in self._waiters:
-                log.info("introduced to %r as initiator", message.peer_name)
+                log.info(
+                    "introduced to %r as initiator; its candidates: %s",
+                    message.peer_name,
+                    _listed(message.candidates),
+                )
                 if self._reply(message.request_id, message):
                     self._router.open_route(message.attempt_id)
                 return
@@ -236,6 +244,10 @@ class Host:
             log.warning("rendezvous error: %s: %s", message.code, message.text)
         else:
             log.info("ignoring a reply nobody waits for: %r", message)
+
+
+def _listed(candidates: Iterable[object]) -> str:
+    return ", ".join(str(c) for c in candidates) or "none"
 
 
 def _check_timeout(timeout: float) -> float:

@@ -169,6 +169,11 @@ class InboundRouter:
                 _reuse.abort(stream.socket)
 
 
+def _kind(error: BaseException | None) -> tuple[type[BaseException] | None, int | None]:
+    """What counts as "the same outcome" for two attempts: class and errno."""
+    return (type(error) if error is not None else None, getattr(error, "errno", None))
+
+
 @attrs.define
 class _CandidateState:
     candidate: Candidate
@@ -279,7 +284,14 @@ class Race:
     def _usable_candidates(self) -> list[_CandidateState]:
         states: list[_CandidateState] = []
         self_dials: list[SelfDialError] = []
-        for candidate in dict.fromkeys(self.introduction.candidates):  # dedupe, keep order
+        seen: set[Endpoint] = set()
+        for candidate in self.introduction.candidates:
+            if candidate.endpoint in seen:  # RFC 8445 §5.1.3: one check per transport address
+                log.info(
+                    "%s: skip %s: same endpoint as an earlier candidate", self._label, candidate
+                )
+                continue
+            seen.add(candidate.endpoint)
             if candidate.endpoint.family != self.local.family:
                 log.info(
                     "%s: skip %s: not %s like our port",
@@ -310,7 +322,13 @@ class Race:
             next_start = trio.current_time() + self.pacing
             state.attempts += 1
             state.in_flight = True
-            log.debug("%s: attempt %d to %s", self._label, state.attempts, state.candidate)
+            log.debug(
+                "%s: attempt %d to %s",
+                self._label,
+                state.attempts,
+                state.candidate,
+                extra={"fields": {"candidate": str(state.candidate), "attempt": state.attempts}},
+            )
             stream = await self._attempt(state)
             state.in_flight = False
             if stream is None:
@@ -338,15 +356,38 @@ class Race:
             try:
                 return await self.dial(self.local, state.candidate.endpoint, self.own)
             except SelfDialError as exc:
-                state.last, state.done = exc, True
-                log.info("%s: %s: %s", self._label, state.candidate, exc)
+                state.done = True
+                self._failed_attempt(state, exc)
             except OSError as exc:
-                state.last = exc
-                log.debug("%s: %s: %s", self._label, state.candidate, _describe(exc))
+                self._failed_attempt(state, exc)
             return None
-        state.last = TimeoutError(f"no answer within {STUCK_AFTER_REFUSAL:g} s after a refusal")
-        log.debug("%s: %s: %s", self._label, state.candidate, state.last)
+        stuck = TimeoutError(f"no answer within {STUCK_AFTER_REFUSAL:g} s after a refusal")
+        self._failed_attempt(state, stuck)
         return None
+
+    def _failed_attempt(self, state: _CandidateState, error: OSError) -> None:
+        """Record why an attempt failed: at INFO when the outcome changed, else DEBUG.
+
+        So ``-v`` tells each candidate's story (refused, then timed out, ...)
+        in a few lines however many attempts the pacing makes.
+        """
+        changed = _kind(error) != _kind(state.last)
+        state.last = error
+        log.log(
+            logging.INFO if changed else logging.DEBUG,
+            "%s: attempt %d to %s: %s",
+            self._label,
+            state.attempts,
+            state.candidate,
+            _describe(error),
+            extra={
+                "fields": {
+                    "candidate": str(state.candidate),
+                    "attempt": state.attempts,
+                    "outcome": _describe(error),
+                }
+            },
+        )
 
     async def _accept_loop(self, nursery: trio.Nursery) -> None:
         async for inbound in self.inbound:
