@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test matrix lint netns-deps clean
+.PHONY: demo test matrix docs lint netns-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,13 @@ test: $(STAMP) netns-deps
 matrix: $(STAMP) netns-deps
 	$(PY) -m netns.matrix --trials 10 --readme
 
+# README.md's API reference (from docstrings) and `punch --help` section.
+docs: $(STAMP)
+	$(PY) -m tools.docs
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests netns examples
-	$(VENV)/bin/ruff format --check src tests netns examples
+	$(VENV)/bin/ruff check src tests netns examples tools
+	$(VENV)/bin/ruff format --check src tests netns examples tools
 	$(VENV)/bin/mypy
 
 clean:
