@@ -24,7 +24,7 @@ import attrs
 RULESETS = Path(__file__).parent / "rulesets"
 WAN_PREFIX = "203.0.113"
 RENDEZVOUS_IP = f"{WAN_PREFIX}.10"
-RENDEZVOUS_PORT = 7000
+RENDEZVOUS_PORT = 7000  # rulesets/symmetric.nft maps this port apart
 
 
 def missing_requirements() -> str | None:

@@ -268,7 +268,7 @@ async def test_a_peer_that_never_punches_gives_punch_failed_naming_each_candidat
 ) -> None:
     # "bob" registers by hand and then does nothing: every SYN to him is refused.
     async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as raw:
-        bob = ControlChannel(raw, RendezvousConnection(Side.CLIENT))
+        bob = ControlChannel(raw, raw.socket, RendezvousConnection(Side.CLIENT))
         await bob.send(Register("bob", (Endpoint("127.0.0.2", 9),)))
         registered = await bob.receive()
         async with punch.open_host("alice", rendezvous=rendezvous, timeout=0.5) as alice:
@@ -295,7 +295,7 @@ async def test_accept_raises_an_inbound_punch_that_failed(rendezvous: Endpoint) 
     async with punch.open_host("bob", rendezvous=rendezvous, timeout=0.5) as bob:
         # "alice" asks for bob by hand and then never punches back
         async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as raw:
-            alice = ControlChannel(raw, RendezvousConnection(Side.CLIENT))
+            alice = ControlChannel(raw, raw.socket, RendezvousConnection(Side.CLIENT))
             await alice.send(Register("alice"))
             await alice.receive()
             await alice.send(punch._protocol.ConnectRequest("bob", 1))

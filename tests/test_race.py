@@ -318,3 +318,18 @@ async def test_a_silent_first_attempt_is_left_to_the_kernel(
     with pytest.raises(PunchFailed):
         await race.run()
     assert len(attempts[silent]) == 1  # never aborted: its SYN retransmits keep one ISN
+
+
+async def test_at_most_eight_remote_candidates_are_dialled(autojump_clock: trio.abc.Clock) -> None:
+    local = Endpoint("127.0.0.1", 40000)
+    many = tuple(Endpoint(f"192.0.2.{i}", 5000) for i in range(1, 10))  # 9, as 1 srflx + 8 hosts
+    attempts: dict[Endpoint, list[float]] = {}
+    intro, _ = introductions((), many)
+    _, inbound = trio.open_memory_channel(0)
+    race = Race(
+        intro, local, inbound, timeout=0.5, dial=_fake_dial(dict.fromkeys(many, 0), attempts)
+    )
+    with pytest.raises(PunchFailed) as info:
+        await race.run()
+    assert set(attempts) == set(many[:8])
+    assert len(info.value.__cause__.exceptions) == 8

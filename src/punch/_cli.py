@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import logging
 import secrets
+import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,9 @@ from ._errors import (
     SelfDialError,
 )
 from ._host import open_host
+from ._protocol import MAX_TOKEN
 from ._race import DEFAULT_TIMEOUT
-from ._server import serve_rendezvous
+from ._server import LOOPBACK, ServerLimits, serve_rendezvous
 from ._stream import PeerStream
 from .transfer import TransferError
 
@@ -132,7 +136,13 @@ async def _session(args: argparse.Namespace, report: Reporter) -> None:
     host_name, port = args.rendezvous
     server = await _resolve(host_name, port, args.ipv6)
     async with open_host(
-        args.name, rendezvous=server, local=args.local, timeout=args.timeout
+        args.name,
+        rendezvous=server,
+        local=args.local,
+        timeout=args.timeout,
+        token=args.token,
+        rendezvous_ssl_context=args.ssl_context,
+        rendezvous_hostname=host_name,
     ) as host:
         report(
             "registered",
@@ -252,6 +262,20 @@ def _subcommand(commands: Any, name: str) -> argparse.ArgumentParser:
         help=f"seconds for the introduction and for the punch (default {DEFAULT_TIMEOUT:g})",
     )
     sub.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="the rendezvous's access token, read from FILE (surrounding whitespace dropped)",
+    )
+    sub.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS to the rendezvous, checking its certificate against the system CAs",
+    )
+    sub.add_argument(
+        "--tls-ca", type=Path, metavar="FILE", help="like --tls, trusting the CA(s) in FILE (PEM)"
+    )
+    sub.add_argument(
         "--json", action="store_true", help="status (and -v steps) as JSON lines on stderr"
     )
     sub.add_argument(
@@ -273,7 +297,8 @@ def _parser() -> argparse.ArgumentParser:
     rendezvous = commands.add_parser(
         "rendezvous",
         help="run a rendezvous server (same as punch-rendezvous)",
-        description="Run a rendezvous server (same as punch-rendezvous).",
+        description="Run a rendezvous server (same as punch-rendezvous). SIGTERM: stop "
+        "accepting, tell every registered peer 'shutting-down', exit 0 within a few seconds.",
     )
     _rendezvous_arguments(rendezvous)
     return parser
@@ -292,9 +317,43 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"{args.file} is not a readable regular file")
     if args.command == "receive" and not args.out.is_dir():
         parser.error(f"--out {args.out} is not a directory")
+    args.token = _token(parser, args.token_file)
+    args.ssl_context = None
+    if args.tls or args.tls_ca:
+        try:
+            args.ssl_context = ssl.create_default_context(cafile=args.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"--tls-ca {args.tls_ca}: {exc}")
+
+
+def _token(parser: argparse.ArgumentParser, path: Path | None) -> str | None:
+    """The token in ``path``, stripped; a usage error if unreadable or empty."""
+    if path is None:
+        return None
+    try:
+        token = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"--token-file {path}: {exc}")
+    if not 0 < len(token) <= MAX_TOKEN:
+        parser.error(f"--token-file {path}: the token must be 1-{MAX_TOKEN} characters")
+    return token
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return int(text)
+
+
+def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerLimits()
     parser.add_argument(
         "--listen",
         type=_endpoint,
@@ -304,6 +363,99 @@ def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
         "the bound IP:PORT is printed on stdout",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    limits = parser.add_argument_group(
+        "limits", "each refusal is an error frame with the code in brackets, then a close"
+    )
+    for flag, kind, metavar, text in (
+        ("--max-frame", _count, "BYTES", "largest frame, 1024-4096 [frame-too-large]"),
+        (
+            "--registration-timeout",
+            _seconds,
+            "SECONDS",
+            "accept to registered, TLS included [registration-timeout]",
+        ),
+        (
+            "--idle-timeout",
+            _seconds,
+            "SECONDS",
+            "drop a registered peer silent this long; "
+            "peers send a keepalive every 15 s [idle-timeout]",
+        ),
+        (
+            "--max-connections-per-ip",
+            _count,
+            "N",
+            "concurrent connections from one source IP [too-many-connections]",
+        ),
+        ("--max-peers", _count, "N", "registered peers at once [server-full]"),
+        (
+            "--registrations-per-minute",
+            _count,
+            "N",
+            "registrations from one source IP in any 60 s [rate-limited]",
+        ),
+        (
+            "--introductions-per-minute",
+            _count,
+            "N",
+            "introductions one peer may ask for in any 60 s [rate-limited]",
+        ),
+    ):
+        dest = flag[2:].replace("-", "_")
+        limits.add_argument(
+            flag,
+            type=kind,
+            default=getattr(defaults, dest),
+            metavar=metavar,
+            help=f"{text} (default {getattr(defaults, dest):g})",
+        )
+    limits.add_argument(
+        "--allow",
+        type=_network,
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="exempt these sources from the per-IP limits, like loopback (repeatable)",
+    )
+    limits.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="peers must present the token in FILE [unauthorized]",
+    )
+    tls = parser.add_argument_group("TLS", "serve the control channel over TLS (RFC 8445 §19.2)")
+    tls.add_argument("--tls-cert", type=Path, metavar="FILE", help="certificate chain (PEM)")
+    tls.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM)")
+
+
+def _server_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[ServerLimits, ssl.SSLContext | None]:
+    """The limits and TLS context the flags ask for; a usage error if they cannot be met."""
+    try:
+        limits = ServerLimits(
+            max_frame=args.max_frame,
+            registration_timeout=args.registration_timeout,
+            idle_timeout=args.idle_timeout,
+            max_connections_per_ip=args.max_connections_per_ip,
+            exempt=(*LOOPBACK, *args.allow),
+            max_peers=args.max_peers,
+            registrations_per_minute=args.registrations_per_minute,
+            introductions_per_minute=args.introductions_per_minute,
+            token=_token(parser, args.token_file),
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    context = None
+    if args.tls_cert is not None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"--tls-cert/--tls-key: {exc}")
+    return limits, context
 
 
 class _JsonLogs(logging.Handler):
@@ -342,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "rendezvous":
-        return _serve(args)
+        return _serve(parser, args)
     _check(parser, args)
     report = Reporter(args.json)
     _logging([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], report)
@@ -370,13 +522,29 @@ def _run(*args: Any) -> None:
         raise error from error.__cause__
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    limits, context = _server_options(parser, args)
     _logging(logging.WARNING if args.quiet else logging.INFO)
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(serve_rendezvous, args.listen.ip, args.listen.port)
-            print(bound, flush=True)
+        stop = trio.Event()
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                serve = functools.partial(
+                    serve_rendezvous,
+                    args.listen.ip,
+                    args.listen.port,
+                    limits=limits,
+                    ssl_context=context,
+                    stop=stop,
+                )
+                print(await nursery.start(serve), flush=True)
+                async for signum in signals:
+                    logging.getLogger("punch.server").info(
+                        "%s: stopping", signal.Signals(signum).name
+                    )
+                    stop.set()
+                    break
 
     try:
         trio.run(run)
@@ -391,7 +559,9 @@ def _serve(args: argparse.Namespace) -> int:
 def rendezvous_main(argv: list[str] | None = None) -> int:
     """``punch-rendezvous --listen IP:PORT``. Returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog="punch-rendezvous", description="The punch rendezvous server."
+        prog="punch-rendezvous",
+        description="The punch rendezvous server. SIGTERM: stop accepting, tell every "
+        "registered peer 'shutting-down', exit 0 within a few seconds.",
     )
     _rendezvous_arguments(parser)
-    return _serve(parser.parse_args(argv))
+    return _serve(parser, parser.parse_args(argv))

@@ -17,11 +17,14 @@ class ControlChannel:
     """One rendezvous control connection: a stream plus its protocol state.
 
     Args:
-        stream: the connected TCP stream.
+        stream: the connected stream: a :class:`trio.SocketStream`, or a
+            :class:`trio.SSLStream` over one.
+        socket: the TCP socket underneath (for addresses and an abortive close).
         connection: the sans-IO :class:`RendezvousConnection` for our side.
     """
 
-    stream: trio.SocketStream
+    stream: trio.abc.Stream
+    socket: trio.socket.SocketType
     connection: RendezvousConnection
     _inbox: deque[Message] = attrs.field(factory=deque, init=False)
     _send_lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
@@ -19,6 +20,7 @@ from ._protocol import (
     ConnectRequest,
     Error,
     Introduction,
+    Keepalive,
     Register,
     Registered,
     RendezvousConnection,
@@ -29,6 +31,10 @@ from ._race import DEFAULT_PACING, DEFAULT_TIMEOUT, InboundRouter, Race
 from ._stream import PeerStream
 
 log = logging.getLogger("punch.host")
+
+KEEPALIVE_INTERVAL = 15.0
+"""Seconds between Keepalives on the control connection (the server drops a
+peer silent for 45 s by default: two lost keepalives are survived)."""
 
 ACCEPT_QUEUE = 16
 """Punched streams held for :meth:`Host.accept` before more are refused."""
@@ -61,6 +67,7 @@ class Host:
     _requests: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _waiters: dict[int, trio.MemorySendChannel[_Reply]] = attrs.field(factory=dict, init=False)
     _closed: RendezvousError | None = attrs.field(default=None, init=False)
+    _farewell: RendezvousError | None = attrs.field(default=None, init=False)
     _accepted_send: trio.MemorySendChannel[PeerStream | OSError] = attrs.field(init=False)
     _accepted: trio.MemoryReceiveChannel[PeerStream | OSError] = attrs.field(init=False)
 
@@ -197,15 +204,28 @@ class Host:
             try:
                 while (message := await self._channel.receive()) is not None:
                     self._dispatch(message, responders)
-                self._closed = RendezvousError("closed", "the rendezvous closed the connection")
+                self._closed = self._farewell or RendezvousError(
+                    "closed", "the rendezvous closed the connection"
+                )
             except RemoteProtocolError as exc:
                 self._closed = RendezvousError("protocol-error", f"rendezvous sent garbage: {exc}")
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._closed = RendezvousError("closed", f"control connection lost: {exc}")
+                self._closed = self._farewell or RendezvousError(
+                    "closed", f"control connection lost: {exc}"
+                )
             log.warning("%s; punches under way go on", self._closed)
             for request_id in list(self._waiters):
                 self._reply(request_id, self._closed)
         self._accepted_send.close()
+
+    async def _keepalive(self) -> None:
+        """A Keepalive every :data:`KEEPALIVE_INTERVAL` s: the server's idle timeout holds off."""
+        while True:
+            await trio.sleep(KEEPALIVE_INTERVAL)
+            try:
+                await self._channel.send(Keepalive())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the control reader reports the loss
 
     def _reply(self, request_id: int, reply: _Reply) -> bool:
         """Hand ``reply`` to the ``connect`` waiting on ``request_id``; False if none takes it."""
@@ -240,8 +260,9 @@ class Host:
                 return
         if isinstance(message, Error) and message.request_id in self._waiters:
             self._reply(message.request_id, message)
-        elif isinstance(message, Error):
+        elif isinstance(message, Error):  # shutting-down, idle-timeout: it closes next
             log.warning("rendezvous error: %s: %s", message.code, message.text)
+            self._farewell = RendezvousError(message.code, message.text)
         else:
             log.info("ignoring a reply nobody waits for: %r", message)
 
@@ -266,6 +287,9 @@ async def open_host(
     local: Endpoint | tuple[str, int] | str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     pacing: float = DEFAULT_PACING,
+    token: str | None = None,
+    rendezvous_ssl_context: ssl.SSLContext | None = None,
+    rendezvous_hostname: str | None = None,
 ) -> AsyncIterator[Host]:
     """Bind one port, register ``name`` at the rendezvous, and keep both open.
 
@@ -282,6 +306,13 @@ async def open_host(
             rendezvous's family, port 0 (the kernel picks).
         timeout: seconds (> 0) one punch, and one rendezvous exchange, may take.
         pacing: seconds (>= 0.05) between connect attempts to one candidate.
+        token: the rendezvous's access token, if it requires one
+            (``punch-rendezvous --token-file``).
+        rendezvous_ssl_context: speak TLS to the rendezvous with this client
+            context (e.g. ``ssl.create_default_context(cafile=...)``); the
+            introductions carry the punch secrets (RFC 8445 §19.2).
+        rendezvous_hostname: the name its certificate must show (default the
+            rendezvous IP).
 
     Yields:
         the registered :class:`Host`. Leaving the block closes its listener and
@@ -291,8 +322,10 @@ async def open_host(
         TypeError, ValueError: a bad argument.
         ReuseUnavailable: the OS cannot share one port (see :func:`reuse_available`).
         OSError: ``local`` cannot be bound.
-        RendezvousError: ``unreachable``, ``name-taken``, ``timeout``,
-            ``closed`` or ``protocol-error`` while registering.
+        RendezvousError: ``unreachable`` (TLS failures included),
+            ``name-taken``, ``unauthorized``, ``server-full``, ``rate-limited``,
+            ``bad-candidate``, ``timeout``, ``closed`` or ``protocol-error``
+            while registering.
     """
     check_name(name)
     timeout = _check_timeout(timeout)
@@ -307,10 +340,12 @@ async def open_host(
     listener = await _reuse.open_listener(bind)
     try:
         bound = Endpoint.from_sockaddr(listener.socket.getsockname())
-        channel = await _connect_control(bound, server, timeout)
+        channel = await _connect_control(
+            bound, server, timeout, rendezvous_ssl_context, rendezvous_hostname or server.ip
+        )
         try:
-            host_candidate = Endpoint.from_sockaddr(channel.stream.socket.getsockname())
-            observed = await _register(channel, name, host_candidate, timeout)
+            host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
+            observed = await _register(channel, Register(name, (host_candidate,), token), timeout)
             log.info(
                 "registered %r on %s: host candidate %s, server-reflexive %s",
                 name,
@@ -333,6 +368,7 @@ async def open_host(
                     )
                     await nursery.start(router.serve, listener)
                     nursery.start_soon(host._run_control)
+                    nursery.start_soon(host._keepalive)
                     try:
                         yield host
                     finally:
@@ -346,32 +382,42 @@ async def open_host(
                 error.__suppress_context__ = True  # keeps its own __cause__
                 raise error from error.__cause__
         finally:
-            _reuse.abort(channel.stream.socket)
+            _reuse.abort(channel.socket)
     finally:
         await listener.aclose()
 
 
-async def _connect_control(local: Endpoint, server: Endpoint, timeout: float) -> ControlChannel:
+async def _connect_control(
+    local: Endpoint,
+    server: Endpoint,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    hostname: str,
+) -> ControlChannel:
     sock = await _reuse.bind_reusable(local)
+    stream: trio.abc.Stream
     try:
         with trio.fail_after(timeout):
             await sock.connect(server.sockaddr())
-    except (OSError, trio.TooSlowError) as exc:
+            stream = trio.SocketStream(sock)
+            if ssl_context is not None:
+                stream = trio.SSLStream(stream, ssl_context, server_hostname=hostname)
+                await stream.do_handshake()
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
         _reuse.abort(sock)
+        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
         raise RendezvousError(
-            "unreachable", f"cannot reach the rendezvous at {server}: {exc}"
+            "unreachable", f"cannot reach the rendezvous at {server}: {cause or exc}"
         ) from exc
     except BaseException:
         _reuse.abort(sock)
         raise
-    return ControlChannel(trio.SocketStream(sock), RendezvousConnection(Side.CLIENT))
+    return ControlChannel(stream, sock, RendezvousConnection(Side.CLIENT))
 
 
-async def _register(
-    channel: ControlChannel, name: str, host_candidate: Endpoint, timeout: float
-) -> Endpoint:
+async def _register(channel: ControlChannel, register: Register, timeout: float) -> Endpoint:
     try:
-        await channel.send(Register(name, (host_candidate,)))
+        await channel.send(register)
         with trio.fail_after(timeout):
             reply = await channel.receive()
     except trio.TooSlowError:

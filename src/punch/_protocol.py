@@ -13,7 +13,7 @@ range, or a frame sent out of order raises :class:`RemoteProtocolError`.
 Order (client = a punch host, server = the rendezvous):
 
 - client → server: ``Register`` once, first; then any number of ``ConnectRequest``
-  once ``Registered`` has arrived.
+  and ``Keepalive`` once ``Registered`` has arrived.
 - server → client: ``Registered`` once, answering ``Register``; then
   ``Introduction``; ``Error`` at any time.
 """
@@ -38,6 +38,8 @@ MAX_FRAME = 4096
 _HEADER = struct.Struct("!cBH")
 _MAGIC = b"P"
 MAX_BODY = MAX_FRAME - _HEADER.size
+MIN_FRAME = 1024
+"""The smallest ``max_frame`` allowed: a Register with 8 IPv6 candidates and a token fits."""
 MAX_CANDIDATES = 8
 """Most host candidates a peer may register (RFC 8445 §19 asks for a bound)."""
 SECRET_BYTES = 32
@@ -46,6 +48,7 @@ MAX_REQUEST_ID = 2**32 - 1
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CODE_RE = re.compile(r"[a-z][a-z-]{0,31}")
 MAX_ERROR_TEXT = 512
+MAX_TOKEN = 256
 
 
 def check_name(name: str) -> str:
@@ -94,6 +97,11 @@ def _bounded_tuple(kind: type, most: int) -> Callable[[object, object, tuple[Any
     return check
 
 
+def _token(_: object, __: object, value: str | None) -> None:
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_TOKEN):
+        raise ValueError(f"token must be 1-{MAX_TOKEN} characters")
+
+
 @attrs.frozen
 class Register:
     """client → server: take ``name`` and offer these host candidates.
@@ -101,12 +109,19 @@ class Register:
     Args:
         name: 1-64 characters of ``[A-Za-z0-9._-]``.
         candidates: at most :data:`MAX_CANDIDATES` host endpoints.
+        token: the server's access token, if it requires one (1-256 characters).
     """
 
     name: str = attrs.field(validator=_name)
     candidates: tuple[Endpoint, ...] = attrs.field(
         default=(), validator=_bounded_tuple(Endpoint, MAX_CANDIDATES)
     )
+    token: str | None = attrs.field(default=None, validator=_token, repr=lambda _: "<token>")
+
+
+@attrs.frozen
+class Keepalive:
+    """client → server, after registration: "still here" (RFC 7675 consent, in spirit)."""
 
 
 @attrs.frozen
@@ -169,7 +184,7 @@ class Error:
             raise ValueError(f"text must be a str of at most {MAX_ERROR_TEXT} characters")
 
 
-Message: TypeAlias = Register | Registered | ConnectRequest | Introduction | Error
+Message: TypeAlias = Register | Registered | ConnectRequest | Keepalive | Introduction | Error
 
 # --- wire form: one encoder and one strict decoder per type -------------------
 
@@ -188,7 +203,10 @@ def _to_wire(m: Message) -> dict[str, Any]:
             "type": "register",
             "name": m.name,
             "candidates": [_endpoint_to_wire(e) for e in m.candidates],
+            "token": m.token,
         }
+    if isinstance(m, Keepalive):
+        return {"type": "keepalive"}
     if isinstance(m, Registered):
         return {"type": "registered", "observed": _endpoint_to_wire(m.observed)}
     if isinstance(m, ConnectRequest):
@@ -260,7 +278,13 @@ def _from_wire(obj: object) -> Message:
     kind = f.get("type", str)
     message: Message
     if kind == "register":
-        message = Register(f.get("name", str), _list(f, "candidates", _endpoint_from_wire))
+        message = Register(
+            f.get("name", str),
+            _list(f, "candidates", _endpoint_from_wire),
+            f.get("token", (str, type(None))),
+        )
+    elif kind == "keepalive":
+        message = Keepalive()
     elif kind == "registered":
         message = Registered(_endpoint_from_wire(f.get("observed", dict)))
     elif kind == "connect":
@@ -338,6 +362,7 @@ class Side(enum.Enum):
 _SENT_BY = {
     Register: Side.CLIENT,
     ConnectRequest: Side.CLIENT,
+    Keepalive: Side.CLIENT,
     Registered: Side.SERVER,
     Introduction: Side.SERVER,
     Error: Side.SERVER,
@@ -349,6 +374,8 @@ class RendezvousConnection:
 
     Args:
         our_side: :class:`Side` we play.
+        max_frame: the largest frame we accept, in bytes, header included
+            (:data:`MIN_FRAME` .. :data:`MAX_FRAME`; a server may lower it).
 
     ``send(message)`` returns the bytes to write; ``receive_data(data)`` takes
     bytes read (``b""`` for end of stream) and returns the messages completed.
@@ -356,8 +383,11 @@ class RendezvousConnection:
     further ``receive_data`` raises again: close it.
     """
 
-    def __init__(self, our_side: Side) -> None:
+    def __init__(self, our_side: Side, max_frame: int = MAX_FRAME) -> None:
+        if not MIN_FRAME <= max_frame <= MAX_FRAME:
+            raise ValueError(f"max_frame must be {MIN_FRAME}..{MAX_FRAME} bytes, not {max_frame}")
         self.our_side = our_side
+        self.max_frame = max_frame
         self._buffer = bytearray()
         self._registered = False  # Register sent/received and Registered answered
         self._register_seen = False
@@ -380,7 +410,7 @@ class RendezvousConnection:
         self._check_order(message, LocalProtocolError)
         return encode_frame(message)
 
-    def receive_data(self, data: bytes) -> list[Message]:
+    def receive_data(self, data: bytes | bytearray) -> list[Message]:
         """Feed bytes read from the peer; ``b""`` means it closed its side.
 
         Returns:
@@ -399,7 +429,7 @@ class RendezvousConnection:
             self._broken = exc
             raise
 
-    def _receive(self, data: bytes) -> list[Message]:
+    def _receive(self, data: bytes | bytearray) -> list[Message]:
         if not data:
             if self._buffer:
                 raise RemoteProtocolError("connection closed in the middle of a frame")
@@ -414,9 +444,9 @@ class RendezvousConnection:
                 raise RemoteProtocolError(
                     f"protocol version {version}, expected {PROTOCOL_VERSION}", code="bad-version"
                 )
-            if length > MAX_BODY:
+            if length + _HEADER.size > self.max_frame:
                 raise RemoteProtocolError(
-                    f"frame of {length + _HEADER.size} bytes exceeds {MAX_FRAME}",
+                    f"frame of {length + _HEADER.size} bytes exceeds {self.max_frame}",
                     code="frame-too-large",
                 )
             end = _HEADER.size + length
@@ -441,5 +471,7 @@ class RendezvousConnection:
             if not self._register_seen or self._registered:
                 raise error("Registered must answer the one Register")
             self._registered = True
-        elif isinstance(message, ConnectRequest | Introduction) and not self._registered:
+        elif (
+            isinstance(message, ConnectRequest | Keepalive | Introduction) and not self._registered
+        ):
             raise error(f"{type(message).__name__} before registration completed")

@@ -62,6 +62,8 @@ HELLO_TIMEOUT = 5.0
 MAX_PENDING_HELLOS = 64
 """Accepted connections awaiting their Hello at once; more are dropped at once."""
 MAX_REPORTED_INBOUND = 8
+MAX_DIALED_CANDIDATES = 8
+"""Remote candidates dialled per introduction, in the order given (RFC 8445 §19: bounded checks)."""
 """Failed inbound streams kept for :class:`PunchFailed`'s cause; the rest are only logged."""
 _ROUTE_BUFFER = 8
 
@@ -312,7 +314,14 @@ class Race:
                 f"every candidate of {self.introduction.peer_name!r} is our own endpoint: "
                 + "; ".join(str(e) for e in self_dials)
             )
-        return states
+        for state in states[MAX_DIALED_CANDIDATES:]:
+            log.info(
+                "%s: skip %s: only the first %d candidates are dialled",
+                self._label,
+                state.candidate,
+                MAX_DIALED_CANDIDATES,
+            )
+        return states[:MAX_DIALED_CANDIDATES]
 
     async def _dial_loop(self, state: _CandidateState) -> None:
         """Dial one candidate, paced, until the race ends or the candidate is ruled out."""

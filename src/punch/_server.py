@@ -1,10 +1,22 @@
-"""The rendezvous server: a registry of peers and the introductions between them."""
+"""The rendezvous server: a registry of peers and the introductions between them.
+
+It faces the internet, so every resource a stranger can make it hold is
+bounded (:class:`ServerLimits`), and every refusal is an ``Error`` frame with
+a typed code, sent before that one connection is closed.
+"""
 
 from __future__ import annotations
 
+import collections
+import functools
+import hmac
+import ipaddress
 import logging
 import math
 import secrets
+import ssl
+from collections.abc import Hashable
+from typing import Any
 
 import attrs
 import trio
@@ -16,10 +28,13 @@ from ._errors import LocalProtocolError, RemoteProtocolError
 from ._protocol import (
     ATTEMPT_ID_BYTES,
     MAX_ERROR_TEXT,
+    MAX_FRAME,
+    MIN_FRAME,
     SECRET_BYTES,
     ConnectRequest,
     Error,
     Introduction,
+    Keepalive,
     Register,
     Registered,
     RendezvousConnection,
@@ -29,9 +44,124 @@ from ._protocol import (
 log = logging.getLogger("punch.server")
 
 REGISTRATION_TIMEOUT = 10.0
-"""Seconds a new control connection has to complete its Register."""
+"""Seconds a new control connection has to complete its Register (TLS included)."""
 SEND_TIMEOUT = 5.0
 """Seconds a frame may take to leave; a peer that does not read is dropped."""
+REFUSAL_TIMEOUT = 1.0
+"""Seconds a refusal's ``Error`` frame gets before the connection is closed anyway."""
+SHUTDOWN_GRACE = 2.0
+"""Seconds, on shutdown, to tell every registered peer ``shutting-down``."""
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[_Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
+def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if isinstance(value, bool) or not 0 < value < math.inf:
+        raise ValueError(f"{attribute.name} must be finite and > 0, not {value!r}")
+
+
+@attrs.frozen
+class ServerLimits:
+    """Every bound of one rendezvous server; each is a ``punch-rendezvous`` flag.
+
+    Args:
+        max_frame: largest frame accepted, bytes (1024..4096; libp2p DCUtR's 4 KiB).
+        registration_timeout: seconds from accept to a completed Register.
+        idle_timeout: seconds a registered peer may stay silent (clients send a
+            Keepalive every 15 s) before it is dropped (RFC 7675's 30 s consent
+            expiry, plus room for one lost keepalive).
+        max_connections_per_ip: concurrent control connections from one source
+            IP (go-libp2p's default is 8 per IPv4 /32).
+        exempt: source networks free of both per-IP limits: loopback, plus
+            the operator's allow-list (a carrier NAT's public address, say).
+        max_peers: registered peers at once, over all sources.
+        registrations_per_minute: Registers from one source IP in any 60 s
+            (refused ones count, so a token cannot be guessed fast).
+        introductions_per_minute: ConnectRequests one peer may make in any 60 s.
+        token: if set, a Register must carry it (compared in constant time).
+    """
+
+    max_frame: int = attrs.field(default=MAX_FRAME)
+    registration_timeout: float = attrs.field(default=REGISTRATION_TIMEOUT, validator=_positive)
+    idle_timeout: float = attrs.field(default=45.0, validator=_positive)
+    max_connections_per_ip: int = attrs.field(default=8, validator=_positive)
+    exempt: tuple[_Network, ...] = LOOPBACK
+    max_peers: int = attrs.field(default=100_000, validator=_positive)
+    registrations_per_minute: int = attrs.field(default=60, validator=_positive)
+    introductions_per_minute: int = attrs.field(default=60, validator=_positive)
+    token: str | None = attrs.field(default=None, repr=lambda t: "<token>" if t else "None")
+
+    @max_frame.validator
+    def _check_frame(self, _: object, value: int) -> None:
+        if not MIN_FRAME <= value <= MAX_FRAME:
+            raise ValueError(f"max_frame must be {MIN_FRAME}..{MAX_FRAME} bytes, not {value!r}")
+
+    def is_exempt(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """Is this source free of the per-IP limits?"""
+        return any(ip in net for net in self.exempt if net.version == ip.version)
+
+
+@attrs.define
+class RateLimit:
+    """At most ``per_minute`` events per key in any 60 s window (a sliding log).
+
+    Memory: at most ``per_minute`` timestamps per key; keys idle for 60 s are
+    swept once a minute, so a flood of distinct keys is forgotten.
+    """
+
+    per_minute: int
+    _events: dict[Hashable, collections.deque[float]] = attrs.field(factory=dict, init=False)
+    _swept: float = attrs.field(default=-math.inf, init=False)
+
+    def allow(self, key: Hashable, now: float) -> bool:
+        """Record an event for ``key`` at ``now`` (seconds) if it is within the limit."""
+        if now - self._swept >= 60.0:
+            self._events = {k: q for k, q in self._events.items() if now - q[-1] < 60.0}
+            self._swept = now
+        events = self._events.setdefault(key, collections.deque())
+        while events and now - events[0] >= 60.0:
+            events.popleft()
+        if len(events) >= self.per_minute:
+            return False
+        events.append(now)
+        return True
+
+
+def candidate_problem(endpoint: Endpoint, allow_loopback: bool) -> str | None:
+    """Why a claimed host candidate is refused, or ``None`` if it is acceptable.
+
+    Refused, for IPv4, IPv6 and IPv4-mapped IPv6 alike: the unspecified
+    address, multicast, the limited broadcast address, port 0, and loopback
+    unless ``allow_loopback`` (a peer on the server's own machine). A server
+    that relayed such addresses would turn peers into reflectors aimed at
+    themselves or their neighbours (coturn CVE-2020-26262).
+    """
+    ip = endpoint.address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if endpoint.port == 0:
+        return "port 0"
+    if ip.is_unspecified:
+        return "the unspecified address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "the broadcast address"
+    if ip.is_loopback and not allow_loopback:
+        return "a loopback address"
+    return None
+
+
+class _Refused(Exception):
+    """Close this connection after telling the peer ``error``."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(error.text)
+        self.error = error
 
 
 @attrs.define(eq=False)
@@ -54,21 +184,58 @@ class RendezvousServer:
     """The registry behind :func:`serve_rendezvous`; one instance per listening server.
 
     Args:
-        registration_timeout: seconds a connection has to send ``Register``.
+        limits: :class:`ServerLimits`.
+        ssl_context: wrap every control connection in TLS with this context.
+        on_loopback: the server listens on a loopback address (then loopback
+            host candidates are fine from anyone).
     """
 
-    registration_timeout: float = REGISTRATION_TIMEOUT
+    limits: ServerLimits = attrs.field(factory=ServerLimits)
+    ssl_context: ssl.SSLContext | None = None
+    on_loopback: bool = False
     peers: dict[str, _Peer] = attrs.field(factory=dict, init=False)
+    connections: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    _registrations: RateLimit = attrs.field(init=False)
+    _introductions: RateLimit = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._registrations = RateLimit(self.limits.registrations_per_minute)
+        self._introductions = RateLimit(self.limits.introductions_per_minute)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one control connection until it closes; never raises but Cancelled."""
         observed = Endpoint.from_sockaddr(stream.socket.getpeername())
-        channel = ControlChannel(stream, RendezvousConnection(Side.SERVER))
+        source = observed.ip
+        counted = not self.limits.is_exempt(observed.address)
+        if counted:
+            self.connections[source] += 1
+        channel = ControlChannel(
+            stream, stream.socket, RendezvousConnection(Side.SERVER, self.limits.max_frame)
+        )
         peer: _Peer | None = None
         try:
-            peer = await self._register(channel, observed)
+            if counted and self.connections[source] > self.limits.max_connections_per_ip:
+                raise _Refused(
+                    Error(
+                        "too-many-connections",
+                        f"more than {self.limits.max_connections_per_ip} connections from {source}",
+                    )
+                )
+            with trio.move_on_after(self.limits.registration_timeout) as registering:
+                if self.ssl_context is not None:
+                    channel.stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                    await channel.stream.do_handshake()
+                peer = await self._register(channel, observed)
+            if registering.cancelled_caught:
+                log.info(
+                    "%s: no registration within %g s", observed, self.limits.registration_timeout
+                )
+                raise _Refused(Error("registration-timeout", "no Register in time"))
             if peer is not None:
                 await self._serve(peer)
+        except _Refused as refusal:
+            log.info("%s: refused: %s: %s", observed, refusal.error.code, refusal.error.text)
+            await self._refuse(channel, refusal.error)
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error, closing: %s", observed, exc)
             await self._refuse(channel, Error(exc.code, str(exc)[:MAX_ERROR_TEXT]))
@@ -77,53 +244,93 @@ class RendezvousServer:
         except Exception:  # one connection's bug must never take the server down
             log.exception("%s: unexpected error, closing this connection", observed)
         finally:
+            if counted:
+                self.connections[source] -= 1
+                if not self.connections[source]:
+                    del self.connections[source]
             if peer is not None and self.peers.get(peer.name) is peer:
                 del self.peers[peer.name]
                 log.info("%s: %r left", observed, peer.name)
             _reuse.abort(stream.socket)
 
     async def _register(self, channel: ControlChannel, observed: Endpoint) -> _Peer | None:
-        with trio.move_on_after(self.registration_timeout):
-            message = await channel.receive()
-            if message is None:
-                return None
-            assert isinstance(message, Register)  # the protocol state machine ensures it
-            if message.name in self.peers:
-                await self._refuse(
-                    channel, Error("name-taken", f"{message.name!r} is held by a connected peer")
+        message = await channel.receive()
+        if message is None:
+            return None
+        assert isinstance(message, Register)  # the protocol state machine ensures it
+        self._admit(message, observed)
+        peer = _Peer(message.name, observed, message.candidates, channel)
+        self.peers[peer.name] = peer
+        await channel.send(Registered(observed))
+        log.info(
+            "%s: registered %r, host candidates %s",
+            observed,
+            peer.name,
+            ", ".join(map(str, peer.host_candidates)) or "none",
+        )
+        return peer
+
+    def _admit(self, message: Register, observed: Endpoint) -> None:
+        """Raise :class:`_Refused` unless this Register may take its name."""
+        limits = self.limits
+        exempt = limits.is_exempt(observed.address)
+        if not exempt and not self._registrations.allow(observed.ip, trio.current_time()):
+            raise _Refused(
+                Error(
+                    "rate-limited",
+                    f"more than {limits.registrations_per_minute} registrations a minute "
+                    f"from {observed.ip}",
                 )
-                return None
-            peer = _Peer(message.name, observed, message.candidates, channel)
-            self.peers[peer.name] = peer
-            await channel.send(Registered(observed))
-            log.info(
-                "%s: registered %r, host candidates %s",
-                observed,
-                peer.name,
-                ", ".join(map(str, peer.host_candidates)) or "none",
             )
-            return peer
-        log.info("%s: no registration within %g s, closing", observed, self.registration_timeout)
-        await self._refuse(channel, Error("registration-timeout", "no Register in time"))
-        return None
+        expected = limits.token
+        if expected is not None and not (
+            message.token is not None
+            and hmac.compare_digest(message.token.encode(), expected.encode())
+        ):
+            raise _Refused(Error("unauthorized", "this server needs its access token"))
+        if message.name in self.peers:
+            raise _Refused(Error("name-taken", f"{message.name!r} is held by a connected peer"))
+        if len(self.peers) >= limits.max_peers:
+            raise _Refused(Error("server-full", f"{limits.max_peers} peers are registered"))
+        allow_loopback = self.on_loopback or observed.address.is_loopback
+        for endpoint in message.candidates:
+            problem = candidate_problem(endpoint, allow_loopback)
+            if problem is not None:
+                raise _Refused(Error("bad-candidate", f"host candidate {endpoint} is {problem}"))
 
     async def _serve(self, peer: _Peer) -> None:
-        while (message := await peer.channel.receive()) is not None:
-            assert isinstance(message, ConnectRequest)  # the only message left for a client
-            await self._introduce(peer, message)
+        idle = self.limits.idle_timeout
+        while True:
+            with trio.move_on_after(idle):
+                message = await peer.channel.receive()
+                if message is None:
+                    return
+                if isinstance(message, ConnectRequest):
+                    await self._introduce(peer, message)
+                else:
+                    assert isinstance(message, Keepalive)  # the only other client message
+                continue
+            raise _Refused(Error("idle-timeout", f"nothing received for {idle:g} s"))
 
     async def _introduce(self, requester: _Peer, request: ConnectRequest) -> None:
         target = self.peers.get(request.target)
-        if request.target == requester.name:
+        error = None
+        if not self._introductions.allow(requester.name, trio.current_time()):
+            error = Error(
+                "rate-limited",
+                f"more than {self.limits.introductions_per_minute} introductions a minute",
+                request.request_id,
+            )
+        elif request.target == requester.name:
             error = Error("same-peer", "a peer cannot be introduced to itself", request.request_id)
-            await requester.channel.send(error)
-            return
-        if target is None:
+        elif target is None:
             error = Error(
                 "unknown-peer", f"{request.target!r} is not registered", request.request_id
             )
+        if error is not None:
             await requester.channel.send(error)
             return
+        assert target is not None
         attempt_id = secrets.token_bytes(ATTEMPT_ID_BYTES)
         secret = secrets.token_bytes(SECRET_BYTES)
         to_requester = Introduction(
@@ -144,21 +351,28 @@ class RendezvousServer:
             nursery.start_soon(self._deliver, requester, to_requester)
             nursery.start_soon(self._deliver, target, to_target)
 
-    async def _deliver(self, peer: _Peer, message: Introduction) -> None:
+    async def _deliver(self, peer: _Peer, message: Introduction | Error) -> None:
         with trio.move_on_after(SEND_TIMEOUT) as scope:
             try:
                 await peer.channel.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.info("%r: introduction not delivered: %s", peer.name, exc.__cause__ or exc)
-                _reuse.abort(peer.channel.stream.socket)
+                log.info("%r: %s not delivered: %s", peer.name, type(message).__name__, exc)
+                _reuse.abort(peer.channel.socket)
         if scope.cancelled_caught:
             log.warning("%r: not reading; dropped after %g s", peer.name, SEND_TIMEOUT)
-            _reuse.abort(peer.channel.stream.socket)
+            _reuse.abort(peer.channel.socket)
+
+    async def say_goodbye(self) -> None:
+        """Tell every registered peer ``shutting-down``, all at once, each bounded."""
+        goodbye = Error("shutting-down", "the rendezvous server is shutting down")
+        async with trio.open_nursery() as nursery:
+            for peer in list(self.peers.values()):
+                nursery.start_soon(self._refuse, peer.channel, goodbye)
 
     @staticmethod
     async def _refuse(channel: ControlChannel, error: Error) -> None:
         """Best effort: tell the peer why, then the caller closes."""
-        with trio.move_on_after(1.0):
+        with trio.move_on_after(REFUSAL_TIMEOUT):
             try:
                 await channel.send(error)
             except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
@@ -169,10 +383,13 @@ async def serve_rendezvous(
     host: str = "0.0.0.0",
     port: int = 0,
     *,
-    registration_timeout: float = REGISTRATION_TIMEOUT,
+    limits: ServerLimits | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    stop: trio.Event | None = None,
+    registration_timeout: float | None = None,
     task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run a rendezvous server until cancelled.
+    """Run a rendezvous server until cancelled, or until ``stop`` is set.
 
     Follows trio's ``nursery.start`` protocol::
 
@@ -181,7 +398,14 @@ async def serve_rendezvous(
     Args:
         host: IP address to listen on (default all IPv4 interfaces).
         port: TCP port, 0..65535; 0 lets the kernel choose.
-        registration_timeout: seconds (> 0) a connection has to register.
+        limits: :class:`ServerLimits` (default: every default limit).
+        ssl_context: serve TLS with it (``ssl.PROTOCOL_TLS_SERVER`` with
+            ``load_cert_chain``); the introductions carry secrets
+            (RFC 8445 §19.2), so use it on untrusted networks.
+        stop: set it to shut down gracefully: stop accepting, tell every
+            registered peer ``shutting-down`` (at most :data:`SHUTDOWN_GRACE`
+            seconds), close every connection, return.
+        registration_timeout: shorthand for ``limits.registration_timeout``.
         task_status: receives the bound :class:`Endpoint` once listening.
 
     Raises:
@@ -189,12 +413,27 @@ async def serve_rendezvous(
         OSError: the listening socket could not be opened (``EADDRINUSE``…).
     """
     bind = Endpoint(host, port)  # validates both
-    if not 0 < registration_timeout < math.inf:
-        raise ValueError(f"registration_timeout must be seconds > 0, not {registration_timeout!r}")
-    server = RendezvousServer(registration_timeout)
+    limits = limits or ServerLimits()
+    if registration_timeout is not None:
+        limits = attrs.evolve(limits, registration_timeout=registration_timeout)
+    server = RendezvousServer(limits, ssl_context, bind.address.is_loopback)
     listeners = await trio.open_tcp_listeners(bind.port, host=bind.ip)
     bound = Endpoint.from_sockaddr(listeners[0].socket.getsockname())
-    log.info("rendezvous listening on %s", bound)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, server.handle, listeners)
-        task_status.started(bound)
+    log.info("rendezvous listening on %s%s", bound, " (TLS)" if ssl_context else "")
+    async with trio.open_nursery() as handlers:
+        async with trio.open_nursery() as acceptor:
+            serve = functools.partial(
+                trio.serve_listeners, server.handle, listeners, handler_nursery=handlers
+            )
+            await acceptor.start(serve)
+            task_status.started(bound)
+            if stop is None:
+                await trio.sleep_forever()
+            await stop.wait()
+            acceptor.cancel_scope.cancel()
+        log.info("shutting down: %d peer(s) registered", len(server.peers))
+        for listener in listeners:
+            await listener.aclose()
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            await server.say_goodbye()
+        handlers.cancel_scope.cancel()
