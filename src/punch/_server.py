@@ -8,7 +8,6 @@ a typed code, sent before that one connection is closed.
 from __future__ import annotations
 
 import collections
-import functools
 import hmac
 import ipaddress
 import logging
@@ -16,6 +15,7 @@ import math
 import secrets
 import ssl
 from collections.abc import Hashable
+from functools import partial
 from typing import Any
 
 import attrs
@@ -49,6 +49,8 @@ SEND_TIMEOUT = 5.0
 """Seconds a frame may take to leave; a peer that does not read is dropped."""
 REFUSAL_TIMEOUT = 1.0
 """Seconds a refusal's ``Error`` frame gets before the connection is closed anyway."""
+_DRAIN_LIMIT = 65536
+"""Bytes a refused connection may still send us before it is reset."""
 SHUTDOWN_GRACE = 2.0
 """Seconds, on shutdown, to tell every registered peer ``shutting-down``."""
 
@@ -367,14 +369,29 @@ class RendezvousServer:
         goodbye = Error("shutting-down", "the rendezvous server is shutting down")
         async with trio.open_nursery() as nursery:
             for peer in list(self.peers.values()):
-                nursery.start_soon(self._refuse, peer.channel, goodbye)
+                nursery.start_soon(partial(self._refuse, peer.channel, goodbye, drain=False))
 
     @staticmethod
-    async def _refuse(channel: ControlChannel, error: Error) -> None:
-        """Best effort: tell the peer why, then the caller closes."""
+    async def _refuse(channel: ControlChannel, error: Error, *, drain: bool = True) -> None:
+        """Best effort, at most :data:`REFUSAL_TIMEOUT` s: tell the peer why, then close.
+
+        A lingering close: send the error and a FIN, then read and discard
+        what the peer still sends until it closes too. Closing at once would
+        answer its unread bytes with an RST, and an RST makes the peer's
+        kernel drop the error frame before the peer reads it. With ``drain``
+        off (another task is reading), only the error and the FIN.
+        """
         with trio.move_on_after(REFUSAL_TIMEOUT):
             try:
                 await channel.send(error)
+                if isinstance(channel.stream, trio.SocketStream):
+                    await channel.stream.send_eof()
+                else:
+                    await channel.stream.aclose()  # TLS: close_notify
+                    return
+                drained = 0 if drain else _DRAIN_LIMIT
+                while drained < _DRAIN_LIMIT and (data := await channel.stream.receive_some()):
+                    drained += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
                 pass
 
@@ -422,7 +439,7 @@ async def serve_rendezvous(
     log.info("rendezvous listening on %s%s", bound, " (TLS)" if ssl_context else "")
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as acceptor:
-            serve = functools.partial(
+            serve = partial(
                 trio.serve_listeners, server.handle, listeners, handler_nursery=handlers
             )
             await acceptor.start(serve)

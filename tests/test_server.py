@@ -1,0 +1,286 @@
+"""The rendezvous server's limits: hit each one and get its error code, then a close."""
+
+from __future__ import annotations
+
+import ipaddress
+import ssl
+import struct
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+import punch
+from punch import Endpoint
+from punch._control import ControlChannel
+from punch._protocol import (
+    ConnectRequest,
+    Error,
+    Introduction,
+    Keepalive,
+    Register,
+    Registered,
+    RendezvousConnection,
+    Side,
+)
+from punch._server import ServerLimits, candidate_problem, serve_rendezvous
+
+STRICT = ServerLimits(exempt=())  # loopback counted like any other source
+
+
+@pytest.fixture
+def slow_autojump_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only after 50 ms of real idleness, so loopback I/O lands first."""
+    return trio.testing.MockClock(autojump_threshold=0.05)
+
+
+@asynccontextmanager
+async def server(limits: ServerLimits = STRICT, **options: object) -> AsyncIterator[Endpoint]:
+    async with trio.open_nursery() as nursery:
+        serve = partial(serve_rendezvous, "127.0.0.1", 0, limits=limits, **options)
+        yield await nursery.start(serve)
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def raw_client(
+    rendezvous: Endpoint, source: str = "127.0.0.1"
+) -> AsyncIterator[ControlChannel]:
+    """A hand-driven control connection from ``source`` (any 127/8 address)."""
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(rendezvous.sockaddr())
+    except BaseException:
+        sock.close()
+        raise
+    async with trio.SocketStream(sock) as stream:
+        yield ControlChannel(stream, sock, RendezvousConnection(Side.CLIENT))
+
+
+async def register(
+    channel: ControlChannel, name: str, *candidates: Endpoint, token: str | None = None
+) -> object:
+    await channel.send(Register(name, candidates, token))
+    return await channel.receive()
+
+
+async def _punch(initiator: punch.Host, responder: punch.Host) -> None:
+    """Punch between two hosts, check one byte crosses, close both streams."""
+    async with trio.open_nursery() as nursery:
+        accepted: list[punch.PeerStream] = []
+        nursery.start_soon(lambda: _append(accepted, responder.accept()))
+        stream = await initiator.connect(responder.name)
+    async with stream, accepted[0]:
+        await stream.send_all(b"x")
+        assert await accepted[0].receive_some() == b"x"
+
+
+async def _append(into: list[punch.PeerStream], result: Awaitable[punch.PeerStream]) -> None:
+    into.append(await result)
+
+
+async def refused_with(channel: ControlChannel) -> str:
+    """The code of the Error that ends this connection; asserts the close follows."""
+    message = await channel.receive()
+    assert isinstance(message, Error), message
+    assert await channel.receive() is None  # closed after the error
+    return message.code
+
+
+async def test_per_ip_connection_cap_refuses_the_ninth() -> None:
+    async with server() as rendezvous, AsyncExitStack() as held:
+        for _ in range(8):
+            await held.enter_async_context(raw_client(rendezvous, "127.0.0.3"))
+        async with raw_client(rendezvous, "127.0.0.3") as ninth:
+            assert await refused_with(ninth) == "too-many-connections"
+        async with raw_client(rendezvous, "127.0.0.4") as other_ip:  # other sources unaffected
+            assert isinstance(await register(other_ip, "x"), Registered)
+
+
+async def test_exempt_sources_are_not_capped() -> None:
+    limits = ServerLimits(exempt=(ipaddress.ip_network("127.0.0.5/32"),), max_connections_per_ip=1)
+    async with server(limits) as rendezvous:
+        async with (
+            raw_client(rendezvous, "127.0.0.5") as a,
+            raw_client(rendezvous, "127.0.0.5") as b,
+        ):
+            assert isinstance(await register(a, "a"), Registered)
+            assert isinstance(await register(b, "b"), Registered)
+
+
+async def test_registration_timeout(slow_autojump_clock: trio.testing.MockClock) -> None:
+    async with server() as rendezvous, raw_client(rendezvous) as silent:
+        start = trio.current_time()
+        assert await refused_with(silent) == "registration-timeout"
+        assert trio.current_time() - start == pytest.approx(10.0, abs=0.1)
+
+
+async def test_a_silent_peer_is_dropped_after_45_s(
+    slow_autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with server() as rendezvous, raw_client(rendezvous) as peer:
+        assert isinstance(await register(peer, "quiet"), Registered)
+        await trio.sleep(40)
+        await peer.send(Keepalive())  # a keepalive resets the clock
+        start = trio.current_time()
+        assert await refused_with(peer) == "idle-timeout"
+        assert trio.current_time() - start == pytest.approx(45.0, abs=0.1)
+
+
+async def test_a_host_sends_keepalives_and_stays(
+    slow_autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with server() as rendezvous:
+        async with punch.open_host("bob", rendezvous=rendezvous) as bob:
+            await trio.sleep(300)  # 20 keepalives' worth, far past the 45 s idle timeout
+            async with punch.open_host("alice", rendezvous=rendezvous) as alice:
+                await _punch(alice, bob)
+
+
+async def test_the_peer_cap_answers_server_full() -> None:
+    async with server(ServerLimits(max_peers=2)) as rendezvous:
+        async with (
+            raw_client(rendezvous) as a,
+            raw_client(rendezvous) as b,
+            raw_client(rendezvous) as c,
+        ):
+            assert isinstance(await register(a, "a"), Registered)
+            assert isinstance(await register(b, "b"), Registered)
+            await c.send(Register("c"))
+            assert await refused_with(c) == "server-full"
+
+
+async def test_registrations_per_ip_are_rate_limited(
+    slow_autojump_clock: trio.testing.MockClock,
+) -> None:
+    limits = ServerLimits(exempt=(), registrations_per_minute=3)
+    async with server(limits) as rendezvous:
+        for i in range(3):
+            async with raw_client(rendezvous) as peer:
+                assert isinstance(await register(peer, f"p{i}"), Registered)
+        async with raw_client(rendezvous) as fourth:
+            await fourth.send(Register("p3"))
+            assert await refused_with(fourth) == "rate-limited"
+        await trio.sleep(60)
+        async with raw_client(rendezvous) as later:
+            assert isinstance(await register(later, "p4"), Registered)
+
+
+async def test_introductions_per_peer_are_rate_limited() -> None:
+    async with server(ServerLimits(introductions_per_minute=2)) as rendezvous:
+        async with raw_client(rendezvous) as asker, raw_client(rendezvous) as target:
+            await register(asker, "asker")
+            await register(target, "target")
+            for request_id in (1, 2):
+                await asker.send(ConnectRequest("target", request_id))
+                assert isinstance(await asker.receive(), Introduction)
+            await asker.send(ConnectRequest("target", 3))
+            reply = await asker.receive()
+            assert isinstance(reply, Error)
+            assert (reply.code, reply.request_id) == ("rate-limited", 3)
+
+
+async def test_a_token_is_required_when_set() -> None:
+    async with server(ServerLimits(token="s3cret")) as rendezvous:
+        for token in (None, "wrong", "s3cre"):
+            async with raw_client(rendezvous) as peer:
+                await peer.send(Register("p", (), token))
+                assert await refused_with(peer) == "unauthorized"
+        async with raw_client(rendezvous) as peer:
+            assert isinstance(await register(peer, "p", token="s3cret"), Registered)
+        with pytest.raises(punch.RendezvousError) as info:
+            async with punch.open_host("q", rendezvous=rendezvous):
+                pass
+        assert info.value.code == "unauthorized"
+        async with punch.open_host("q", rendezvous=rendezvous, token="s3cret") as host:
+            assert host.name == "q"
+
+
+async def test_an_oversized_frame_is_refused_from_its_header() -> None:
+    async with server(ServerLimits(max_frame=1024)) as rendezvous, raw_client(rendezvous) as peer:
+        await peer.stream.send_all(struct.pack("!cBH", b"P", 1, 1021))  # 1025 bytes in all
+        assert await refused_with(peer) == "frame-too-large"
+
+
+async def test_a_multicast_host_candidate_is_refused() -> None:
+    async with server() as rendezvous, raw_client(rendezvous) as peer:
+        await peer.send(Register("p", (Endpoint("224.0.0.1", 5000),)))
+        assert await refused_with(peer) == "bad-candidate"
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        Endpoint("0.0.0.0", 5000),
+        Endpoint("::", 5000),
+        Endpoint("::ffff:0.0.0.0", 5000),
+        Endpoint("239.1.2.3", 5000),
+        Endpoint("ff02::1", 5000),
+        Endpoint("::ffff:224.0.0.1", 5000),
+        Endpoint("255.255.255.255", 5000),
+        Endpoint("::ffff:255.255.255.255", 5000),
+        Endpoint("10.0.0.1", 0),
+        Endpoint("127.0.0.1", 5000),
+        Endpoint("127.9.9.9", 5000),
+        Endpoint("::1", 5000),
+        Endpoint("::ffff:127.0.0.1", 5000),
+    ],
+    ids=str,
+)
+def test_candidates_that_would_reflect_are_refused(endpoint: Endpoint) -> None:
+    assert candidate_problem(endpoint, allow_loopback=False) is not None
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [Endpoint("10.0.0.1", 5000), Endpoint("2001:db8::1", 1), Endpoint("192.168.1.2", 65535)],
+    ids=str,
+)
+def test_ordinary_candidates_are_accepted(endpoint: Endpoint) -> None:
+    assert candidate_problem(endpoint, allow_loopback=False) is None
+
+
+def test_loopback_candidates_are_fine_between_peers_on_the_server_host() -> None:
+    assert candidate_problem(Endpoint("127.0.0.1", 5000), allow_loopback=True) is None
+
+
+async def test_stop_tells_every_peer_and_returns() -> None:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        rendezvous = await nursery.start(partial(serve_rendezvous, "127.0.0.1", 0, stop=stop))
+        async with punch.open_host("bob", rendezvous=rendezvous) as bob:
+            stop.set()
+            with trio.fail_after(5), pytest.raises(punch.RendezvousError) as info:
+                await bob.accept()
+        assert info.value.code == "shutting-down"
+    with pytest.raises(OSError, match="all attempts to connect"):  # no longer accepting
+        await trio.open_tcp_stream(rendezvous.ip, rendezvous.port)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_tls_on_the_control_channel(ca: trustme.CA) -> None:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    async with server(ServerLimits(), ssl_context=server_context) as rendezvous:
+        tls = {"rendezvous": rendezvous, "rendezvous_ssl_context": client_context}
+        async with punch.open_host("bob", **tls) as bob, punch.open_host("alice", **tls) as alice:
+            await _punch(alice, bob)
+        untrusted = ssl.create_default_context()  # no CA: the cert fails
+        with pytest.raises(punch.RendezvousError) as info:
+            async with punch.open_host(
+                "eve", rendezvous=rendezvous, rendezvous_ssl_context=untrusted
+            ):
+                pass
+        assert info.value.code == "unreachable"
+        assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
