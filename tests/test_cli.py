@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,18 @@ def test_rendezvous_may_be_a_dns_name(rendezvous_process: str) -> None:
     assert done.returncode == _cli.EXIT_UNKNOWN_PEER
     events = [json.loads(line) for line in done.stderr.splitlines()]
     assert events[0]["rendezvous"] == f"127.0.0.1:{port}"
+
+
+def test_sigterm_tells_peers_and_exits_0_within_5_s(pair: PairRun) -> None:
+    address = pair.start_rendezvous([], "127.0.0.1:0")
+    server = pair.processes[-1]
+    bob = pair.start_peer("bob", [], ["listen"], address)
+    start = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=5) == 0
+    assert time.monotonic() - start < 5
+    listener = pair.wait("bob", bob, 10)
+    assert listener.returncode == _cli.EXIT_RENDEZVOUS
+    error = listener.event("error")
+    assert error
+    assert "shutting-down" in error["error"]

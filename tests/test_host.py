@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import pytest
 import trio
 
 import punch
+import punch._server
 from punch import Endpoint, RendezvousError, ReuseUnavailable, Role, WonBy
 from punch._control import ControlChannel
 from punch._protocol import Error, Register, RendezvousConnection, Side, decode_body
@@ -301,3 +303,35 @@ async def test_accept_raises_an_inbound_punch_that_failed(rendezvous: Endpoint) 
             await alice.send(punch._protocol.ConnectRequest("bob", 1))
             with trio.fail_after(5), pytest.raises(punch.PunchFailed, match="alice"):
                 await bob.accept()
+
+
+async def test_a_thousand_cancelled_connects_leak_no_descriptor(nursery: trio.Nursery) -> None:
+    limits = punch._server.ServerLimits(introductions_per_minute=10_000)
+    rendezvous = await nursery.start(
+        functools.partial(punch.serve_rendezvous, "127.0.0.1", 0, limits=limits)
+    )
+    outcomes = {"cancelled": 0, "connected": 0}
+    async with punch.open_host("alice", rendezvous=rendezvous) as alice:
+        baseline = open_fds()
+        async with punch.open_host("bob", rendezvous=rendezvous, timeout=0.5) as bob:
+
+            async def drain_bob() -> None:
+                while True:
+                    try:
+                        await (await bob.accept()).aclose()
+                    except RendezvousError:  # bob is closing
+                        return
+                    except OSError:  # an inbound punch alice walked away from
+                        pass
+
+            async with trio.open_nursery() as drains:
+                drains.start_soon(drain_bob)
+                for i in range(1000):
+                    # 0 to 4.75 ms: before the request, awaiting the introduction, mid-race, after
+                    with trio.move_on_after((i % 20) * 0.00025) as scope:
+                        await (await alice.connect("bob")).aclose()
+                    outcomes["cancelled" if scope.cancelled_caught else "connected"] += 1
+                drains.cancel_scope.cancel()
+        # bob, his races and his sockets are gone; alice must be back where she started
+        assert open_fds() == baseline, outcomes
+    assert outcomes["cancelled"] > 500, outcomes

@@ -13,6 +13,8 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import punch
 from punch import Endpoint
@@ -284,3 +286,25 @@ async def test_tls_on_the_control_channel(ca: trustme.CA) -> None:
                 pass
         assert info.value.code == "unreachable"
         assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    chunks=st.lists(
+        st.one_of(
+            st.binary(max_size=600),
+            st.builds(lambda n: struct.pack("!cBH", b"P", 1, n), st.integers(0, 65535)),
+        ),
+        max_size=6,
+    )
+)
+async def test_arbitrary_bytes_never_hurt_the_server(chunks: list[bytes]) -> None:
+    async with server(ServerLimits()) as rendezvous, raw_client(rendezvous) as fuzz:
+        for chunk in chunks:
+            try:
+                await fuzz.stream.send_all(chunk)
+            except trio.BrokenResourceError:
+                break
+        # meanwhile, and afterwards, a well-behaved peer is served as usual
+        async with raw_client(rendezvous, "127.0.0.2") as good:
+            assert isinstance(await register(good, "good"), Registered)

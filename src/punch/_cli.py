@@ -6,6 +6,7 @@ import argparse
 import functools
 import ipaddress
 import logging
+import resource
 import secrets
 import signal
 import ssl
@@ -522,9 +523,17 @@ def _run(*args: Any) -> None:
         raise error from error.__cause__
 
 
+def _raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one: each connection is a descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     limits, context = _server_options(parser, args)
     _logging(logging.WARNING if args.quiet else logging.INFO)
+    _raise_fd_limit()
 
     async def run() -> None:
         stop = trio.Event()

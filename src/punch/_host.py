@@ -218,6 +218,17 @@ class Host:
                 self._reply(request_id, self._closed)
         self._accepted_send.close()
 
+    def _close_unaccepted(self) -> None:
+        """Abort the punched streams nobody called :meth:`accept` for."""
+        self._accepted_send.close()
+        while True:
+            try:
+                outcome = self._accepted.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            if isinstance(outcome, PeerStream):
+                _reuse.abort(outcome.socket)
+
     async def _keepalive(self) -> None:
         """A Keepalive every :data:`KEEPALIVE_INTERVAL` s: the server's idle timeout holds off."""
         while True:
@@ -373,6 +384,7 @@ async def open_host(
                         yield host
                     finally:
                         nursery.cancel_scope.cancel()
+                        host._close_unaccepted()
             except BaseExceptionGroup as group:
                 # The background tasks never raise, so a lone exception is the
                 # caller's own (RendezvousError, PunchFailed...): give it back as is.
@@ -459,5 +471,12 @@ async def connect(
     Raises:
         Everything :func:`open_host` and :meth:`Host.connect` raise.
     """
-    async with open_host(name, rendezvous=rendezvous, local=local, timeout=timeout) as host:
-        return await host.connect(peer)
+    stream = None
+    try:
+        async with open_host(name, rendezvous=rendezvous, local=local, timeout=timeout) as host:
+            stream = await host.connect(peer)
+    except BaseException:
+        if stream is not None:  # cancelled while the host closed: the stream is nobody's
+            _reuse.abort(stream.socket)
+        raise
+    return stream

@@ -256,6 +256,7 @@ class Race:
             len(self._states),
             ", ".join(str(s.candidate) for s in self._states) or "none",
         )
+        keep = None
         try:
             with trio.move_on_after(self.timeout):
                 async with trio.open_nursery() as nursery:
@@ -263,9 +264,12 @@ class Race:
                     for state in self._states:
                         nursery.start_soon(self._dial_loop, state)
                     nursery.start_soon(self._accept_loop, nursery)
+            # only now is the winner ours to return: cancelled from outside, even a
+            # nominated stream is closed with the rest, never leaked
+            keep = self._winner.socket_stream if self._winner is not None else None
         finally:
             for stream in self._streams:
-                if self._winner is None or stream is not self._winner.socket_stream:
+                if stream is not keep:
                     _reuse.abort(stream.socket)
             self._streams.clear()
         if self._winner is not None:
