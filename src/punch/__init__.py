@@ -29,6 +29,7 @@ from ._host import Host as Host
 from ._host import connect as connect
 from ._host import open_host as open_host
 from ._reuse import reuse_available as reuse_available
+from ._server import ServerLimits as ServerLimits
 from ._server import serve_rendezvous as serve_rendezvous
 from ._stream import PeerStream as PeerStream
 from ._stream import WonBy as WonBy
@@ -53,6 +54,7 @@ __all__ = [
     "ReuseUnavailable",
     "Role",
     "SelfDialError",
+    "ServerLimits",
     "WonBy",
     "connect",
     "open_host",
