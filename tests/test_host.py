@@ -7,6 +7,7 @@ import struct
 
 import pytest
 import trio
+import trio.testing
 
 import punch
 import punch._server
@@ -332,6 +333,8 @@ async def test_a_thousand_cancelled_connects_leak_no_descriptor(nursery: trio.Nu
                         await (await alice.connect("bob")).aclose()
                     outcomes["cancelled" if scope.cancelled_caught else "connected"] += 1
                 drains.cancel_scope.cancel()
-        # bob, his races and his sockets are gone; alice must be back where she started
+        # bob, his races and his sockets are gone; once alice's listener has seen the
+        # resets of what bob had in flight to her, she must be back where she started
+        await trio.testing.wait_all_tasks_blocked(cushion=0.1)
         assert open_fds() == baseline, outcomes
     assert outcomes["cancelled"] > 500, outcomes
