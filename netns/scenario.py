@@ -107,9 +107,10 @@ class PairRun:
             stderr,
         )
 
-    def start_rendezvous(self, prefix: list[str], listen: str) -> str:
-        """Start ``punch rendezvous`` and return the address it printed."""
-        server = self.start("rendezvous", prefix, [*PUNCH, "rendezvous", "--listen", listen])
+    def start_rendezvous(self, prefix: list[str], listen: str, *args: str) -> str:
+        """Start ``punch rendezvous`` (more flags in ``args``); return the address it printed."""
+        argv = [*PUNCH, "rendezvous", "--listen", listen, *args]
+        server = self.start("rendezvous", prefix, argv)
         path = self.workdir / "rendezvous.out"
         return _wait_for(path, lambda t: t.endswith("\n"), server, "rendezvous").strip()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from netns.scenario import PUNCH, PairRun, _wait_for
+from netns.scenario import PairRun
 
 import punch
 from punch import Endpoint
@@ -36,18 +36,8 @@ def enough_descriptors() -> None:
 def rendezvous_process() -> Iterator[tuple[Endpoint, int]]:
     pair = PairRun()
     try:
-        argv = [
-            *PUNCH,
-            "rendezvous",
-            "--listen",
-            "127.0.0.1:0",
-            "-q",
-            "--registration-timeout",
-            "3",
-        ]
-        process = pair.start("rendezvous", [], argv)
-        out = _wait_for(pair.workdir / "rendezvous.out", lambda t: t.endswith("\n"), process, "rv")
-        yield Endpoint.parse(out.strip()), process.pid
+        address = pair.start_rendezvous([], "127.0.0.1:0", "-q", "--registration-timeout", "3")
+        yield Endpoint.parse(address), pair.processes[-1].pid
     finally:
         pair.close()
 

@@ -308,9 +308,10 @@ def _parser() -> argparse.ArgumentParser:
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Checks argparse cannot make one argument at a time; each fails as a usage error."""
     host = args.rendezvous[0]
-    if args.ipv6 and _literal_version(host) == 4:
+    version = _literal_version(host)
+    if args.ipv6 and version == 4:
         parser.error(f"--rendezvous {host} is IPv4, but --ipv6 was given")
-    if _literal_version(host) == 6:
+    if version == 6:
         args.ipv6 = True
     if args.local is not None and (args.local.address.version == 6) != args.ipv6:
         parser.error(f"--local {args.local} is not of the rendezvous's address family")

@@ -203,9 +203,5 @@ async def receive(stream: PeerStream, directory: Path, force: bool, report: Repo
             )
         finally:
             progress.close()
-    report(
-        "verified",
-        f"saved {path} ({path.stat().st_size} bytes, SHA-256 verified)",
-        path=str(path),
-        size=path.stat().st_size,
-    )
+    size = path.stat().st_size
+    report("verified", f"saved {path} ({size} bytes, SHA-256 verified)", path=str(path), size=size)

@@ -353,12 +353,12 @@ class RendezvousServer:
             nursery.start_soon(self._deliver, requester, to_requester)
             nursery.start_soon(self._deliver, target, to_target)
 
-    async def _deliver(self, peer: _Peer, message: Introduction | Error) -> None:
+    async def _deliver(self, peer: _Peer, message: Introduction) -> None:
         with trio.move_on_after(SEND_TIMEOUT) as scope:
             try:
                 await peer.channel.send(message)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.info("%r: %s not delivered: %s", peer.name, type(message).__name__, exc)
+                log.info("%r: introduction not delivered: %s", peer.name, exc.__cause__ or exc)
                 _reuse.abort(peer.channel.socket)
         if scope.cancelled_caught:
             log.warning("%r: not reading; dropped after %g s", peer.name, SEND_TIMEOUT)
@@ -389,7 +389,9 @@ class RendezvousServer:
                 else:
                     await channel.stream.aclose()  # TLS: close_notify
                     return
-                drained = 0 if drain else _DRAIN_LIMIT
+                if not drain:
+                    return
+                drained = 0
                 while drained < _DRAIN_LIMIT and (data := await channel.stream.receive_some()):
                     drained += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):

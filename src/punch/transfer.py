@@ -89,9 +89,13 @@ class FileHeader:
         if not isinstance(data, dict) or set(data) != {"name", "size", "sha256"}:
             raise TransferError("protocol", f"not a file header: {data!r}")
         name, size, digest = data["name"], data["size"], data["sha256"]
-        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
-            raise TransferError("protocol", f"not a plain file name: {name!r}")
-        if "\\" in name or "\0" in name:
+        if (
+            not isinstance(name, str)
+            or name in ("", ".", "..")
+            or Path(name).name != name
+            or "\\" in name
+            or "\0" in name
+        ):
             raise TransferError("protocol", f"not a plain file name: {name!r}")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise TransferError("protocol", f"size must be bytes >= 0, not {size!r}")
