@@ -9,8 +9,9 @@ from typing import Any
 import trio
 
 from punch import Candidate, CandidateType, Endpoint, PeerStream, Role
+from punch._control import ControlChannel
 from punch._handshake import HELLO_SIZE, PROOF_SIZE, Handshake
-from punch._protocol import Introduction
+from punch._protocol import Introduction, Register, RendezvousConnection, Side
 from punch._race import InboundRouter, Race
 from punch._reuse import open_listener
 from punch._stream import ExactReader
@@ -80,3 +81,26 @@ async def play_peer(
     await reader.send(shake.proof())
     shake.verify_proof(await reader.exactly(PROOF_SIZE))
     return reader
+
+
+@asynccontextmanager
+async def raw_client(
+    rendezvous: Endpoint, source: str = "127.0.0.1"
+) -> AsyncIterator[ControlChannel]:
+    """A hand-driven control connection from ``source`` (any 127/8 address)."""
+    sock = trio.socket.socket()
+    try:
+        await sock.bind((source, 0))
+        await sock.connect(rendezvous.sockaddr())
+    except BaseException:
+        sock.close()
+        raise
+    async with trio.SocketStream(sock) as stream:
+        yield ControlChannel(stream, sock, RendezvousConnection(Side.CLIENT))
+
+
+async def register(
+    channel: ControlChannel, name: str, *candidates: Endpoint, token: str | None = None
+) -> object:
+    await channel.send(Register(name, candidates, token))
+    return await channel.receive()

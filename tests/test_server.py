@@ -26,10 +26,9 @@ from punch._protocol import (
     Keepalive,
     Register,
     Registered,
-    RendezvousConnection,
-    Side,
 )
 from punch._server import ServerLimits, candidate_problem, serve_rendezvous
+from tests.helpers import raw_client, register
 
 STRICT = ServerLimits(exempt=())  # loopback counted like any other source
 
@@ -46,29 +45,6 @@ async def server(limits: ServerLimits = STRICT, **options: object) -> AsyncItera
         serve = partial(serve_rendezvous, "127.0.0.1", 0, limits=limits, **options)
         yield await nursery.start(serve)
         nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def raw_client(
-    rendezvous: Endpoint, source: str = "127.0.0.1"
-) -> AsyncIterator[ControlChannel]:
-    """A hand-driven control connection from ``source`` (any 127/8 address)."""
-    sock = trio.socket.socket()
-    try:
-        await sock.bind((source, 0))
-        await sock.connect(rendezvous.sockaddr())
-    except BaseException:
-        sock.close()
-        raise
-    async with trio.SocketStream(sock) as stream:
-        yield ControlChannel(stream, sock, RendezvousConnection(Side.CLIENT))
-
-
-async def register(
-    channel: ControlChannel, name: str, *candidates: Endpoint, token: str | None = None
-) -> object:
-    await channel.send(Register(name, candidates, token))
-    return await channel.receive()
 
 
 async def _punch(initiator: punch.Host, responder: punch.Host) -> None:
