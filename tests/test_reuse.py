@@ -18,9 +18,9 @@ def test_reuse_is_available_on_linux() -> None:
 
 
 async def test_listener_and_dialer_share_one_port() -> None:
-    shared = await open_listener(Endpoint("127.0.0.1", 0))
+    shared = open_listener(Endpoint("127.0.0.1", 0))
     port = shared.socket.getsockname()[1]
-    other = await open_listener(Endpoint("127.0.0.1", 0))
+    other = open_listener(Endpoint("127.0.0.1", 0))
     async with shared, other:
         outbound = await dial(
             Endpoint("127.0.0.1", port), Endpoint.from_sockaddr(other.socket.getsockname())
@@ -37,8 +37,8 @@ async def test_listener_and_dialer_share_one_port() -> None:
 
 
 async def test_ipv6_listener_and_dialer_share_one_port() -> None:
-    shared = await open_listener(Endpoint("::1", 0))
-    other = await open_listener(Endpoint("::1", 0))
+    shared = open_listener(Endpoint("::1", 0))
+    other = open_listener(Endpoint("::1", 0))
     async with shared, other:
         port = shared.socket.getsockname()[1]
         outbound = await dial(
@@ -90,7 +90,7 @@ async def test_forced_tcp_self_connect_is_detected_and_closed(
 
 
 async def test_abort_leaves_no_time_wait_so_the_same_4_tuple_dials_again() -> None:
-    listener = await open_listener(Endpoint("127.0.0.1", 0))
+    listener = open_listener(Endpoint("127.0.0.1", 0))
     async with listener:
         remote = Endpoint.from_sockaddr(listener.socket.getsockname())
         first = await dial(Endpoint("127.0.0.1", 0), remote)
@@ -103,7 +103,7 @@ async def test_abort_leaves_no_time_wait_so_the_same_4_tuple_dials_again() -> No
 
 
 async def test_an_existing_4_tuple_cannot_be_dialled_twice() -> None:
-    listener = await open_listener(Endpoint("127.0.0.1", 0))
+    listener = open_listener(Endpoint("127.0.0.1", 0))
     async with listener:
         remote = Endpoint.from_sockaddr(listener.socket.getsockname())
         first = await dial(Endpoint("127.0.0.1", 0), remote)

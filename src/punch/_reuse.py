@@ -57,8 +57,10 @@ def reuse_available() -> bool:
     return True
 
 
-async def bind_reusable(local: Endpoint) -> trio.socket.SocketType:
+def bind_reusable(local: Endpoint) -> trio.socket.SocketType:
     """A new TCP socket with both reuse options set, bound to ``local``.
+
+    Synchronous: ``local`` is a numeric address, so ``bind`` never blocks.
 
     Args:
         local: the endpoint to bind; port 0 lets the kernel choose.
@@ -68,25 +70,25 @@ async def bind_reusable(local: Endpoint) -> trio.socket.SocketType:
         OSError: ``bind`` failed (``EADDRINUSE`` when a socket without the
             options, or of another user, holds the port).
     """
-    sock = trio.socket.socket(local.family, socket.SOCK_STREAM)
+    sock = socket.socket(local.family, socket.SOCK_STREAM)
     try:
         _set_reuse(sock)
         if local.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind(local.sockaddr())
+        sock.bind(local.sockaddr())
     except BaseException:
         sock.close()
         raise
-    return sock
+    return trio.socket.from_stdlib_socket(sock)
 
 
-async def open_listener(local: Endpoint) -> trio.SocketListener:
+def open_listener(local: Endpoint) -> trio.SocketListener:
     """A listening socket on ``local`` that dials on the same port can share.
 
     Raises:
         ReuseUnavailable, OSError: as :func:`bind_reusable`.
     """
-    sock = await bind_reusable(local)
+    sock = bind_reusable(local)
     try:
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
@@ -151,7 +153,7 @@ async def dial(
             when this 4-tuple is already connected).
     """
     check_not_self(remote, local, own)
-    sock = await bind_reusable(local)
+    sock = bind_reusable(local)
     try:
         await sock.connect(remote.sockaddr())
         if sock.getsockname() == sock.getpeername():
