@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test matrix docs lint netns-deps clean
+.PHONY: demo test matrix bench docs lint netns-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,13 +31,18 @@ test: $(STAMP) netns-deps
 matrix: $(STAMP) netns-deps
 	$(PY) -m netns.matrix --trials 10 --readme
 
+# Every benchmark of issue 5 (as root, under 15 minutes): prints the table,
+# writes benchmarks/results.json, and regenerates README.md's performance section.
+bench: $(STAMP) netns-deps
+	$(PY) -m benchmarks --readme
+
 # README.md's API reference (from docstrings) and `punch --help` section.
 docs: $(STAMP)
 	$(PY) -m tools.docs
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests netns examples tools
-	$(VENV)/bin/ruff format --check src tests netns examples tools
+	$(VENV)/bin/ruff check src tests netns examples tools benchmarks
+	$(VENV)/bin/ruff format --check src tests netns examples tools benchmarks
 	$(VENV)/bin/mypy
 
 clean:

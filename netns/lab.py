@@ -149,6 +149,20 @@ class Lab:
         text = f"table {table} {{\n  chain c {{\n    {hook};\n    {rule}\n  }}\n}}\n"
         self.sh(ns, "nft", "-f", "-", stdin=text)
 
+    def forward(self, ns: str, port: int, to_ip: str) -> None:
+        """Port-forward TCP ``port`` on router ``ns``'s WAN address to ``to_ip``:``port``.
+
+        A publicly reachable listener behind the NAT, on the very path a punch
+        takes: the benchmarks' baseline for a direct connection.
+        """
+        self._table(
+            ns,
+            "ip punchforward",
+            "type nat hook prerouting priority dstnat",
+            f'iifname "wan0" tcp dport {port} dnat to {to_ip}:{port}',
+        )
+        self.sh(ns, "nft", "insert", "rule", "ip", "punchlab", "forward", "ct status dnat accept")
+
     def unblock(self, ns: str) -> None:
         self.sh(ns, "nft", "delete", "table", "ip", "punchblock")
 

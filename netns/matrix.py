@@ -41,7 +41,7 @@ from netns.lab import (
     build_overlap,
     build_two_nats,
 )
-from netns.scenario import PUNCH, PairRun, PeerRun, _wait_for, run_in_lab, run_rendezvous_dies
+from netns.scenario import PUNCH, PairRun, PeerRun, run_in_lab, run_rendezvous_dies, wait_for
 from punch._cli import EXIT_PUNCH_FAILED, EXIT_RENDEZVOUS
 
 DEADLINE = 10.0
@@ -259,7 +259,7 @@ def run_cell(cell: Cell, trials: int) -> CellResult:
             process = pair.start(
                 "stray", lab.exec_prefix(ns), [*argv, "--local", f"{ip}:{OVERLAP_PORT}"]
             )
-            _wait_for(pair.workdir / "stray.err", lambda t: '"registered"' in t, process, "stray")
+            wait_for(pair.workdir / "stray.err", lambda t: '"registered"' in t, process, "stray")
             strays.append(pair)
 
         for _ in range(trials):

@@ -53,7 +53,7 @@ def _events(text: str) -> tuple[dict[str, Any], ...]:
     return tuple(events)
 
 
-def _wait_for(
+def wait_for(
     path: Path, found: Callable[[str], bool], process: subprocess.Popen[bytes], what: str
 ) -> str:
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -112,7 +112,7 @@ class PairRun:
         argv = [*PUNCH, "rendezvous", "--listen", listen, *args]
         server = self.start("rendezvous", prefix, argv)
         path = self.workdir / "rendezvous.out"
-        return _wait_for(path, lambda t: t.endswith("\n"), server, "rendezvous").strip()
+        return wait_for(path, lambda t: t.endswith("\n"), server, "rendezvous").strip()
 
     def start_peer(
         self, name: str, prefix: list[str], command: list[str], address: str, *args: str
@@ -122,7 +122,7 @@ class PairRun:
         argv = [*PUNCH, *command, "--name", name, "--rendezvous", address, "--json", *args]
         process = self.start(name, prefix, argv, f"hello from {name}\n".encode())
         if command[0] in ("listen", "receive"):
-            _wait_for(self.workdir / f"{name}.err", lambda t: '"registered"' in t, process, name)
+            wait_for(self.workdir / f"{name}.err", lambda t: '"registered"' in t, process, name)
         return process
 
     def wait(self, name: str, process: subprocess.Popen[bytes], timeout: float) -> PeerRun:
@@ -223,7 +223,7 @@ def run_rendezvous_dies(lab: Lab, topology: Topology) -> tuple[PeerRun, PeerRun,
             "alice", lab.exec_prefix(a.peer_ns), ["connect", "bob"], address, "-v"
         )
         for name, process in (("alice", alice), ("bob", bob)):
-            _wait_for(pair.workdir / f"{name}.err", lambda t: "racing accept" in t, process, name)
+            wait_for(pair.workdir / f"{name}.err", lambda t: "racing accept" in t, process, name)
         server.kill()
         server.wait(timeout=5)
         lab.unblock(a.nat_ns)

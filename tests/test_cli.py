@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netns.scenario import PUNCH, PairRun, _wait_for, run_on_loopback
+from netns.scenario import PUNCH, PairRun, run_on_loopback, wait_for
 
 from punch import CandidateFailed, Endpoint, HandshakeError, HandshakeInterrupted, PunchFailed, _cli
 from punch._commands import Progress, Reporter
@@ -226,7 +226,7 @@ def test_chat_over_ipv6_both_ways_until_one_side_quits(pair: PairRun) -> None:
     address = pair.start_rendezvous([], "[::1]:0")
     # alice sorts first, so she asks for bob, and asks again until he registers
     alice = _chatter(pair, "alice", "bob", address)
-    _wait_for(pair.workdir / "alice.err", lambda t: "waiting for 'bob'" in t, alice, "alice")
+    wait_for(pair.workdir / "alice.err", lambda t: "waiting for 'bob'" in t, alice, "alice")
     bob = _chatter(pair, "bob", "alice", address)
     assert alice.stdin is not None
     assert bob.stdin is not None
@@ -234,8 +234,8 @@ def test_chat_over_ipv6_both_ways_until_one_side_quits(pair: PairRun) -> None:
     alice.stdin.flush()
     bob.stdin.write(b"hi alice\n")
     bob.stdin.flush()
-    _wait_for(pair.workdir / "bob.out", lambda t: "alice> hi bob\n" in t, bob, "bob")
-    _wait_for(pair.workdir / "alice.out", lambda t: "bob> hi alice\n" in t, alice, "alice")
+    wait_for(pair.workdir / "bob.out", lambda t: "alice> hi bob\n" in t, bob, "bob")
+    wait_for(pair.workdir / "alice.out", lambda t: "bob> hi alice\n" in t, alice, "alice")
     alice.stdin.close()  # alice quits; bob's chat ends too
     assert alice.wait(timeout=10) == 0
     assert bob.wait(timeout=10) == 0

@@ -50,6 +50,13 @@ class ControlChannel:
             LocalProtocolError: we may not send it now.
             trio.BrokenResourceError, trio.ClosedResourceError: the connection failed.
         """
-        data = self.connection.send(message)
+        await self.send_frame(self.connection.send(message))
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Send a frame that ``connection.send`` has encoded; concurrent senders take turns.
+
+        Raises:
+            trio.BrokenResourceError, trio.ClosedResourceError: the connection failed.
+        """
         async with self._send_lock:
-            await self.stream.send_all(data)
+            await self.stream.send_all(frame)

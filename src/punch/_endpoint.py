@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import socket
 from typing import Any
@@ -12,11 +13,17 @@ import attrs
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> IPAddress:
+    """``ipaddress.ip_address``, memoised: every dial and accept builds endpoints."""
+    return ipaddress.ip_address(text)
+
+
 def _check_ip(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not isinstance(value, str):
         raise TypeError(f"ip must be str, not {value!r}")
     try:
-        ipaddress.ip_address(value)
+        _parse(value)
     except ValueError:
         raise ValueError(f"ip must be an IPv4 or IPv6 address, not {value!r}") from None
 
@@ -32,7 +39,7 @@ def _normalise_ip(value: str) -> str:
     """``str(ip_address(value))`` when it parses; else ``value``, for the validator to refuse."""
     if isinstance(value, str):
         try:
-            return str(ipaddress.ip_address(value))
+            return str(_parse(value))
         except ValueError:
             pass
     return value
@@ -58,7 +65,7 @@ class Endpoint:
     @property
     def address(self) -> IPAddress:
         """The IP address as an :mod:`ipaddress` object."""
-        return ipaddress.ip_address(self.ip)
+        return _parse(self.ip)
 
     @property
     def family(self) -> socket.AddressFamily:

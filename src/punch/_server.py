@@ -190,11 +190,14 @@ class RendezvousServer:
         ssl_context: wrap every control connection in TLS with this context.
         on_loopback: the server listens on a loopback address (then loopback
             host candidates are fine from anyone).
+        lab_skew: seconds (>= 0) to hold back each responder's introduction;
+            a knob for the netns lab and benchmarks, 0 in service.
     """
 
     limits: ServerLimits = attrs.field(factory=ServerLimits)
     ssl_context: ssl.SSLContext | None = None
     on_loopback: bool = False
+    lab_skew: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     peers: dict[str, _Peer] = attrs.field(factory=dict, init=False)
     connections: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _registrations: RateLimit = attrs.field(init=False)
@@ -349,14 +352,20 @@ class RendezvousServer:
             target.observed,
             attempt_id.hex()[:8],
         )
-        async with trio.open_nursery() as nursery:  # both at the same moment
-            nursery.start_soon(self._deliver, requester, to_requester)
-            nursery.start_soon(self._deliver, target, to_target)
+        # Both at the same moment: encoded first, so neither waits on the other's JSON.
+        frames = (
+            requester.channel.connection.send(to_requester),
+            target.channel.connection.send(to_target),
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._deliver, requester, frames[0])
+            nursery.start_soon(self._deliver, target, frames[1], self.lab_skew)
 
-    async def _deliver(self, peer: _Peer, message: Introduction) -> None:
+    async def _deliver(self, peer: _Peer, frame: bytes, delay: float = 0.0) -> None:
+        await trio.sleep(delay)
         with trio.move_on_after(SEND_TIMEOUT) as scope:
             try:
-                await peer.channel.send(message)
+                await peer.channel.send_frame(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.info("%r: introduction not delivered: %s", peer.name, exc.__cause__ or exc)
                 _reuse.abort(peer.channel.socket)
@@ -406,6 +415,7 @@ async def serve_rendezvous(
     ssl_context: ssl.SSLContext | None = None,
     stop: trio.Event | None = None,
     registration_timeout: float | None = None,
+    lab_skew: float = 0.0,
     task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a rendezvous server until cancelled, or until ``stop`` is set.
@@ -425,6 +435,8 @@ async def serve_rendezvous(
             registered peer ``shutting-down`` (at most :data:`SHUTDOWN_GRACE`
             seconds), close every connection, return.
         registration_timeout: shorthand for ``limits.registration_timeout``.
+        lab_skew: seconds (>= 0) each responder's introduction is held back,
+            to test NAT timing in the lab; leave it 0 in service.
         task_status: receives the bound :class:`Endpoint` once listening.
 
     Raises:
@@ -435,7 +447,7 @@ async def serve_rendezvous(
     limits = limits or ServerLimits()
     if registration_timeout is not None:
         limits = attrs.evolve(limits, registration_timeout=registration_timeout)
-    server = RendezvousServer(limits, ssl_context, bind.address.is_loopback)
+    server = RendezvousServer(limits, ssl_context, bind.address.is_loopback, lab_skew)
     listeners = await trio.open_tcp_listeners(bind.port, host=bind.ip)
     bound = Endpoint.from_sockaddr(listeners[0].socket.getsockname())
     log.info("rendezvous listening on %s%s", bound, " (TLS)" if ssl_context else "")

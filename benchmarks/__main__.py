@@ -1,0 +1,254 @@
+"""Run every benchmark, print one table, write ``benchmarks/results.json``.
+
+``python -m benchmarks [--quick] [--readme] [--json PATH]`` (``make bench``;
+root, for the netns lab). Every figure is a median (p95 where given) of one
+run, and every target a ratio to a baseline measured in the same run:
+absolute times are printed, never asserted. ``--quick`` runs few trials and
+small sizes, to check that the suite works, not to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from netns.lab import missing_requirements
+from tools.readme import replace_section
+
+from benchmarks import capacity
+from benchmarks.lab import cold_start, time_to_stream, worst_timing
+
+RESULTS = Path(__file__).parent / "results.json"
+SKEW = 0.3
+"""Seconds the responder's introduction is held back in the worst-timing run."""
+FULL = {
+    "trials": 50,
+    "skew_trials": 20,
+    "cold_trials": 20,
+    "rounds": 5,
+    "bytes": 1 << 30,
+    "peers": (10_000, 50_000, 100_000),
+    "pairs": 500,
+    "seconds": 5.0,
+}
+QUICK = {
+    "trials": 5,
+    "skew_trials": 3,
+    "cold_trials": 3,
+    "rounds": 1,
+    "bytes": 64 << 20,
+    "peers": (1_000, 2_000),
+    "pairs": 50,
+    "seconds": 1.0,
+}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def p95(values: list[float]) -> float:
+    return statistics.quantiles(values, n=20, method="inclusive")[-1]
+
+
+def run(size: dict[str, Any]) -> dict[str, Any]:
+    """Every measurement of issue 5, as one JSON-able dict of raw samples and summaries."""
+    cone = time_to_stream(size["trials"], size["rounds"], size["bytes"])
+    rst = worst_timing(size["skew_trials"], SKEW)
+    cold = cold_start(size["cold_trials"])
+    peers = capacity.idle_peers(size["peers"])
+    intros = capacity.introductions(size["pairs"], size["seconds"])
+    accepts = capacity.accept_and_close(2 * size["pairs"], size["seconds"])
+
+    def both(trial: dict[str, Any]) -> float:  # both sides hold a verified stream
+        return max(trial["alice"]["connect_time"], trial["bob"]["connect_time"])
+
+    punch = [both(t) for t in cone["punch"]]
+    direct = [t["alice"]["connect_time"] for t in cone["direct"]]
+    skewed = [both(t) for t in rst["punch"]]
+    attempts = [max(t["alice"]["attempts_per_s"], t["bob"]["attempts_per_s"]) for t in rst["punch"]]
+    gib = cone["throughput"]["bytes"] / (1 << 30)
+
+    def rate(seconds: list[float]) -> float:  # GiB/s at the median round
+        return gib / median(seconds)
+
+    flows = cone["throughput"]
+    summary = {
+        "time_to_stream": {
+            "punch_median": median(punch),
+            "punch_p95": p95(punch),
+            "direct_median": median(direct),
+            "direct_p95": p95(direct),
+            "ratio": median(punch) / median(direct),
+            "target": 1.3,
+            "won_by": sorted({t["alice"]["won_by"] for t in cone["punch"]}),
+        },
+        "worst_timing": {
+            "median": median(skewed),
+            "limit": 2 * median(punch) + SKEW,
+            "ratio": median(skewed) / (2 * median(punch) + SKEW),
+            "target": 1.0,
+            "attempts_per_s_max": max(attempts),
+            "attempts_target": 20,
+            "connected": len(skewed),
+        },
+        "cold_start": {
+            "first_byte_median": median(cold["first_byte"]),
+            "interpreter_median": median(cold["interpreter"]),
+            "import_median": median(cold["import"]) - median(cold["interpreter"]),
+        },
+        "throughput": {
+            direction: {
+                "punched": rate(flows["punched"][direction]),
+                "raw": rate(flows["raw"][direction]),
+                "ratio": rate(flows["punched"][direction]) / rate(flows["raw"][direction]),
+            }
+            for direction in ("up", "down")
+        }
+        | {"target": 0.97, "gib_per_round": gib},
+        "capacity": {
+            "baseline_rss": peers["baseline_rss"],
+            "points": peers["points"],
+            "target_rss": 1 << 30,
+            "introductions_per_s": intros["per_second"],
+            "accepts_per_s": accepts["per_second"],
+            "ratio": intros["per_second"] / accepts["per_second"],
+            "server_cpu": {"introductions": intros["server_cpu"], "accepts": accepts["server_cpu"]},
+        },
+        "cpu_per_punch": median([t["cpu"] for t in cone["punch"]]),
+    }
+    return {"summary": summary, "samples": {"cone": cone, "cone_rst_skewed": rst, "cold": cold}}
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def verdict(ok: bool) -> str:
+    return "holds" if ok else "**missed**"
+
+
+def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
+    """The results as a Markdown table: measure, figure, baseline, ratio, target."""
+    t, w, c = summary["time_to_stream"], summary["worst_timing"], summary["cold_start"]
+    tp, cap = summary["throughput"], summary["capacity"]
+    top = cap["points"][-1]
+    rows = [
+        (
+            f"time to authenticated stream, cone x cone ({trials['trials']} trials)",
+            f"{ms(t['punch_median'])} (p95 {ms(t['punch_p95'])})",
+            f"direct connect + handshake {ms(t['direct_median'])} (p95 {ms(t['direct_p95'])})",
+            f"{t['ratio']:.2f}",
+            f"<= {t['target']}: {verdict(t['ratio'] <= t['target'])}",
+        ),
+        (
+            f"cone-rst x cone-rst, responder {SKEW * 1000:.0f} ms late "
+            f"({trials['skew_trials']} trials)",
+            ms(w["median"]),
+            f"2 x cone median + skew = {ms(w['limit'])}",
+            f"{w['ratio']:.2f}",
+            f"<= 1: {verdict(w['ratio'] <= 1)}",
+        ),
+        (
+            "connect attempts per candidate per second (same run)",
+            f"{w['attempts_per_s_max']} at most",
+            "",
+            "",
+            f"<= 20: {verdict(w['attempts_per_s_max'] <= 20)}",
+        ),
+        (
+            f"cold start: `punch connect` to first byte ({trials['cold_trials']} runs)",
+            ms(c["first_byte_median"]),
+            f"interpreter start {ms(c['interpreter_median'])}; "
+            f"`import punch._cli` {ms(c['import_median'])} more",
+            "",
+            "reported",
+        ),
+    ]
+    for direction, label in (("up", "alice to bob"), ("down", "bob to alice")):
+        flow = tp[direction]
+        rows.append(
+            (
+                f"throughput {label}, {tp['gib_per_round']:g} GiB x {trials['rounds']}",
+                f"{flow['punched']:.2f} GiB/s punched",
+                f"raw trio.SocketStream {flow['raw']:.2f} GiB/s",
+                f"{flow['ratio']:.2f}",
+                f">= {tp['target']}: {verdict(flow['ratio'] >= tp['target'])}",
+            )
+        )
+    for point in cap["points"]:
+        rows.append(
+            (
+                f"rendezvous: {point['peers']:,} idle peers with keepalives",
+                f"RSS {point['rss'] / 2**20:.0f} MiB ({point['per_peer'] / 1024:.1f} KiB/peer)",
+                f"empty server {cap['baseline_rss'] / 2**20:.0f} MiB",
+                f"{point['rss'] / cap['target_rss']:.2f} of 1 GiB" if point is top else "",
+                f"< 1 GiB: {verdict(point['rss'] < cap['target_rss'])}" if point is top else "",
+            )
+        )
+    rows += [
+        (
+            f"rendezvous: introductions/s, {2 * trials['pairs']} peers pairing",
+            f"{cap['introductions_per_s']:,.0f}/s",
+            f"trio accept-and-close loop {cap['accepts_per_s']:,.0f}/s",
+            f"{cap['ratio']:.2f}",
+            "reported",
+        ),
+        (
+            "CPU per punch (one peer, `Host.connect`, cone x cone)",
+            ms(summary["cpu_per_punch"]),
+            "",
+            "",
+            "reported",
+        ),
+    ]
+    lines = [
+        "| measure | figure | baseline, same run | ratio | target |",
+        "|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="few trials, small sizes")
+    parser.add_argument("--json", type=Path, default=RESULTS, help=f"default {RESULTS}")
+    parser.add_argument("--readme", action="store_true", help="write the README section")
+    args = parser.parse_args(argv)
+    problem = missing_requirements()
+    if problem is not None:
+        print(f"benchmarks: {problem}", file=sys.stderr)
+        return 2
+    size = QUICK if args.quick else FULL
+    results = run(size)
+    markdown = table(results["summary"], size)
+    print(markdown)
+    results["meta"] = {
+        "date": datetime.date.today().isoformat(),
+        "quick": args.quick,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "cpus": len(os.sched_getaffinity(0)),
+    }
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+    if args.readme:
+        meta = results["meta"]
+        replace_section(
+            "performance",
+            f"One run of `make bench` on {meta['date']} (Linux {meta['kernel']}, "
+            f"{meta['cpus']} CPUs, Python {meta['python']}); medians unless "
+            "marked p95.\n\n" + markdown,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Rendezvous capacity on loopback: idle peers held (RSS per peer), and introductions per second.
+
+The server is the real ``punch rendezvous`` process; the load comes from this
+process with plain non-blocking sockets (no trio), from source addresses
+spread over 127.0.0.0/8 so that neither port space nor per-IP limits bind.
+Every loop here is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from punch._protocol import (
+    ConnectRequest,
+    Introduction,
+    Keepalive,
+    Register,
+    Registered,
+    decode_body,
+    encode_frame,
+)
+
+HEADER = struct.Struct("!cBH")
+KEEPALIVE_EVERY = 10.0
+"""Seconds between keepalive sweeps over every idle peer (the server drops at 45 s)."""
+BATCH = 1000
+"""Connections opened, then registered, per step (below the listen backlog)."""
+REPLY_TIMEOUT = 30.0
+SERVER_ARGS = ["--max-peers", "1000000", "--introductions-per-minute", "100000000", "--quiet"]
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Let this process (and the server it starts) hold ``needed`` descriptors (root may)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(hard, needed)))
+
+
+def sources() -> Iterator[str]:
+    """127.1.0.1, 127.1.0.2, ...: 250 connections each, then the next address."""
+    for x in range(256):
+        for y in range(1, 255):
+            for _ in range(250):
+                yield f"127.1.{x}.{y}"
+
+
+def rss(pid: int) -> int:
+    """Resident set size of ``pid`` in bytes (``VmRSS``, proc(5))."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (``/proc/PID/stat`` fields 14, 15)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(argv: list[str]) -> tuple[subprocess.Popen[str], tuple[str, int]]:
+    """Start a server that prints ``ip:port`` on its first line; return it and the address."""
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    ip, port = server.stdout.readline().strip().rsplit(":", 1)
+    return server, (ip, int(port))
+
+
+def stop(server: subprocess.Popen[str]) -> None:
+    server.kill()
+    server.wait(timeout=10)
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    """One whole frame body from a blocking socket."""
+    header = _exactly(sock, HEADER.size)
+    return _exactly(sock, HEADER.unpack(header)[2])
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError("the server closed the connection")
+        data += chunk
+    return data
+
+
+def register(
+    address: tuple[str, int], names: list[str], where: Iterator[str]
+) -> list[socket.socket]:
+    """Connect and register ``names`` (one connection each), all replies read."""
+    socks = []
+    for name in names:
+        sock = socket.socket()
+        sock.settimeout(REPLY_TIMEOUT)
+        sock.bind((next(where), 0))
+        sock.connect(address)
+        sock.sendall(encode_frame(Register(name)))
+        socks.append(sock)
+    for sock in socks:
+        reply = decode_body(read_frame(sock))
+        if not isinstance(reply, Registered):
+            raise RuntimeError(f"registration refused: {reply}")
+    return socks
+
+
+def idle_peers(milestones: tuple[int, ...]) -> dict[str, Any]:
+    """Register peers up to each milestone, with keepalives; the server's RSS at each."""
+    raise_fd_limit(max(milestones) + 10_000)
+    server, address = start([sys.executable, "-m", "punch", "rendezvous", *SERVER_ARGS])
+    held: list[socket.socket] = []
+    try:
+        time.sleep(0.5)  # let the interpreter finish starting before the baseline reading
+        baseline = rss(server.pid)
+        where, swept, started = sources(), time.monotonic(), time.monotonic()
+        keepalive = encode_frame(Keepalive())
+        points = []
+        for target in milestones:
+            while len(held) < target:
+                count = min(BATCH, target - len(held))
+                names = [f"p{len(held) + i}" for i in range(count)]
+                held += register(address, names, where)
+                if time.monotonic() - swept > KEEPALIVE_EVERY:
+                    for sock in held:
+                        sock.sendall(keepalive)
+                    swept = time.monotonic()
+            size = rss(server.pid)
+            points.append(
+                {
+                    "peers": target,
+                    "rss": size,
+                    "per_peer": (size - baseline) / target,
+                    "elapsed": time.monotonic() - started,
+                }
+            )
+        if server.poll() is not None:
+            raise RuntimeError("the rendezvous died under load")
+        return {"baseline_rss": baseline, "points": points}
+    finally:
+        for sock in held:
+            sock.close()
+        stop(server)
+
+
+class Pump:
+    """Reads whole frames from many non-blocking sockets; buffers survive between runs."""
+
+    def __init__(self, socks: list[socket.socket]) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.buffers: dict[socket.socket, bytearray] = {}
+        for sock in socks:
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ)
+            self.buffers[sock] = bytearray()
+
+    def run(self, seconds: float, on_frame: Callable[[socket.socket, bytes], None]) -> None:
+        """For ``seconds``, call ``on_frame(sock, body)`` for each frame that arrives."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for key, _ in self.selector.select(timeout=0.1):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                data = sock.recv(65536)
+                if not data:
+                    raise RuntimeError("the server closed a connection")
+                buffer = self.buffers[sock]
+                buffer += data
+                while len(buffer) >= HEADER.size:
+                    end = HEADER.size + HEADER.unpack_from(buffer)[2]
+                    if len(buffer) < end:
+                        break
+                    on_frame(sock, bytes(buffer[HEADER.size : end]))
+                    del buffer[:end]
+
+    def close(self) -> None:
+        self.selector.close()
+
+
+def introductions(pairs: int, seconds: float) -> dict[str, Any]:
+    """``pairs`` requesters each asking for its partner again as soon as it is introduced."""
+    raise_fd_limit(4 * pairs + 1000)
+    server, address = start([sys.executable, "-m", "punch", "rendezvous", *SERVER_ARGS])
+    where = sources()
+    socks: list[socket.socket] = []
+    try:
+        requesters = register(address, [f"r{i}" for i in range(pairs)], where)
+        responders = register(address, [f"s{i}" for i in range(pairs)], where)
+        socks = requesters + responders
+        partner = {sock: f"s{i}" for i, sock in enumerate(requesters)}
+        done = [0]
+
+        def on_frame(sock: socket.socket, body: bytes) -> None:
+            if sock in partner:
+                if not isinstance(decode_body(body), Introduction):
+                    raise RuntimeError(f"not an introduction: {body[:200]!r}")
+                done[0] += 1
+                sock.send(encode_frame(ConnectRequest(partner[sock], 1)))
+
+        for sock, target in partner.items():
+            sock.sendall(encode_frame(ConnectRequest(target, 1)))
+        pump = Pump(socks)
+        pump.run(1.0, on_frame)  # warm-up
+        done[0], cpu, client = 0, cpu_seconds(server.pid), time.process_time()
+        pump.run(seconds, on_frame)
+        pump.close()
+        return {
+            "per_second": done[0] / seconds,
+            "server_cpu": (cpu_seconds(server.pid) - cpu) / seconds,
+            "client_cpu": (time.process_time() - client) / seconds,
+        }
+    finally:
+        for sock in socks:
+            sock.close()
+        stop(server)
+
+
+ACCEPT_AND_CLOSE = """
+from functools import partial
+import trio
+async def close(stream):
+    await stream.aclose()
+async def main():
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, close, 0, host="127.0.0.1"))
+        ip, port = listeners[0].socket.getsockname()[:2]
+        print(f"{ip}:{port}", flush=True)
+trio.run(main)
+"""
+
+
+def accept_and_close(concurrency: int, seconds: float) -> dict[str, Any]:
+    """The limit: a bare trio ``serve_tcp`` that closes each connection, under the same client."""
+    server, address = start([sys.executable, "-c", ACCEPT_AND_CLOSE])
+    where = sources()
+    selector = selectors.DefaultSelector()
+    done = 0
+
+    def dial() -> None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((next(where), 0))
+        sock.connect_ex(address)
+        selector.register(sock, selectors.EVENT_READ)  # readable: the server's FIN
+
+    try:
+        for _ in range(concurrency):
+            dial()
+        cpu, client = cpu_seconds(server.pid), time.process_time()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.1):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                selector.unregister(sock)
+                sock.close()
+                done += 1
+                dial()
+        return {
+            "per_second": done / seconds,
+            "server_cpu": (cpu_seconds(server.pid) - cpu) / seconds,
+            "client_cpu": (time.process_time() - client) / seconds,
+        }
+    finally:
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        selector.close()
+        stop(server)

@@ -1,0 +1,133 @@
+"""The benchmarks that run in the netns lab: time to stream, NAT timing, cold start, throughput.
+
+Each builds its own :class:`netns.lab.Lab` (deleted on exit, pass or fail)
+and runs :mod:`benchmarks.peer` or the real ``punch`` command in it. Traffic
+stays inside the lab's namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from netns.lab import RENDEZVOUS_PORT, Lab, Topology, build_two_nats
+from netns.scenario import PUNCH, PairRun, wait_for
+
+PEER = [sys.executable, "-m", "benchmarks.peer"]
+DIRECT_PORT = 7100
+RAW_PORT = 7200
+PHASE_TIMEOUT = 300.0
+"""Seconds alice gets for all her phases before she is killed (bounds every run)."""
+FIRST_BYTE_TIMEOUT = 20.0
+
+
+def _lab_pair(
+    profile: str, *, trials: int, rounds: int = 0, count: int = 0, skew: float = 0.0
+) -> dict[str, Any]:
+    """Bob at site b (with port forwards for the baselines), alice at site a; alice's report."""
+    with Lab() as lab:
+        topology = build_two_nats(lab, profile, profile)
+        a, b = topology.sites
+        assert b.nat_ns is not None
+        for port in (DIRECT_PORT, RAW_PORT):
+            lab.forward(b.nat_ns, port, b.peer_ip)
+        pair = PairRun()
+        try:
+            address = pair.start_rendezvous(
+                lab.exec_prefix(topology.rendezvous_ns),
+                f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}",
+                "--lab-skew",
+                str(skew),
+                "--introductions-per-minute",
+                "100000",
+                "--quiet",
+            )
+            common = ["--rendezvous", address, "--trials", str(trials)]
+            common += ["--secret", secrets.token_hex(32), "--count-attempts"]
+            bob = pair.start("bob", lab.exec_prefix(b.peer_ns), [*PEER, "bob", *common])
+            wait_for(pair.workdir / "bob.out", lambda t: "ready" in t, bob, "benchmark bob")
+            extra = [f"--direct={b.public_ip}:{DIRECT_PORT}", f"--raw={b.public_ip}:{RAW_PORT}"]
+            if rounds:
+                extra += ["--rounds", str(rounds), "--bytes", str(count)]
+            alice = pair.start(
+                "alice", lab.exec_prefix(a.peer_ns), [*PEER, "alice", *common, *extra]
+            )
+            run = pair.wait("alice", alice, PHASE_TIMEOUT)
+        finally:
+            pair.close()
+    if run.returncode != 0:
+        raise RuntimeError(f"benchmark alice exited {run.returncode}: {run.stderr[-2000:]}")
+    report: dict[str, Any] = json.loads(run.received)
+    return report
+
+
+def time_to_stream(trials: int, rounds: int, count: int) -> dict[str, Any]:
+    """cone x cone: punches and direct baselines, CPU per punch, and the throughput rounds."""
+    return _lab_pair("cone", trials=trials, rounds=rounds, count=count)
+
+
+def worst_timing(trials: int, skew: float) -> dict[str, Any]:
+    """cone-rst x cone-rst, the responder's introduction held back ``skew`` seconds."""
+    return _lab_pair("cone-rst", trials=trials, skew=skew)
+
+
+def _first_byte(lab: Lab, topology: Topology, address: str, trial: int, workdir: Path) -> float:
+    """Seconds from starting ``punch connect`` to its first byte of the peer's data."""
+    a, b = topology.sites
+    pair = PairRun(workdir=workdir)
+    try:
+        name = f"bob{trial}"
+        pair.start_peer(name, lab.exec_prefix(b.peer_ns), ["listen"], address)
+        argv = [*lab.exec_prefix(a.peer_ns), *PUNCH, "connect", name, "--rendezvous", address]
+        started = time.perf_counter()
+        alice = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        pair.processes.append(alice)
+        assert alice.stdout is not None
+        ready, _, _ = select.select([alice.stdout], [], [], FIRST_BYTE_TIMEOUT)
+        if not ready or not alice.stdout.read(1):
+            raise RuntimeError(f"cold start {trial}: no byte within {FIRST_BYTE_TIMEOUT:g} s")
+        return time.perf_counter() - started
+    finally:
+        pair.close()
+
+
+def cold_start(trials: int) -> dict[str, Any]:
+    """``punch connect`` from process start to first byte, cone x cone; and import time."""
+    with Lab() as lab:
+        topology = build_two_nats(lab, "cone", "cone")
+        server = PairRun()
+        try:
+            address = server.start_rendezvous(
+                lab.exec_prefix(topology.rendezvous_ns),
+                f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}",
+                "--quiet",
+            )
+            seconds = [
+                _first_byte(lab, topology, address, trial, server.workdir)
+                for trial in range(trials)
+            ]
+        finally:
+            server.close()
+    return {"first_byte": seconds, **import_time(trials)}
+
+
+def import_time(trials: int) -> dict[str, list[float]]:
+    """Wall seconds of ``python -c 'import punch._cli'`` and of a bare interpreter start."""
+
+    def run(code: str) -> float:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+        return time.perf_counter() - started
+
+    return {
+        "interpreter": [run("pass") for _ in range(trials)],
+        "import": [run("import punch._cli") for _ in range(trials)],
+    }
