@@ -27,6 +27,7 @@ import punch
 from punch import Candidate, CandidateType, Endpoint, Role
 from punch._protocol import Introduction
 from punch._race import InboundRouter, Race
+from punch._reuse import open_listener
 from punch._stream import ExactReader
 
 CHUNK = 1 << 18
@@ -152,8 +153,9 @@ async def bob(args: argparse.Namespace) -> None:
         async def raw(stream: trio.SocketStream) -> None:
             await serve_stream(stream, {}, None)
 
-        router = InboundRouter(Endpoint("0.0.0.0", args.direct_port))
-        await nursery.start(router.serve)
+        router = InboundRouter()
+        listener = open_listener(Endpoint("0.0.0.0", args.direct_port))
+        await nursery.start(router.serve, listener)
         for trial in range(args.trials):
             nursery.start_soon(direct, router, trial)
         nursery.start_soon(punched)

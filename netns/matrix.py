@@ -273,12 +273,21 @@ def run_cell(cell: Cell, trials: int) -> CellResult:
                 trial = judge(cell, topology, alice, bob, time.monotonic() - start)
                 trial = _judge_later_connect(trial, carol)
             else:
-                alice, bob = run_in_lab(lab, topology, **options)
+                try:
+                    alice, bob = run_in_lab(lab, topology, **options)
+                except RuntimeError as exc:  # bob never registered (20% loss can do that)
+                    results.append(_no_start(str(exc), time.monotonic() - start))
+                    continue
                 trial = judge(cell, topology, alice, bob, time.monotonic() - start)
             if stray is not None:
                 trial = _judge_stray(trial, strays[0], alice)
             results.append(trial)
     return CellResult(cell, tuple(results))
+
+
+def _no_start(reason: str, seconds: float) -> Trial:
+    """A trial whose listener never came up: a failure, recorded, not a crashed matrix."""
+    return Trial(False, (f"did not start: {reason}",), False, None, None, seconds, 0)
 
 
 def _judge_later_connect(trial: Trial, carol: PeerRun) -> Trial:
