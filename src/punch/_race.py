@@ -94,10 +94,11 @@ class InboundRouter:
 
     The host's listener stays open for the host's whole life. Closing it
     between punches (so that ``SO_REUSEPORT``, socket(7), could not spread
-    another same-user process's connections on the port to us) was tried and
-    measured: opening it again at each introduction cost the lab's cone-rst x
-    cone-rst cell most of its punches (3/10 and 2/10 against 9/10); there the
-    simultaneous open needs both SYNs within about a millisecond.
+    another same-user process's connections on the port to us) was tried: in
+    the lab's cone-rst x cone-rst cell, where the simultaneous open needs both
+    SYNs within about a millisecond, it punched 8 of 30 times against 24 of 40
+    with the listener kept open. That cell varies from run to run (the same
+    code measured 9/10 and 4/10), so the cost is uncertain, not disproved.
     """
 
     _routes: dict[
