@@ -28,7 +28,6 @@ from punch import Candidate, CandidateType, Endpoint, Role
 from punch._protocol import Introduction
 from punch._race import InboundRouter, Race
 from punch._reuse import open_listener
-from punch._stream import ExactReader
 
 CHUNK = 1 << 18
 """Bytes per send/receive call in the throughput rounds (256 KiB)."""
@@ -88,6 +87,17 @@ async def send_bytes(stream: trio.abc.Stream, count: int) -> None:
         sent += size
 
 
+async def receive_exactly(stream: trio.abc.Stream, count: int) -> bytes:
+    """Exactly ``count`` bytes, never one more: the bulk data follows at once."""
+    data = b""
+    while len(data) < count:
+        chunk = await stream.receive_some(count - len(data))
+        if not chunk:
+            raise EOFError(f"stream ended after {len(data)} of {count} bytes")
+        data += chunk
+    return data
+
+
 async def receive_bytes(stream: trio.abc.Stream, count: int) -> None:
     got = 0
     while got < count:
@@ -118,8 +128,7 @@ async def serve_stream(
             await stream.send_all(json.dumps(about).encode() + b"\n")
             await stream.receive_some(1)  # alice closes first
         elif what == b"T":
-            header = ExactReader(stream)  # type: ignore[arg-type]
-            rounds, count = json.loads(await header.exactly(64))
+            rounds, count = json.loads(await receive_exactly(stream, 64))
             for _ in range(rounds):
                 await receive_bytes(stream, count)
                 await stream.send_all(b"!")
