@@ -70,10 +70,12 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
     def both(trial: dict[str, Any]) -> float:  # both sides hold a verified stream
         return max(trial["alice"]["connect_time"], trial["bob"]["connect_time"])
 
-    punch = [both(t) for t in cone["punch"]]
+    connected = [t for t in cone["punch"] if "failed" not in t]
+    skewed_ok = [t for t in rst["punch"] if "failed" not in t]
+    punch = [both(t) for t in connected]
     direct = [t["alice"]["connect_time"] for t in cone["direct"]]
-    skewed = [both(t) for t in rst["punch"]]
-    attempts = [max(t["alice"]["attempts_per_s"], t["bob"]["attempts_per_s"]) for t in rst["punch"]]
+    skewed = [both(t) for t in skewed_ok] or [float("nan")]
+    attempts = [max(t["alice"]["attempts_per_s"], t["bob"]["attempts_per_s"]) for t in skewed_ok]
     gib = cone["throughput"]["bytes"] / (1 << 30)
 
     def rate(seconds: list[float]) -> float:  # GiB/s at the median round
@@ -88,16 +90,19 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
             "direct_p95": p95(direct),
             "ratio": median(punch) / median(direct),
             "target": 1.3,
-            "won_by": sorted({t["alice"]["won_by"] for t in cone["punch"]}),
+            "won_by": sorted({t["alice"]["won_by"] for t in connected}),
+            "connected": len(connected),
+            "trials": len(cone["punch"]),
         },
         "worst_timing": {
             "median": median(skewed),
             "limit": 2 * median(punch) + SKEW,
             "ratio": median(skewed) / (2 * median(punch) + SKEW),
             "target": 1.0,
-            "attempts_per_s_max": max(attempts),
+            "attempts_per_s_max": max(attempts, default=0),
             "attempts_target": 20,
-            "connected": len(skewed),
+            "connected": len(skewed_ok),
+            "trials": len(rst["punch"]),
         },
         "cold_start": {
             "first_byte_median": median(cold["first_byte"]),
@@ -122,7 +127,7 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
             "ratio": intros["per_second"] / accepts["per_second"],
             "server_cpu": {"introductions": intros["server_cpu"], "accepts": accepts["server_cpu"]},
         },
-        "cpu_per_punch": median([t["cpu"] for t in cone["punch"]]),
+        "cpu_per_punch": median([t["cpu"] for t in connected]),
     }
     return {"summary": summary, "samples": {"cone": cone, "cone_rst_skewed": rst, "cold": cold}}
 
@@ -142,7 +147,7 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
     top = cap["points"][-1]
     rows = [
         (
-            f"time to authenticated stream, cone x cone ({trials['trials']} trials)",
+            f"time to authenticated stream, cone x cone ({t['connected']}/{t['trials']} connected)",
             f"{ms(t['punch_median'])} (p95 {ms(t['punch_p95'])})",
             f"direct connect + handshake {ms(t['direct_median'])} (p95 {ms(t['direct_p95'])})",
             f"{t['ratio']:.2f}",
@@ -150,7 +155,7 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
         ),
         (
             f"cone-rst x cone-rst, responder {SKEW * 1000:.0f} ms late "
-            f"({trials['skew_trials']} trials)",
+            f"({w['connected']}/{w['trials']} connected)",
             ms(w["median"]),
             f"2 x cone median + skew = {ms(w['limit'])}",
             f"{w['ratio']:.2f}",

@@ -145,7 +145,10 @@ async def bob(args: argparse.Namespace) -> None:
 
         async def punched() -> None:
             while True:
-                stream = await host.accept()
+                try:
+                    stream = await host.accept()
+                except punch.PunchFailed:
+                    continue  # alice records it
                 about = {"connect_time": stream.connect_time, "won_by": stream.won_by.value}
                 nursery.start_soon(serve_stream, stream, about, counter)
 
@@ -205,7 +208,11 @@ async def alice(args: argparse.Namespace) -> None:
     for trial in range(args.trials):
         async with punch.open_host(f"alice{trial}", rendezvous=args.rendezvous) as host:
             cpu = time.process_time()
-            stream = await host.connect("bob")
+            try:
+                stream = await host.connect("bob")
+            except punch.PunchFailed as exc:
+                report["punch"].append({"failed": str(exc)})
+                continue
             cpu = time.process_time() - cpu
             async with stream:
                 theirs = await ask(stream)
