@@ -38,11 +38,26 @@ REPLY_TIMEOUT = 30.0
 SERVER_ARGS = ["--max-peers", "1000000", "--introductions-per-minute", "100000000", "--quiet"]
 
 
-def raise_fd_limit(needed: int) -> None:
-    """Let this process (and the server it starts) hold ``needed`` descriptors (root may)."""
+FD_SPARE = 2000
+"""Descriptors left over for the interpreters themselves."""
+
+
+def raise_fd_limit(needed: int) -> int:
+    """Raise RLIMIT_NOFILE toward ``needed`` (this process and the server it starts).
+
+    Root may raise the hard limit; a container without ``CAP_SYS_RESOURCE``
+    may not, and then the soft limit goes up to the hard one.
+
+    Returns:
+        the soft limit now in force.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(hard, needed)))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(hard, needed)))
+        except (ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def sources() -> Iterator[str]:
@@ -116,8 +131,16 @@ def register(
 
 
 def idle_peers(milestones: tuple[int, ...]) -> dict[str, Any]:
-    """Register peers up to each milestone, with keepalives; the server's RSS at each."""
-    raise_fd_limit(max(milestones) + 10_000)
+    """Register peers up to each milestone, with keepalives; the server's RSS at each.
+
+    Milestones beyond what the descriptor limit allows (one descriptor per
+    peer on each side) are replaced by the most it allows.
+    """
+    limit = raise_fd_limit(max(milestones) + FD_SPARE) - FD_SPARE
+    reachable = [m for m in milestones if m <= limit]
+    if len(reachable) < len(milestones):
+        reachable.append(limit)
+    milestones = tuple(reachable)
     server, address = start([sys.executable, "-m", "punch", "rendezvous", *SERVER_ARGS])
     held: list[socket.socket] = []
     try:
@@ -146,7 +169,7 @@ def idle_peers(milestones: tuple[int, ...]) -> dict[str, Any]:
             )
         if server.poll() is not None:
             raise RuntimeError("the rendezvous died under load")
-        return {"baseline_rss": baseline, "points": points}
+        return {"baseline_rss": baseline, "points": points, "fd_limit": limit + FD_SPARE}
     finally:
         for sock in held:
             sock.close()
