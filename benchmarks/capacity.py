@@ -12,13 +12,13 @@ import os
 import resource
 import selectors
 import socket
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from punch._protocol import _HEADER as HEADER
 from punch._protocol import (
     ConnectRequest,
     Introduction,
@@ -29,7 +29,6 @@ from punch._protocol import (
     encode_frame,
 )
 
-HEADER = struct.Struct("!cBH")
 KEEPALIVE_EVERY = 10.0
 """Seconds between keepalive sweeps over every idle peer (the server drops at 45 s)."""
 BATCH = 1000

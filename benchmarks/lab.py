@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from netns.lab import RENDEZVOUS_PORT, Lab, Topology, build_two_nats
+from netns.lab import Lab, Topology, build_two_nats
 from netns.scenario import PUNCH, PairRun, wait_for
 
 PEER = [sys.executable, "-m", "benchmarks.peer"]
@@ -39,9 +39,9 @@ def _lab_pair(
             lab.forward(b.nat_ns, port, b.peer_ip)
         pair = PairRun()
         try:
-            address = pair.start_rendezvous(
-                lab.exec_prefix(topology.rendezvous_ns),
-                f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}",
+            address = pair.start_lab_rendezvous(
+                lab,
+                topology,
                 "--lab-skew",
                 str(skew),
                 "--introductions-per-minute",
@@ -105,11 +105,7 @@ def cold_start(trials: int) -> dict[str, Any]:
         topology = build_two_nats(lab, "cone", "cone")
         server = PairRun()
         try:
-            address = server.start_rendezvous(
-                lab.exec_prefix(topology.rendezvous_ns),
-                f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}",
-                "--quiet",
-            )
+            address = server.start_lab_rendezvous(lab, topology, "--quiet")
             seconds = [
                 _first_byte(lab, topology, address, trial, server.workdir)
                 for trial in range(trials)

@@ -114,6 +114,11 @@ class PairRun:
         path = self.workdir / "rendezvous.out"
         return wait_for(path, lambda t: t.endswith("\n"), server, "rendezvous").strip()
 
+    def start_lab_rendezvous(self, lab: Lab, topology: Topology, *args: str) -> str:
+        """:meth:`start_rendezvous` on the lab's rendezvous host, at its well-known port."""
+        listen = f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}"
+        return self.start_rendezvous(lab.exec_prefix(topology.rendezvous_ns), listen, *args)
+
     def start_peer(
         self, name: str, prefix: list[str], command: list[str], address: str, *args: str
     ) -> subprocess.Popen[bytes]:
@@ -215,8 +220,7 @@ def run_rendezvous_dies(lab: Lab, topology: Topology) -> tuple[PeerRun, PeerRun,
     lab.block(a.nat_ns, b.public_ip)
     pair = PairRun()
     try:
-        listen = f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}"
-        address = pair.start_rendezvous(lab.exec_prefix(topology.rendezvous_ns), listen)
+        address = pair.start_lab_rendezvous(lab, topology)
         server = pair.processes[-1]
         bob = pair.start_peer("bob", lab.exec_prefix(b.peer_ns), ["listen"], address, "-v")
         alice = pair.start_peer(
