@@ -2,7 +2,7 @@
 
 Every namespace name carries a per-run prefix, so parallel runs never collide,
 and :class:`Lab` deletes each one by name on exit, pass, fail or Ctrl-C.
-Traffic stays inside the namespaces: the WAN is a bridge in its own namespace,
+Traffic stays inside the namespaces: the WAN is a router in its own namespace,
 with addresses from the documentation range 203.0.113.0/24 (RFC 5737) and
 private LANs in 10.0.0.0/8.
 """
@@ -22,6 +22,7 @@ from types import TracebackType
 import attrs
 
 RULESETS = Path(__file__).parent / "rulesets"
+DELAY_LINE = Path(__file__).parent / "delay.py"
 WAN_PREFIX = "203.0.113"
 RENDEZVOUS_IP = f"{WAN_PREFIX}.10"
 RENDEZVOUS_PORT = 7000  # rulesets/symmetric.nft maps this port apart
@@ -56,8 +57,9 @@ class Lab:
     prefix: str = attrs.field(factory=lambda: f"pn{os.getpid() % 10000}{secrets.token_hex(2)}-")
     namespaces: list[str] = attrs.field(factory=list)
     wan_ports: dict[str, str] = attrs.field(factory=dict)
-    """namespace -> the name of its port on the WAN bridge (in the ``wan`` namespace)."""
+    """namespace -> the name of its link on the WAN router (in the ``wan`` namespace)."""
     _previous_sigterm: object = None
+    _helpers: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
 
     def __enter__(self) -> Lab:
         self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -83,6 +85,10 @@ class Lab:
                     pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.namespaces.clear()
+        for helper in self._helpers:
+            helper.kill()
+            helper.wait()
+        self._helpers.clear()
 
     def ns(self, name: str) -> str:
         """Create namespace ``prefix + name`` with loopback up; return its full name."""
@@ -130,8 +136,8 @@ class Lab:
 
         nft ``numgen random`` on the netdev ingress hook at each end of the link,
         so the sender's NAT has already mapped a packet that the wire then loses.
-        ARP is spared: on the internet, neighbour resolution happens at the ISP's
-        edge, not end to end as on this lab's one flat WAN segment.
+        ARP is spared: losing it would only model a flaky first hop, not loss
+        across the internet.
         """
         rule = f"meta protocol ip numgen random mod 100 < {percent} drop"
         for where, device in ((ns, "wan0"), (self.prefix + "wan", self.wan_ports[ns])):
@@ -162,6 +168,29 @@ class Lab:
             f'iifname "wan0" tcp dport {port} dnat to {to_ip}:{port}',
         )
         self.sh(ns, "nft", "insert", "rule", "ip", "punchlab", "forward", "ct status dnat accept")
+
+    def delay(self, seconds: float) -> None:
+        """Hold every packet the WAN router forwards for ``seconds`` (one way, 0-1).
+
+        The router's policy routing sends what it forwards through a TUN device
+        that :mod:`netns.delay` serves, since this kernel has no ``netem``.
+        Call after the topology is built; the delay line dies with the lab.
+        """
+        wan = self.prefix + "wan"
+        self.sh(wan, "ip", "tuntap", "add", "dev", "dly0", "mode", "tun")
+        helper = subprocess.Popen(
+            [*self.exec_prefix(wan), sys.executable, str(DELAY_LINE), "dly0", str(seconds)],
+            stdout=subprocess.PIPE,
+        )
+        self._helpers.append(helper)
+        assert helper.stdout is not None
+        if helper.stdout.readline() != b"ready\n":
+            raise RuntimeError(f"the delay line did not start (exit {helper.wait()})")
+        self.sh(wan, "ip", "link", "set", "dly0", "up")
+        for conf in ("all", "default", "dly0"):
+            self.sh(wan, "sysctl", "-q", "-w", f"net.ipv4.conf.{conf}.rp_filter=0")
+        self.sh(wan, "ip", "route", "add", "default", "dev", "dly0", "table", "100")
+        self.sh(wan, "ip", "rule", "add", "not", "iif", "dly0", "table", "100", "priority", "100")
 
     def unblock(self, ns: str) -> None:
         self.sh(ns, "nft", "delete", "table", "ip", "punchblock")
@@ -207,19 +236,31 @@ PROFILES = ("public", "cone", "cone-rst", "symmetric")
 """Per-site NAT behaviours; ``public`` is a host on the WAN with no NAT."""
 
 
+WAN_ROUTER_IP = f"{WAN_PREFIX}.1"
+"""The WAN router's address on every one of its links."""
+
+
 def _wan(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
-    """The WAN bridge, and a function that attaches a namespace to it at an address."""
+    """The WAN router, and a function that attaches a namespace to it at an address.
+
+    The WAN is one router with a point-to-point link per attached namespace, not
+    one shared segment: as on the internet, two sites are at least a router hop
+    apart, and the router's policy routing can send everything it forwards
+    through one delay line (:meth:`Lab.delay`).
+    """
     wan = lab.ns("wan")
-    lab.sh(wan, "ip", "link", "add", "br0", "type", "bridge")
-    lab.sh(wan, "ip", "link", "set", "br0", "up")
+    lab.sh(wan, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
     ports = iter(range(100))
 
     def attach(ns: str, ip: str) -> None:
         port = f"p{next(ports)}"
         lab.wan_ports[ns] = port
         lab.link(wan, port, ns, "wan0")
-        lab.sh(wan, "ip", "link", "set", port, "master", "br0")
-        lab.address(ns, "wan0", f"{ip}/24")
+        lab.address(wan, port, f"{WAN_ROUTER_IP}/32")
+        lab.sh(wan, "ip", "route", "add", f"{ip}/32", "dev", port)
+        lab.address(ns, "wan0", f"{ip}/32")
+        route = ("ip", "route", "add", f"{WAN_PREFIX}.0/24", "via", WAN_ROUTER_IP)
+        lab.sh(ns, *route, "dev", "wan0", "onlink")
 
     return wan, attach
 
@@ -281,12 +322,12 @@ def _rendezvous(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
 
 
 def build_two_nats(lab: Lab, profile_a: str = "cone", profile_b: str = "cone") -> Topology:
-    """A WAN bridge with the rendezvous host and two sites, one peer at each.
+    """A WAN router (203.0.113.1) with the rendezvous host and two sites, one peer at each.
 
     ::
 
         peer a 10.0.1.2 -- 10.0.1.1 nat-a 203.0.113.11 --+
-                                                         WAN bridge -- 203.0.113.10 rendezvous
+                                                         WAN router -- 203.0.113.10 rendezvous
         peer b 10.0.2.2 -- 10.0.2.1 nat-b 203.0.113.12 --+
 
     A ``public`` site has no router: its peer sits on the WAN at 203.0.113.2x.
