@@ -37,12 +37,13 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_PACING = 0.1
 """Seconds between the starts of two connect attempts to one candidate (10/s).
 
-Against NATs that answer unsolicited SYNs with RST, both peers' SYNs must leave
-within about a millisecond of each other. Both start at their introduction,
-which the rendezvous sends at once, and their schedules then drift slowly apart
-with scheduling noise, sweeping the phase: measured in the lab (cone-rst x
-cone-rst, 20 trials each), random jitter on the gaps fell to 3/20 and a fixed
-grid to 17/20, against about 31/33 for this plain schedule."""
+Against NATs that answer unsolicited SYNs with RST, the two peers' SYNs must
+cross within about one round trip between the NATs. Both start at their
+introduction, which the rendezvous sends at once, so the first SYNs usually
+do (10/10 in the lab at 10 ms round trips); after that the schedules drift
+apart with scheduling noise, sweeping the phase. In a lab with no delay
+(a window of tens of microseconds), random jitter on the gaps fell to 3/20
+and a fixed grid to 17/20, against about 31/33 for this plain schedule."""
 # An attempt that gets no answer is left to the kernel's own SYN retransmissions
 # (RFC 6298: 1, 3, 7 s...) until the deadline, and never aborted and re-dialled:
 # a fresh socket has a fresh ISN, which a stateful NAT (Linux conntrack) that
