@@ -13,7 +13,7 @@ from punch._control import ControlChannel
 from punch._handshake import HELLO_SIZE, PROOF_SIZE, Handshake
 from punch._protocol import Introduction, Register, RendezvousConnection, Side
 from punch._race import InboundRouter, Race
-from punch._reuse import open_listener
+from punch._reuse import bind_reusable
 from punch._stream import ExactReader
 
 
@@ -47,13 +47,18 @@ def introductions(
 
 @asynccontextmanager
 async def race_side(bind: Endpoint) -> AsyncIterator[tuple[Endpoint, InboundRouter]]:
-    """A listener on ``bind`` with its router serving: one side of a race."""
-    listener = open_listener(bind)
-    router = InboundRouter()
-    async with listener, trio.open_nursery() as nursery:
-        await nursery.start(router.serve, listener)
-        yield Endpoint.from_sockaddr(listener.socket.getsockname()), router
-        nursery.cancel_scope.cancel()
+    """A port on ``bind`` with its router serving: one side of a race.
+
+    A bound socket holds the port, as a host's control connection does; the
+    router listens on it while a route is open.
+    """
+    with bind_reusable(bind) as holder:
+        local = Endpoint.from_sockaddr(holder.getsockname())
+        router = InboundRouter(local)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(router.serve)
+            yield local, router
+            nursery.cancel_scope.cancel()
 
 
 async def run_race(router: InboundRouter, race_args: dict[str, Any]) -> PeerStream:

@@ -260,6 +260,7 @@ async def test_repeated_punches_leak_no_file_descriptors(rendezvous: Endpoint) -
         for round_ in range(12):
             stream = await punch.connect("bob", rendezvous=rendezvous, name="alice")
             await stream.aclose()
+            await trio.testing.wait_all_tasks_blocked(0.01)  # bob's race has ended too
             if round_ == 1:  # after warm-up
                 baseline = open_fds()
         assert open_fds() == baseline
@@ -304,6 +305,36 @@ async def test_accept_raises_an_inbound_punch_that_failed(rendezvous: Endpoint) 
             await alice.send(punch._protocol.ConnectRequest("bob", 1))
             with trio.fail_after(5), pytest.raises(punch.PunchFailed, match="alice"):
                 await bob.accept()
+
+
+async def _answers(endpoint: Endpoint) -> bool:
+    """Whether a TCP connect to ``endpoint`` completes: something listens there."""
+    try:
+        stream = await trio.open_tcp_stream(endpoint.ip, endpoint.port)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True
+
+
+async def test_a_host_listens_only_while_a_punch_is_pending(rendezvous: Endpoint) -> None:
+    # Between punches nothing of ours listens, so SO_REUSEPORT cannot hand us
+    # connections meant for another same-user process on the port, nor the reverse.
+    async with punch.open_host(
+        "bob", rendezvous=rendezvous, local="127.0.0.1:0", timeout=1.0
+    ) as bob:
+        assert not await _answers(bob.local)  # registered and idle
+        async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as raw:
+            alice = ControlChannel(raw, raw.socket, RendezvousConnection(Side.CLIENT))
+            await alice.send(Register("alice"))
+            await alice.receive()
+            await alice.send(punch._protocol.ConnectRequest("bob", 1))
+            assert isinstance(await alice.receive(), punch._protocol.Introduction)
+            await trio.testing.wait_all_tasks_blocked(0.01)  # bob has read his half too
+            assert await _answers(bob.local)  # punching: listening
+            with trio.fail_after(5), pytest.raises(punch.PunchFailed):
+                await bob.accept()  # alice never punches back
+        assert not await _answers(bob.local)  # the punch is over: closed again
 
 
 async def test_a_thousand_cancelled_connects_leak_no_descriptor(nursery: trio.Nursery) -> None:

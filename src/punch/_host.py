@@ -44,7 +44,7 @@ _Reply = Introduction | Error | RendezvousError
 
 @attrs.define(eq=False)
 class Host:
-    """One local ip:port holding a listener, a rendezvous registration and races.
+    """One local ip:port holding a rendezvous registration, races, and while one runs, a listener.
 
     Made by :func:`open_host`; see there for the arguments.
 
@@ -326,8 +326,11 @@ async def open_host(
             rendezvous IP).
 
     Yields:
-        the registered :class:`Host`. Leaving the block closes its listener and
-        control connection; streams already returned stay open.
+        the registered :class:`Host`. It listens on its port only while a
+        punch is under way, so that between punches ``SO_REUSEPORT`` never
+        spreads another same-user process's connections to it. Leaving the
+        block closes the control connection and any listener; streams already
+        returned stay open.
 
     Raises:
         TypeError, ValueError: a bad argument.
@@ -348,55 +351,54 @@ async def open_host(
         raise ValueError(f"local {bind} and rendezvous {server} are different address families")
     if not _reuse.reuse_available():
         raise ReuseUnavailable("this OS cannot share one TCP port (SO_REUSEADDR + SO_REUSEPORT)")
-    listener = _reuse.open_listener(bind)
-    try:
-        bound = Endpoint.from_sockaddr(listener.socket.getsockname())
+    # Listen once to pick (port 0) and prove a port we can listen on; the control
+    # connection then holds it, and the router listens again only during punches.
+    with _reuse.open_listener(bind).socket as probe:
+        bound = Endpoint.from_sockaddr(probe.getsockname())
         channel = await _connect_control(
             bound, server, timeout, rendezvous_ssl_context, rendezvous_hostname or server.ip
         )
+    try:
+        host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
+        observed = await _register(channel, Register(name, (host_candidate,), token), timeout)
+        log.info(
+            "registered %r on %s: host candidate %s, server-reflexive %s",
+            name,
+            bound,
+            host_candidate,
+            observed,
+        )
         try:
-            host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
-            observed = await _register(channel, Register(name, (host_candidate,), token), timeout)
-            log.info(
-                "registered %r on %s: host candidate %s, server-reflexive %s",
-                name,
-                bound,
-                host_candidate,
-                observed,
-            )
-            try:
-                async with trio.open_nursery() as nursery:
-                    router = InboundRouter()
-                    host = Host(
-                        name,
-                        bound,
-                        host_candidate,
-                        observed,
-                        timeout,
-                        pacing,
-                        channel,
-                        router,
-                    )
-                    await nursery.start(router.serve, listener)
-                    nursery.start_soon(host._run_control)
-                    nursery.start_soon(host._keepalive)
-                    try:
-                        yield host
-                    finally:
-                        nursery.cancel_scope.cancel()
-                        host._close_unaccepted()
-            except BaseExceptionGroup as group:
-                # The background tasks never raise, so a lone exception is the
-                # caller's own (RendezvousError, PunchFailed...): give it back as is.
-                if len(group.exceptions) != 1:
-                    raise
-                error = group.exceptions[0]
-                error.__suppress_context__ = True  # keeps its own __cause__
-                raise error from error.__cause__
-        finally:
-            _reuse.abort(channel.socket)
+            async with trio.open_nursery() as nursery:
+                router = InboundRouter(bound)
+                host = Host(
+                    name,
+                    bound,
+                    host_candidate,
+                    observed,
+                    timeout,
+                    pacing,
+                    channel,
+                    router,
+                )
+                await nursery.start(router.serve)
+                nursery.start_soon(host._run_control)
+                nursery.start_soon(host._keepalive)
+                try:
+                    yield host
+                finally:
+                    nursery.cancel_scope.cancel()
+                    host._close_unaccepted()
+        except BaseExceptionGroup as group:
+            # The background tasks never raise, so a lone exception is the
+            # caller's own (RendezvousError, PunchFailed...): give it back as is.
+            if len(group.exceptions) != 1:
+                raise
+            error = group.exceptions[0]
+            error.__suppress_context__ = True  # keeps its own __cause__
+            raise error from error.__cause__
     finally:
-        await listener.aclose()
+        _reuse.abort(channel.socket)
 
 
 async def _connect_control(

@@ -86,39 +86,59 @@ def _peer(stream: trio.SocketStream) -> Endpoint:
 
 @attrs.define(eq=False)
 class InboundRouter:
-    """Accepts on a host's listener and hands each connection to its punch attempt.
+    """Listens on a host's port while a punch needs it, and routes each connection.
 
     The attempt is named by the attempt id in the connection's Hello, so one
     listener serves any number of concurrent attempts. A connection with no
     Hello within :data:`HELLO_TIMEOUT`, a malformed one, or one for no live
     attempt is closed with an RST.
 
-    The host's listener stays open for the host's whole life. Closing it
-    between punches (so that ``SO_REUSEPORT``, socket(7), could not spread
-    another same-user process's connections on the port to us) was tried: in
-    the lab's cone-rst x cone-rst cell, where the simultaneous open needs both
-    SYNs within about a millisecond, it punched 8 of 30 times against 24 of 40
-    with the listener kept open. That cell varies from run to run (the same
-    code measured 9/10 and 4/10), so the cost is uncertain, not disproved.
+    The listener exists only while at least one route is open: it opens with
+    the first route and closes with the last. Between punches nothing of ours
+    listens on the port, so ``SO_REUSEPORT`` (socket(7)) never spreads another
+    same-user process's inbound connections on that port to us. Measured in
+    the lab's cone-rst x cone-rst cell at 10 ms round trips: 12/12 punched
+    with the listener opened per punch. (In a lab with no delay it had
+    looked costly, 8/30 against 24/40, but there that cell varied from 2/10
+    to 9/10 run to run with either listener, see ``netns/delay.py``.)
+
+    Args:
+        local: the endpoint to listen on, shared with our dials (a socket of
+            the caller's keeps the port bound meanwhile).
     """
 
+    local: Endpoint
     _routes: dict[
         bytes, tuple[trio.MemorySendChannel[Inbound], trio.MemoryReceiveChannel[Inbound]]
     ] = attrs.field(factory=dict, init=False)
     _pending_hellos: int = attrs.field(default=0, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    _accepting: trio.CancelScope | None = attrs.field(default=None, init=False)
+    _listener: trio.SocketListener | None = attrs.field(default=None, init=False)
+
+    @property
+    def listening(self) -> bool:
+        """Whether a listener is open on :attr:`local` now."""
+        return self._accepting is not None
 
     def open_route(self, attempt_id: bytes) -> trio.MemoryReceiveChannel[Inbound]:
-        """Start routing connections whose Hello names ``attempt_id``.
+        """Start routing connections whose Hello names ``attempt_id``; listen if not yet.
 
         Open the route before the introduction is acted on, so that no
         inbound Hello can arrive ahead of it; close it with :meth:`close_route`.
+        If the listener cannot be opened (``EMFILE``...), the route still
+        opens: the punch goes on by its dials (simultaneous open needs none).
         """
         if attempt_id not in self._routes:
             self._routes[attempt_id] = trio.open_memory_channel[Inbound](_ROUTE_BUFFER)
+            self._listen()
         return self._routes[attempt_id][1]
 
     def close_route(self, attempt_id: bytes) -> None:
-        """Stop routing ``attempt_id``; connections still queued are closed."""
+        """Stop routing ``attempt_id``; connections still queued are closed.
+
+        Closing the last route closes the listener.
+        """
         route = self._routes.pop(attempt_id, None)
         if route is None:
             return
@@ -130,19 +150,49 @@ class InboundRouter:
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
         receive.close()
+        if not self._routes:
+            self._stop_listening()
 
-    async def serve(
-        self,
-        listener: trio.SocketListener,
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Accept forever (until cancelled), routing each connection by its Hello."""
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the router (until cancelled): its accept loop and Hello readers live here."""
         async with trio.open_nursery() as nursery:
-            task_status.started()
+            self._nursery = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                self._stop_listening()
+
+    def _listen(self) -> None:
+        if self._accepting is not None or self._nursery is None:
+            return
+        try:
+            listener = _reuse.open_listener(self.local)
+        except OSError as exc:
+            log.warning("cannot listen on %s: %s; dialling only", self.local, exc)
+            return
+        self._listener, self._accepting = listener, trio.CancelScope()
+        self._nursery.start_soon(self._accept, listener, self._accepting)
+        log.debug("listening on %s", self.local)
+
+    def _stop_listening(self) -> None:
+        """Close the listener now: the kernel resets what waits in its backlog."""
+        if self._accepting is not None and self._listener is not None:
+            self._accepting.cancel()
+            self._listener.socket.close()
+            log.debug("stopped listening on %s", self.local)
+        self._listener = self._accepting = None
+
+    async def _accept(self, listener: trio.SocketListener, scope: trio.CancelScope) -> None:
+        """Accept on ``listener`` until :meth:`_stop_listening` cancels ``scope``."""
+        assert self._nursery is not None
+        with scope:
             while True:
                 try:
                     stream = await listener.accept()
+                except trio.ClosedResourceError:
+                    return
                 except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: wait for a slot
                     log.warning("accept failed: %s; retrying in 0.1 s", exc)
                     await trio.sleep(0.1)
@@ -154,7 +204,7 @@ class InboundRouter:
                     _reuse.abort(stream.socket)
                     continue
                 self._pending_hellos += 1
-                nursery.start_soon(self._read_hello, stream)
+                self._nursery.start_soon(self._read_hello, stream)
 
     async def _read_hello(self, stream: trio.SocketStream) -> None:
         reader = ExactReader(stream)
