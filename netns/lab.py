@@ -88,6 +88,8 @@ class Lab:
         for helper in self._helpers:
             helper.kill()
             helper.wait()
+            if helper.stdout is not None:
+                helper.stdout.close()
         self._helpers.clear()
 
     def ns(self, name: str) -> str:

@@ -149,3 +149,34 @@ def test_punch_send_moves_100_mib_through_two_nats(tmp_path: Path) -> None:
     verified = alice_run.event("verified")
     assert verified
     assert verified["sha256"] == _sha256(source)
+
+
+def _round_trip_ms(lab: Lab, ns: str, ip: str) -> float:
+    """One SYN from ``ns`` to a closed port on ``ip`` and its RST back, in milliseconds."""
+    code = (
+        "import socket, time\n"
+        "s = socket.socket(); t = time.perf_counter()\n"
+        f"assert s.connect_ex(('{ip}', 9)) == 111\n"  # ECONNREFUSED: the RST came back
+        "print((time.perf_counter() - t) * 1000)"
+    )
+    done = subprocess.run(
+        [*lab.exec_prefix(ns), sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return float(done.stdout)
+
+
+def test_the_wan_delay_line_holds_every_packet_each_way() -> None:
+    with Lab() as lab:
+        topology = build_two_nats(lab)
+        nat_a = topology.sites[0].nat_ns
+        assert nat_a is not None
+        before = _round_trip_ms(lab, nat_a, topology.rendezvous_ip)
+        lab.delay(0.02)
+        after = _round_trip_ms(lab, nat_a, topology.rendezvous_ip)
+        prefix = lab.prefix
+    assert prefix not in _namespaces()  # the delay line went with its namespace
+    assert after >= 40 > before  # 20 ms there, 20 ms back; none before
