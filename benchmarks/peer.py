@@ -27,7 +27,6 @@ import punch
 from punch import Candidate, CandidateType, Endpoint, Role
 from punch._protocol import Introduction
 from punch._race import InboundRouter, Race
-from punch._reuse import open_listener
 
 CHUNK = 1 << 18
 """Bytes per send/receive call in the throughput rounds (256 KiB)."""
@@ -165,9 +164,8 @@ async def bob(args: argparse.Namespace) -> None:
         async def raw(stream: trio.SocketStream) -> None:
             await serve_stream(stream, {}, None)
 
-        router = InboundRouter()
-        listener = open_listener(Endpoint("0.0.0.0", args.direct_port))
-        await nursery.start(router.serve, listener)
+        router = InboundRouter(Endpoint("0.0.0.0", args.direct_port))
+        await nursery.start(router.serve)
         for trial in range(args.trials):
             nursery.start_soon(direct, router, trial)
         nursery.start_soon(punched)
