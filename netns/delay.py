@@ -75,9 +75,9 @@ def main(argv: list[str]) -> int:
     fd = open_tun(name)
     print("ready", flush=True)
     try:
-        run(fd, delay)
+        run(fd, delay)  # returns only by raising
     except OSError:  # the device went away with its namespace
-        return 0
+        pass
     return 0
 
 
