@@ -28,7 +28,7 @@ from typing import Any
 import attrs
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from punch import Endpoint, Role
@@ -240,7 +240,7 @@ async def run_program(program: list[tuple[Any, ...]]) -> None:
         nursery.cancel_scope.cancel()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150)
 @given(program=st.lists(step, min_size=12, max_size=40))
 def test_registry_follows_the_model(program: list[tuple[Any, ...]]) -> None:
     # time moves only when a step says "wait"; real I/O settles in between

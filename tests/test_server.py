@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import punch
@@ -27,7 +27,8 @@ from punch._protocol import (
     Register,
     Registered,
 )
-from punch._server import ServerLimits, candidate_problem, serve_rendezvous
+from punch._reuse import abort
+from punch._server import RendezvousServer, ServerLimits, candidate_problem, serve_rendezvous
 from tests.helpers import raw_client, register
 
 STRICT = ServerLimits(exempt=())  # loopback counted like any other source
@@ -89,6 +90,25 @@ async def test_exempt_sources_are_not_capped() -> None:
         ):
             assert isinstance(await register(a, "a"), Registered)
             assert isinstance(await register(b, "b"), Registered)
+
+
+async def test_a_reply_that_meets_a_reset_leaves_no_name_behind() -> None:
+    """Register, then reset before the server answers: the name must be free at once."""
+    registry = RendezvousServer()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            partial(trio.serve_tcp, registry.handle, 0, host="127.0.0.1")
+        )
+        rendezvous = Endpoint.from_sockaddr(listeners[0].socket.getsockname())
+        for _ in range(3):
+            async with raw_client(rendezvous) as client:
+                await trio.testing.wait_all_tasks_blocked()  # its handler waits for a frame
+                await client.stream.send_all(client.connection.send(Register("squatter")))
+                abort(client.socket)  # the Register and an RST arrive together
+                await trio.testing.wait_all_tasks_blocked()  # the handler has finished
+            assert registry.peers == {}
+            assert not registry.connections
+        nursery.cancel_scope.cancel()
 
 
 async def test_registration_timeout(slow_autojump_clock: trio.testing.MockClock) -> None:
@@ -264,7 +284,7 @@ async def test_tls_on_the_control_channel(ca: trustme.CA) -> None:
         assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60)
 @given(
     chunks=st.lists(
         st.one_of(

@@ -208,8 +208,27 @@ class RendezvousServer:
         self._introductions = RateLimit(self.limits.introductions_per_minute)
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        """Serve one control connection until it closes; never raises but Cancelled."""
-        observed = Endpoint.from_sockaddr(stream.socket.getpeername())
+        """Serve one control connection until it closes; never raises but Cancelled.
+
+        Everything, from the first line, runs under one guard: a peer can
+        reset its connection before we ask for its address (``ENOTCONN`` from
+        ``getpeername``), and ``trio.serve_listeners`` would let any exception
+        that escapes a handler end the whole server.
+        """
+        try:
+            observed = Endpoint.from_sockaddr(stream.socket.getpeername())
+        except OSError as exc:  # reset before we looked: nothing to serve
+            log.debug("a connection was gone before it was served: %s", exc)
+            _reuse.abort(stream.socket)
+            return
+        try:
+            await self._handle(stream, observed)
+        except Exception:  # one connection's bug must never take the server down
+            log.exception("%s: unexpected error, closing this connection", observed)
+        finally:
+            _reuse.abort(stream.socket)
+
+    async def _handle(self, stream: trio.SocketStream, observed: Endpoint) -> None:
         source = observed.ip
         counted = not self.limits.is_exempt(observed.address)
         if counted:
@@ -230,7 +249,11 @@ class RendezvousServer:
                 if self.ssl_context is not None:
                     channel.stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
                     await channel.stream.do_handshake()
+                # In the registry from here: the finally below removes it, however
+                # the reply fails (a reset, the registration timeout).
                 peer = await self._register(channel, observed)
+                if peer is not None:
+                    await channel.send(Registered(observed))
             if registering.cancelled_caught:
                 log.info(
                     "%s: no registration within %g s", observed, self.limits.registration_timeout
@@ -246,8 +269,6 @@ class RendezvousServer:
             await self._refuse(channel, Error(exc.code, str(exc)[:MAX_ERROR_TEXT]))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("%s: connection lost: %s", observed, exc.__cause__ or exc)
-        except Exception:  # one connection's bug must never take the server down
-            log.exception("%s: unexpected error, closing this connection", observed)
         finally:
             if counted:
                 self.connections[source] -= 1
@@ -256,9 +277,13 @@ class RendezvousServer:
             if peer is not None and self.peers.get(peer.name) is peer:
                 del self.peers[peer.name]
                 log.info("%s: %r left", observed, peer.name)
-            _reuse.abort(stream.socket)
 
     async def _register(self, channel: ControlChannel, observed: Endpoint) -> _Peer | None:
+        """Read the Register, admit it, and enter the peer in the registry.
+
+        No await comes after the insertion, so the caller always learns the
+        peer it must remove (issue 13: a failed reply left the name held).
+        """
         message = await channel.receive()
         if message is None:
             return None
@@ -266,7 +291,6 @@ class RendezvousServer:
         self._admit(message, observed)
         peer = _Peer(message.name, observed, message.candidates, channel)
         self.peers[peer.name] = peer
-        await channel.send(Registered(observed))
         log.info(
             "%s: registered %r, host candidates %s",
             observed,

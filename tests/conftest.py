@@ -1,0 +1,11 @@
+"""Shared test settings."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, settings
+
+# These machines are shared and noisy: how fast hypothesis generates data, and
+# how long one example takes, measure the machine, not punch. Every property is
+# still checked on every example; only those two timing checks are off.
+settings.register_profile("punch", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("punch")
