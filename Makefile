@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test matrix bench docs lint netns-deps clean
+.PHONY: demo test matrix sweep bench docs lint netns-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(STAMP) netns-deps
 # prints the table, writes netns/matrix.json, and regenerates README.md's table.
 matrix: $(STAMP) netns-deps
 	$(PY) -m netns.matrix --trials 10 --readme
+
+# The timing sweep of issue 12 (as root): cone-like NAT pairs x WAN delay x one side's
+# introduction late; prints the table, writes netns/sweep.json and README.md's table.
+sweep: $(STAMP) netns-deps
+	$(PY) -m netns.sweep --trials $(or $(TRIALS),10) --readme
 
 # Every benchmark of issue 5 (as root, under 15 minutes): prints the table,
 # writes benchmarks/results.json, and regenerates README.md's performance section.

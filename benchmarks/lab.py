@@ -37,13 +37,13 @@ def _lab_pair(
         assert b.nat_ns is not None
         for port in (DIRECT_PORT, RAW_PORT):
             lab.forward(b.nat_ns, port, b.peer_ip)
+        if skew:  # the responder's introductions come late, as over a slower path
+            lab.hold_back(topology.rendezvous_ns, b.public_ip, skew)
         pair = PairRun()
         try:
             address = pair.start_lab_rendezvous(
                 lab,
                 topology,
-                "--lab-skew",
-                str(skew),
                 "--introductions-per-minute",
                 "100000",
                 "--quiet",

@@ -35,6 +35,8 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 MAX_HELD = 10_000
 """Packets held at once; beyond that, new packets are dropped."""
+MAX_DELAY = 5.0
+"""Seconds a packet may be held: a WAN delay, or one peer's introduction held back."""
 
 
 def open_tun(name: str) -> int:
@@ -68,8 +70,8 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     name, delay = argv[0], float(argv[1])
-    if not 0 <= delay <= 1:
-        print("delay must be 0-1 seconds", file=sys.stderr)
+    if not 0 <= delay <= MAX_DELAY:
+        print(f"delay must be 0-{MAX_DELAY:g} seconds", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     fd = open_tun(name)

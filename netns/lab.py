@@ -179,20 +179,43 @@ class Lab:
         Call after the topology is built; the delay line dies with the lab.
         """
         wan = self.prefix + "wan"
-        self.sh(wan, "ip", "tuntap", "add", "dev", "dly0", "mode", "tun")
+        self._delay_line("dly0", seconds)
+        self.sh(wan, "ip", "route", "add", "default", "dev", "dly0", "table", "100")
+        self.sh(wan, "ip", "rule", "add", "not", "iif", "dly0", "table", "100", "priority", "100")
+
+    def hold_back(self, source_ns: str, destination_ip: str, seconds: float) -> None:
+        """Hold what the WAN router forwards from ``source_ns`` to ``destination_ip``
+        for ``seconds`` (0-5) more, on top of any :meth:`delay`.
+
+        With ``source_ns`` the rendezvous host, one peer gets its introduction
+        (and every other control frame) late, as a peer on a slower path to the
+        rendezvous does; its punch traffic is untouched. The server stays as
+        it is in service: it sends both introductions at once.
+        """
+        wan = self.prefix + "wan"
+        device = f"dly{len(self._helpers) + 1}"
+        table = str(100 + len(self._helpers) + 1)
+        self._delay_line(device, seconds)
+        self.sh(wan, "ip", "route", "add", "default", "dev", device, "table", table)
+        port = self.wan_ports[source_ns]
+        selector = ("iif", port, "to", f"{destination_ip}/32")
+        self.sh(wan, "ip", "rule", "add", *selector, "table", table, "priority", "50")
+
+    def _delay_line(self, device: str, seconds: float) -> None:
+        """A TUN ``device`` on the WAN router that :mod:`netns.delay` serves."""
+        wan = self.prefix + "wan"
+        self.sh(wan, "ip", "tuntap", "add", "dev", device, "mode", "tun")
         helper = subprocess.Popen(
-            [*self.exec_prefix(wan), sys.executable, str(DELAY_LINE), "dly0", str(seconds)],
+            [*self.exec_prefix(wan), sys.executable, str(DELAY_LINE), device, str(seconds)],
             stdout=subprocess.PIPE,
         )
         self._helpers.append(helper)
         assert helper.stdout is not None
         if helper.stdout.readline() != b"ready\n":
             raise RuntimeError(f"the delay line did not start (exit {helper.wait()})")
-        self.sh(wan, "ip", "link", "set", "dly0", "up")
-        for conf in ("all", "default", "dly0"):
+        self.sh(wan, "ip", "link", "set", device, "up")
+        for conf in ("all", "default", device):
             self.sh(wan, "sysctl", "-q", "-w", f"net.ipv4.conf.{conf}.rp_filter=0")
-        self.sh(wan, "ip", "route", "add", "default", "dev", "dly0", "table", "100")
-        self.sh(wan, "ip", "rule", "add", "not", "iif", "dly0", "table", "100", "priority", "100")
 
     def unblock(self, ns: str) -> None:
         self.sh(ns, "nft", "delete", "table", "ip", "punchblock")
@@ -234,7 +257,7 @@ class Topology:
     sites: tuple[Site, ...]
 
 
-PROFILES = ("public", "cone", "cone-rst", "symmetric")
+PROFILES = ("public", "cone", "cone-rst", "cone-icmp", "cone-icmp-admin", "symmetric")
 """Per-site NAT behaviours; ``public`` is a host on the WAN with no NAT."""
 
 

@@ -3,7 +3,8 @@
 ``python -m netns.matrix [--trials N] [--cells NAME ...] [--json PATH] [--readme]``
 
 Every ordered pair of the per-site profiles (``public``, ``cone``, ``cone-rst``,
-``symmetric``; RFC 4787 behaviours, ``netns/rulesets/``), plus ``hairpin``
+``cone-icmp``, ``cone-icmp-admin``, ``symmetric``; RFC 4787 behaviours,
+``netns/rulesets/``), plus ``hairpin``
 (both peers on one LAN behind one NAT) and ``overlap`` (two LANs with one
 subnet, and a stray punch peer on A's LAN at the very ip:port B advertises).
 Each cell builds its own lab and runs the real ``punch`` commands ``N`` times.

@@ -20,6 +20,8 @@ QUICK_TRIALS = 3
         ("symmetric", "public", True),
         ("symmetric", "cone", False),
         ("cone-rst", "symmetric", False),
+        ("cone-icmp", "cone-icmp-admin", True),
+        ("symmetric", "cone-icmp", False),
         ("symmetric", "symmetric", False),
     ],
 )
@@ -29,8 +31,9 @@ def test_which_cells_have_a_direct_path(a: str, b: str, direct: bool) -> None:
 
 def test_the_matrix_covers_every_ordered_pair_and_the_special_cells() -> None:
     names = [c.name for c in cells()]
-    assert len(names) == len(set(names)) == 16 + 2 + 2
+    assert len(names) == len(set(names)) == 6 * 6 + 2 + 2
     assert {"hairpin", "overlap", "cone-rst x symmetric", "symmetric x cone-rst"} <= set(names)
+    assert {"cone-icmp x cone-icmp-admin", "cone-icmp-admin x public"} <= set(names)
 
 
 def _run_with_attempts(times: list[float]) -> PeerRun:

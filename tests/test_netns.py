@@ -180,3 +180,26 @@ def test_the_wan_delay_line_holds_every_packet_each_way() -> None:
         prefix = lab.prefix
     assert prefix not in _namespaces()  # the delay line went with its namespace
     assert after >= 40 > before  # 20 ms there, 20 ms back; none before
+
+
+def _introduced_at(run: object) -> float:
+    """When this peer's introduction arrived (its ``-v`` JSON log, wall clock)."""
+    events = run.events  # type: ignore[attr-defined]
+    return next(e["time"] for e in events if "introduced to" in e.get("message", ""))
+
+
+def test_hold_back_makes_one_introduction_late_and_nothing_else() -> None:
+    """The sweep's lateness: the server sends both introductions at once; the lab
+    holds the responder's back 0.3 s on the WAN router, and its punch traffic not at all."""
+    with Lab() as lab:
+        topology = build_two_nats(lab)
+        lab.hold_back(topology.rendezvous_ns, topology.sites[1].public_ip, 0.3)
+        verbose = {"listener_args": ("-v",), "connector_args": ("-v",)}
+        alice, bob = run_in_lab(lab, topology, **verbose)
+    assert (alice.returncode, bob.returncode) == (0, 0), (alice.stderr, bob.stderr)
+    late = _introduced_at(bob) - _introduced_at(alice)
+    assert 0.3 <= late < 0.3 + 0.1
+    connected = alice.event("connected")
+    assert connected
+    # alice waited for bob's late SYN; cone x cone at no link delay needs little more
+    assert 0.3 - 0.05 <= connected["connect_time"] < 0.3 + 0.2

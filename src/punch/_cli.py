@@ -425,9 +425,6 @@ def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="peers must present the token in FILE [unauthorized]",
     )
-    parser.add_argument(  # the netns benchmarks' timing knob, not for service
-        "--lab-skew", type=float, default=0.0, metavar="SECONDS", help=argparse.SUPPRESS
-    )
     tls = parser.add_argument_group("TLS", "serve the control channel over TLS (RFC 8445 §19.2)")
     tls.add_argument("--tls-cert", type=Path, metavar="FILE", help="certificate chain (PEM)")
     tls.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM)")
@@ -550,7 +547,6 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     limits=limits,
                     ssl_context=context,
                     stop=stop,
-                    lab_skew=args.lab_skew,
                 )
                 print(await nursery.start(serve), flush=True)
                 async for signum in signals:

@@ -190,14 +190,11 @@ class RendezvousServer:
         ssl_context: wrap every control connection in TLS with this context.
         on_loopback: the server listens on a loopback address (then loopback
             host candidates are fine from anyone).
-        lab_skew: seconds (>= 0) to hold back each responder's introduction;
-            a knob for the netns lab and benchmarks, 0 in service.
     """
 
     limits: ServerLimits = attrs.field(factory=ServerLimits)
     ssl_context: ssl.SSLContext | None = None
     on_loopback: bool = False
-    lab_skew: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     peers: dict[str, _Peer] = attrs.field(factory=dict, init=False)
     connections: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _registrations: RateLimit = attrs.field(init=False)
@@ -383,10 +380,9 @@ class RendezvousServer:
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._deliver, requester, frames[0])
-            nursery.start_soon(self._deliver, target, frames[1], self.lab_skew)
+            nursery.start_soon(self._deliver, target, frames[1])
 
-    async def _deliver(self, peer: _Peer, frame: bytes, delay: float = 0.0) -> None:
-        await trio.sleep(delay)
+    async def _deliver(self, peer: _Peer, frame: bytes) -> None:
         with trio.move_on_after(SEND_TIMEOUT) as scope:
             try:
                 await peer.channel.send_frame(frame)
@@ -439,7 +435,6 @@ async def serve_rendezvous(
     ssl_context: ssl.SSLContext | None = None,
     stop: trio.Event | None = None,
     registration_timeout: float | None = None,
-    lab_skew: float = 0.0,
     task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a rendezvous server until cancelled, or until ``stop`` is set.
@@ -459,8 +454,6 @@ async def serve_rendezvous(
             registered peer ``shutting-down`` (at most :data:`SHUTDOWN_GRACE`
             seconds), close every connection, return.
         registration_timeout: shorthand for ``limits.registration_timeout``.
-        lab_skew: seconds (>= 0) each responder's introduction is held back,
-            to test NAT timing in the lab; leave it 0 in service.
         task_status: receives the bound :class:`Endpoint` once listening.
 
     Raises:
@@ -471,7 +464,7 @@ async def serve_rendezvous(
     limits = limits or ServerLimits()
     if registration_timeout is not None:
         limits = attrs.evolve(limits, registration_timeout=registration_timeout)
-    server = RendezvousServer(limits, ssl_context, bind.address.is_loopback, lab_skew)
+    server = RendezvousServer(limits, ssl_context, bind.address.is_loopback)
     listeners = await trio.open_tcp_listeners(bind.port, host=bind.ip)
     bound = Endpoint.from_sockaddr(listeners[0].socket.getsockname())
     log.info("rendezvous listening on %s%s", bound, " (TLS)" if ssl_context else "")

@@ -1,0 +1,234 @@
+"""The timing sweep: every cone-like NAT pair at several WAN delays and introduction skews.
+
+``python -m netns.sweep [--trials N] [--quick] [--cells NAME ...] [--json PATH] [--readme]``
+
+Real peers get their introductions at different moments (their paths to the
+rendezvous differ), sit 1-300 ms apart, and meet NATs that drop, RST or answer
+unsolicited SYNs with ICMP. Each cell builds a lab of two NATs
+(:data:`PROFILES` x :data:`PROFILES`), a one-way WAN delay (:meth:`Lab.delay`),
+and holds one side's introduction back by the cell's lateness
+(:meth:`Lab.hold_back`: the rendezvous itself sends both at once, as in
+service). Every trial must connect directly, and in time: from the earlier
+introduction to the nominated stream, the median within lateness + 4 round
+trips + 100 ms, the slowest within lateness + 2 s (issue 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+from tools.readme import replace_section
+
+from netns.lab import Lab, build_two_nats
+from netns.matrix import MAX_ATTEMPTS_PER_SECOND, Cell, judge
+from netns.scenario import run_in_lab
+
+PROFILES = ("cone", "cone-rst", "cone-icmp")
+DELAYS_MS = (0, 25)
+"""One-way WAN delays, milliseconds (0: the SYNs' window is microseconds wide)."""
+RESPONDER_LATE_MS = (0, 50, 300, 2000)
+INITIATOR_LATE_MS = (300,)
+
+
+@attrs.frozen
+class SweepCell:
+    """Initiator's NAT ``a``, responder's NAT ``b``, WAN delay, and who is late by how much."""
+
+    a: str
+    b: str
+    delay_ms: int
+    late: str = "responder"
+    late_ms: int = 0
+
+    @property
+    def name(self) -> str:
+        skew = f", {self.late} +{self.late_ms} ms" if self.late_ms else ""
+        return f"{self.a} x {self.b}, {self.delay_ms} ms{skew}"
+
+    @property
+    def round_trip_ms(self) -> float:
+        """Between the two sites: twice the one-way delay."""
+        return 2.0 * self.delay_ms
+
+    @property
+    def median_bound_ms(self) -> float:
+        return self.late_ms + 4 * self.round_trip_ms + 100
+
+    @property
+    def max_bound_ms(self) -> float:
+        return self.late_ms + 2000
+
+
+def cells() -> list[SweepCell]:
+    """The full sweep: every pair, every delay, each responder lateness, the initiator late."""
+    out = []
+    for a in PROFILES:
+        for b in PROFILES:
+            for delay in DELAYS_MS:
+                out += [SweepCell(a, b, delay, "responder", ms) for ms in RESPONDER_LATE_MS]
+                out += [SweepCell(a, b, delay, "initiator", ms) for ms in INITIATOR_LATE_MS]
+    return out
+
+
+def quick_cells() -> list[SweepCell]:
+    """For ``make test``: every pair once, each with a lateness and a delay of the sweep."""
+    skews = [("responder", 300), ("responder", 50), ("initiator", 300)]
+    out = []
+    for i, (a, b) in enumerate((a, b) for a in PROFILES for b in PROFILES):
+        late, ms = skews[i % len(skews)]
+        out.append(SweepCell(a, b, DELAYS_MS[i % len(DELAYS_MS)], late, ms))
+    return out
+
+
+@attrs.frozen
+class SweepResult:
+    cell: SweepCell
+    times_ms: tuple[float | None, ...]
+    """Per trial: earlier introduction to nominated stream, or None (no stream)."""
+    problems: tuple[str, ...]
+    attempts_per_second: int
+
+    @property
+    def connected(self) -> int:
+        return sum(t is not None for t in self.times_ms)
+
+    @property
+    def median_ms(self) -> float | None:
+        times = [t for t in self.times_ms if t is not None]
+        return statistics.median(times) if times else None
+
+    @property
+    def max_ms(self) -> float | None:
+        times = [t for t in self.times_ms if t is not None]
+        return max(times) if times else None
+
+    @property
+    def ok(self) -> bool:
+        return not self.all_problems
+
+    @property
+    def all_problems(self) -> list[str]:
+        problems = list(self.problems)
+        median, slowest = self.median_ms, self.max_ms
+        if median is not None and median > self.cell.median_bound_ms:
+            problems.append(f"median {median:.0f} ms > {self.cell.median_bound_ms:.0f} ms")
+        if slowest is not None and slowest > self.cell.max_bound_ms:
+            problems.append(f"max {slowest:.0f} ms > {self.cell.max_bound_ms:.0f} ms")
+        return problems
+
+    def summary(self) -> dict[str, Any]:
+        median, slowest = self.median_ms, self.max_ms
+        return {
+            "cell": self.cell.name,
+            "trials": len(self.times_ms),
+            "connected": self.connected,
+            "median_ms": round(median, 1) if median is not None else None,
+            "max_ms": round(slowest, 1) if slowest is not None else None,
+            "median_bound_ms": self.cell.median_bound_ms,
+            "max_bound_ms": self.cell.max_bound_ms,
+            "max_attempts_per_second": self.attempts_per_second,
+            "ok": self.ok,
+            "problems": self.all_problems,
+        }
+
+
+def run_cell(cell: SweepCell, trials: int) -> SweepResult:
+    """Build the cell's lab and run ``trials`` punches of the real peers in it."""
+    verbose = {"listener_args": ("-vv",), "connector_args": ("-vv",)}
+    times: list[float | None] = []
+    problems: list[str] = []
+    attempts = 0
+    with Lab() as lab:
+        topology = build_two_nats(lab, cell.a, cell.b)
+        if cell.delay_ms:
+            lab.delay(cell.delay_ms / 1000)
+        if cell.late_ms:
+            late_site = topology.sites[1 if cell.late == "responder" else 0]
+            lab.hold_back(topology.rendezvous_ns, late_site.public_ip, cell.late_ms / 1000)
+        for i in range(trials):
+            start = time.monotonic()
+            try:
+                alice, bob = run_in_lab(lab, topology, **verbose)
+            except RuntimeError as exc:
+                times.append(None)
+                problems.append(f"trial {i}: did not start: {exc}")
+                continue
+            trial = judge(Cell(cell.a, cell.b), topology, alice, bob, time.monotonic() - start)
+            attempts = max(attempts, trial.attempts_per_second)
+            problems += [f"trial {i}: {p}" for p in trial.problems]
+            earlier = bob if cell.late == "initiator" and cell.late_ms else alice
+            connected = earlier.event("connected") if trial.connected else None
+            times.append(connected["connect_time"] * 1000 if connected else None)
+    if attempts > MAX_ATTEMPTS_PER_SECOND:
+        problems.append(f"{attempts} attempts/s to one candidate")
+    return SweepResult(cell, tuple(times), tuple(problems), attempts)
+
+
+def table(results: list[SweepResult]) -> str:
+    rows = [
+        "| cell | trials | connected | median ms (bound) | max ms (bound) | attempts/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        s = r.summary()
+        median = "-" if s["median_ms"] is None else s["median_ms"]
+        slowest = "-" if s["max_ms"] is None else s["max_ms"]
+        rows.append(
+            f"| {s['cell']} | {s['trials']} | {s['connected']}/{s['trials']} "
+            f"| {median} ({s['median_bound_ms']:g}) | {slowest} ({s['max_bound_ms']:g}) "
+            f"| {s['max_attempts_per_second']} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m netns.sweep", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--trials", type=int, default=10, help="trials per cell (default 10)")
+    parser.add_argument("--quick", action="store_true", help="only the quick subset of cells")
+    parser.add_argument("--cells", nargs="*", help="only these cells, by name")
+    parser.add_argument(
+        "--json", type=Path, default=Path("netns/sweep.json"), help="where to write the JSON"
+    )
+    parser.add_argument("--readme", action="store_true", help="update README.md's sweep table")
+    args = parser.parse_args(argv)
+    chosen = quick_cells() if args.quick else cells()
+    chosen = [c for c in chosen if not args.cells or c.name in args.cells]
+    results = []
+    for cell in chosen:
+        result = run_cell(cell, args.trials)
+        results.append(result)
+        s = result.summary()
+        print(
+            f"{cell.name:45} {s['connected']}/{s['trials']} median {s['median_ms']} "
+            f"max {s['max_ms']} {'ok' if result.ok else 'PROBLEM'}",
+            file=sys.stderr,
+            flush=True,
+        )
+    markdown = table(results)
+    print(markdown)
+    args.json.write_text(json.dumps([r.summary() for r in results], indent=2) + "\n")
+    if args.readme:
+        stamp = datetime.date.today().isoformat()
+        replace_section(
+            "timing-sweep",
+            f"_Generated by `python -m netns.sweep {' '.join(argv or sys.argv[1:])}` on {stamp}; "
+            "times from the earlier introduction to the nominated stream._\n\n" + markdown,
+        )
+    for result in results:
+        for problem in result.all_problems:
+            print(f"PROBLEM {result.cell.name}: {problem}", file=sys.stderr)
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
