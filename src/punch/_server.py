@@ -213,15 +213,15 @@ class RendezvousServer:
         that escapes a handler end the whole server.
         """
         try:
-            observed = Endpoint.from_sockaddr(stream.socket.getpeername())
-        except OSError as exc:  # reset before we looked: nothing to serve
-            log.debug("a connection was gone before it was served: %s", exc)
-            _reuse.abort(stream.socket)
-            return
-        try:
-            await self._handle(stream, observed)
-        except Exception:  # one connection's bug must never take the server down
-            log.exception("%s: unexpected error, closing this connection", observed)
+            try:
+                observed = Endpoint.from_sockaddr(stream.socket.getpeername())
+            except OSError as exc:  # reset before we looked: nothing to serve
+                log.debug("a connection was gone before it was served: %s", exc)
+                return
+            try:
+                await self._handle(stream, observed)
+            except Exception:  # one connection's bug must never take the server down
+                log.exception("%s: unexpected error, closing this connection", observed)
         finally:
             _reuse.abort(stream.socket)
 
