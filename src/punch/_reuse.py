@@ -23,6 +23,7 @@ log = logging.getLogger("punch.reuse")
 
 LISTEN_BACKLOG = 128
 _LINGER_ABORT = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
 
 
 def _set_reuse(sock: socket.socket | trio.socket.SocketType) -> None:
@@ -151,13 +152,21 @@ async def dial(
         ReuseUnavailable: see :func:`bind_reusable`.
         OSError: the connect failed (refused, unreachable, ``EADDRNOTAVAIL``
             when this 4-tuple is already connected).
+
+    ``SO_LINGER`` 0 is set before connecting: a cancelled connect is closed by
+    trio itself, and a plain close of a socket in SYN_RECV (a simultaneous open
+    under way) would send a FIN and hold the 4-tuple in FIN_WAIT1, so the next
+    dial of this candidate would get ``EADDRNOTAVAIL``. Once connected, linger
+    is switched off again, so a stream that wins closes gracefully.
     """
     check_not_self(remote, local, own)
     sock = bind_reusable(local)
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
         await sock.connect(remote.sockaddr())
         if sock.getsockname() == sock.getpeername():
             raise SelfDialError(f"TCP self-connect on {remote}: the socket reached itself")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
     except BaseException:
         abort(sock)
         raise
