@@ -26,12 +26,13 @@ import trio
 import punch
 from punch import Candidate, CandidateType, Endpoint, Role
 from punch._protocol import Introduction
-from punch._race import InboundRouter, Race
+from punch._race import InboundRouter, PunchOptions, Race
 
 CHUNK = 1 << 18
 """Bytes per send/receive call in the throughput rounds (256 KiB)."""
 LONG = 600.0
 """Seconds: a deadline no benchmark phase comes near; everything is bounded by it."""
+LONG_PUNCH = PunchOptions(timeout=LONG)
 
 
 class AttemptCounter(logging.Handler):
@@ -154,7 +155,7 @@ async def bob(args: argparse.Namespace) -> None:
         async def direct(router: InboundRouter, trial: int) -> None:
             intro = direct_introduction(secret, trial, Role.RESPONDER, None)
             local = Endpoint("0.0.0.0", args.direct_port)
-            race = Race(intro, local, router.open_route(intro.attempt_id), timeout=LONG)
+            race = Race(intro, local, router.open_route(intro.attempt_id), options=LONG_PUNCH)
             try:
                 stream = await race.run()
             finally:
@@ -224,7 +225,7 @@ async def alice(args: argparse.Namespace) -> None:
             intro = direct_introduction(secret, trial, Role.INITIATOR, to)
             send, inbound = trio.open_memory_channel[Any](0)
             send.close()  # the baseline dials only
-            stream = await Race(intro, Endpoint("0.0.0.0", 0), inbound, timeout=LONG).run()
+            stream = await Race(intro, Endpoint("0.0.0.0", 0), inbound, options=LONG_PUNCH).run()
             async with stream:
                 theirs = await ask(stream)
             report["direct"].append({"alice": {"connect_time": stream.connect_time}, "bob": theirs})

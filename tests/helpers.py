@@ -92,8 +92,8 @@ async def play_peer(
 async def raw_client(
     rendezvous: Endpoint, source: str = "127.0.0.1"
 ) -> AsyncIterator[ControlChannel]:
-    """A hand-driven control connection from ``source`` (any 127/8 address)."""
-    sock = trio.socket.socket()
+    """A hand-driven control connection from ``source`` (any 127/8 address, or ``::1``)."""
+    sock = trio.socket.socket(Endpoint(source, 0).family)
     try:
         await sock.bind((source, 0))
         await sock.connect(rendezvous.sockaddr())

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import trio
 
-from punch import Endpoint, HandshakeError, PeerStream, PunchFailed, Role, SelfDialError, WonBy
+from punch import (
+    Endpoint,
+    HandshakeError,
+    PeerStream,
+    PunchFailed,
+    Role,
+    SelfDialError,
+    WonBy,
+    open_host,
+)
 from punch._handshake import ACCEPT, NOMINATE
-from punch._race import Race
+from punch._race import NOMINATION_TIMEOUT, PunchOptions, Race
 from tests.helpers import introductions, open_fds, play_peer, race_side, run_race
 
 ANY = Endpoint("0.0.0.0", 0)
@@ -123,8 +134,53 @@ async def test_initiator_nominates_one_stream_and_closes_the_rest() -> None:
         await listener.aclose()
 
 
-def _fake_dial(behaviour: dict[Endpoint, float | None], log: dict[Endpoint, list[float]]):  # type: ignore[no-untyped-def]
-    """A dial that fails after ``behaviour[remote]`` virtual seconds (None: never answers)."""
+async def test_a_path_silent_after_its_nomination_yields_to_the_next(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    silent_l, good_l = [(await trio.open_tcp_listeners(0, host="127.0.0.1"))[0] for _ in range(2)]
+    silent, good = (Endpoint.from_sockaddr(lst.socket.getsockname()) for lst in (silent_l, good_l))
+    nominated_silent = trio.Event()
+    async with race_side(LOOPBACK) as (local, router):
+        intro_i, intro_r = introductions((), (silent, good))
+
+        async def stall() -> None:  # authenticates, reads the nomination, never answers
+            async with await silent_l.accept() as stream:
+                peer = await play_peer(stream, intro_r, speak_first=False)
+                assert await peer.exactly(1) == NOMINATE
+                nominated_silent.set()
+                await trio.sleep_forever()
+
+        async def answer() -> None:  # authenticates only once the other path holds the lock
+            async with await good_l.accept() as stream:
+                await nominated_silent.wait()
+                peer = await play_peer(stream, intro_r, speak_first=False)
+                assert await peer.exactly(1) == NOMINATE
+                await peer.send(ACCEPT)
+                await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stall)
+            nursery.start_soon(answer)
+            start = trio.current_time()
+            kept = await run_race(router, {"introduction": intro_i, "local": local})
+            waited = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+        assert kept.remote == good
+        assert waited == pytest.approx(NOMINATION_TIMEOUT, abs=0.1)  # not the 10 s deadline
+        await kept.aclose()
+    for listener in (silent_l, good_l):
+        await listener.aclose()
+
+
+REFUSED = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+
+
+def _fake_dial(  # type: ignore[no-untyped-def]
+    behaviour: dict[Endpoint, float | None],
+    log: dict[Endpoint, list[float]],
+    error: OSError = REFUSED,
+):
+    """Raise ``error`` after ``behaviour[remote]`` virtual seconds (None: never answer)."""
 
     async def dial(local: Endpoint, remote: Endpoint, own: object) -> trio.SocketStream:
         log.setdefault(remote, []).append(trio.current_time())
@@ -132,7 +188,7 @@ def _fake_dial(behaviour: dict[Endpoint, float | None], log: dict[Endpoint, list
         if delay is None:
             await trio.sleep_forever()
         await trio.sleep(delay)
-        raise ConnectionRefusedError(111, "Connection refused")
+        raise error
 
     return dial
 
@@ -148,8 +204,7 @@ async def test_failure_names_every_candidate_and_its_cause(
         intro,
         LOOPBACK,
         inbound,
-        timeout=0.95,
-        pacing=0.1,
+        options=PunchOptions(timeout=0.95, pacing=0.1),
         dial=_fake_dial({refused: 0, silent: None}, attempts),
     )
     start = trio.current_time()
@@ -160,7 +215,7 @@ async def test_failure_names_every_candidate_and_its_cause(
     assert isinstance(group, ExceptionGroup)
     failures = {e.candidate.endpoint: e for e in group.exceptions}
     assert set(failures) == {refused, silent}
-    assert failures[refused].attempts == 10
+    assert failures[refused].attempts == 19  # refused: re-dialled every MIN_PACING
     assert isinstance(failures[refused].__cause__, ConnectionRefusedError)
     assert failures[silent].attempts == 1
     assert isinstance(failures[silent].__cause__, TimeoutError)
@@ -181,18 +236,51 @@ async def test_pacing_holds_between_attempts_to_one_candidate(
         intro,
         LOOPBACK,
         inbound,
-        timeout=2.0,
-        pacing=0.25,
-        dial=_fake_dial({fast: 0, slow: 0.4}, attempts),
+        options=PunchOptions(timeout=2.0, pacing=0.25),
+        dial=_fake_dial({fast: 0, slow: 0.4}, attempts, ConnectionResetError(errno.ECONNRESET, "")),
     )
     with pytest.raises(PunchFailed):
         await race.run()
     fast_times = [t - start for t in attempts[fast]]
     slow_times = [t - start for t in attempts[slow]]
-    # refused at once: one attempt every 0.25 s, never sooner, never a busy loop
+    # failed at once: one attempt every 0.25 s, never sooner, never a busy loop
     assert fast_times == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     # an attempt slower than the pacing is followed at once by the next
     assert slow_times == pytest.approx([0.0, 0.4, 0.8, 1.2, 1.6])
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError(errno.ECONNREFUSED, "RST or ICMP port unreachable"),
+        OSError(errno.EHOSTUNREACH, "ICMP host unreachable or administratively prohibited"),
+        OSError(errno.ENETUNREACH, "ICMP net unreachable"),
+    ],
+)
+async def test_a_refused_attempt_is_dialled_again_as_soon_as_the_rate_allows(
+    autojump_clock: trio.testing.MockClock, error: OSError
+) -> None:
+    at_once, after_a_round_trip, late = (Endpoint(f"192.0.2.{i}", i) for i in (1, 2, 3))
+    attempts: dict[Endpoint, list[float]] = {}
+    intro, _ = introductions((), (at_once, after_a_round_trip, late))
+    _, inbound = trio.open_memory_channel(0)
+    start = trio.current_time()
+    behaviour = {at_once: 0.0, after_a_round_trip: 0.03, late: 0.07}
+    options = PunchOptions(timeout=0.2, pacing=0.1)
+    race = Race(
+        intro, LOOPBACK, inbound, options=options, dial=_fake_dial(behaviour, attempts, error)
+    )
+    with pytest.raises(PunchFailed):
+        await race.run()
+
+    def times(remote: Endpoint) -> list[float]:
+        return [t - start for t in attempts[remote]]
+
+    # MIN_PACING (0.05 s) after the start of the refused attempt, not the pacing
+    assert times(at_once) == pytest.approx([0.0, 0.05, 0.1, 0.15])
+    assert times(after_a_round_trip) == pytest.approx([0.0, 0.05, 0.1, 0.15])
+    # a refusal later than MIN_PACING is followed at once
+    assert times(late) == pytest.approx([0.0, 0.07, 0.14])
 
 
 async def test_every_candidate_being_our_own_is_a_self_dial_error(
@@ -214,20 +302,54 @@ async def test_our_own_endpoint_is_skipped_and_the_others_dialled(
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), (local, other))
     _, inbound = trio.open_memory_channel(0)
-    race = Race(intro, local, inbound, timeout=0.5, dial=_fake_dial({other: 0}, attempts))
+    race = Race(
+        intro,
+        local,
+        inbound,
+        options=PunchOptions(timeout=0.5),
+        dial=_fake_dial({other: 0}, attempts),
+    )
     with pytest.raises(PunchFailed):
         await race.run()
     assert set(attempts) == {other}
 
 
-@pytest.mark.parametrize(
-    ("timeout", "pacing"), [(0, 0.1), (-1, 0.1), (float("inf"), 0.1), (1, 0.049)]
-)
-def test_bad_timeout_or_pacing_is_refused(timeout: float, pacing: float) -> None:
-    intro, _ = introductions((), ())
-    _, inbound = trio.open_memory_channel(0)
-    with pytest.raises(ValueError, match=r"timeout|pacing"):
-        Race(intro, LOOPBACK, inbound, timeout=timeout, pacing=pacing)
+BAD_OPTIONS = [
+    ({"timeout": 0}, ValueError),
+    ({"timeout": -1}, ValueError),
+    ({"timeout": float("inf")}, ValueError),
+    ({"timeout": float("nan")}, ValueError),
+    ({"timeout": True}, TypeError),
+    ({"timeout": "10"}, TypeError),
+    ({"pacing": 0.049}, ValueError),
+    ({"pacing": True}, TypeError),
+]
+
+
+@pytest.mark.parametrize(("knob", "error"), BAD_OPTIONS)
+def test_bad_timeout_or_pacing_is_refused(knob: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"timeout|pacing"):
+        PunchOptions(**knob)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("knob", "error"), BAD_OPTIONS)
+async def test_open_host_refuses_a_bad_knob_before_any_socket(
+    knob: dict[str, object], error: type[Exception]
+) -> None:
+    before = open_fds()
+    with pytest.raises(error, match=r"timeout|pacing"):
+        # nothing listens on the discard port: reaching it would be another error
+        async with open_host("bad-knob", rendezvous="127.0.0.1:9", **knob):  # type: ignore[arg-type]
+            raise AssertionError("unreachable")
+    assert open_fds() == before
+
+
+async def test_connect_refuses_a_bad_timeout(punch_rendezvous: Endpoint) -> None:
+    async with open_host("knobs", rendezvous=punch_rendezvous) as host:
+        with pytest.raises(TypeError, match="timeout"):
+            await host.connect("anyone", timeout=True)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="timeout"):
+            await host.connect("anyone", timeout=0)
 
 
 async def test_a_stranger_fails_the_handshake_and_the_race_goes_on() -> None:
@@ -300,11 +422,12 @@ async def test_a_silent_attempt_after_a_refusal_is_dialled_again(
     _, inbound = trio.open_memory_channel(0)
     start = trio.current_time()
     with pytest.raises(PunchFailed):
-        await Race(intro, LOOPBACK, inbound, timeout=5.0, pacing=0.1, dial=dial).run()
-    # refused at 0; silent from 0.1, given up at 1.1 and dialled again at once,
-    # refused; silent from 1.2, given up at 2.2; silent again from 2.2 to the
-    # deadline, for a silence that follows a silence is left to the kernel
-    assert [t - start for t in starts] == pytest.approx([0.0, 0.1, 1.1, 1.2, 2.2])
+        await Race(intro, LOOPBACK, inbound, options=PunchOptions(5.0, 0.1), dial=dial).run()
+    # refused at 0; silent from 0.05 (MIN_PACING after a refusal), given up at
+    # 1.05 and dialled again at once, refused; silent from 1.1, given up at 2.1;
+    # silent again from 2.1 to the deadline, for a silence that follows a
+    # silence is left to the kernel
+    assert [t - start for t in starts] == pytest.approx([0.0, 0.05, 1.05, 1.1, 2.1])
 
 
 async def test_a_silent_first_attempt_is_left_to_the_kernel(
@@ -314,7 +437,13 @@ async def test_a_silent_first_attempt_is_left_to_the_kernel(
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), (silent,))
     _, inbound = trio.open_memory_channel(0)
-    race = Race(intro, LOOPBACK, inbound, timeout=5.0, dial=_fake_dial({silent: None}, attempts))
+    race = Race(
+        intro,
+        LOOPBACK,
+        inbound,
+        options=PunchOptions(5.0),
+        dial=_fake_dial({silent: None}, attempts),
+    )
     with pytest.raises(PunchFailed):
         await race.run()
     assert len(attempts[silent]) == 1  # never aborted: its SYN retransmits keep one ISN
@@ -327,7 +456,11 @@ async def test_at_most_eight_remote_candidates_are_dialled(autojump_clock: trio.
     intro, _ = introductions((), many)
     _, inbound = trio.open_memory_channel(0)
     race = Race(
-        intro, local, inbound, timeout=0.5, dial=_fake_dial(dict.fromkeys(many, 0), attempts)
+        intro,
+        local,
+        inbound,
+        options=PunchOptions(timeout=0.5),
+        dial=_fake_dial(dict.fromkeys(many, 0), attempts),
     )
     with pytest.raises(PunchFailed) as info:
         await race.run()

@@ -28,7 +28,13 @@ from punch._protocol import (
     Registered,
 )
 from punch._reuse import abort
-from punch._server import RendezvousServer, ServerLimits, candidate_problem, serve_rendezvous
+from punch._server import (
+    RendezvousServer,
+    ServerLimits,
+    candidate_problem,
+    serve_rendezvous,
+    source_key,
+)
 from tests.helpers import raw_client, register
 
 STRICT = ServerLimits(exempt=())  # loopback counted like any other source
@@ -90,6 +96,32 @@ async def test_exempt_sources_are_not_capped() -> None:
         ):
             assert isinstance(await register(a, "a"), Registered)
             assert isinstance(await register(b, "b"), Registered)
+
+
+@pytest.mark.parametrize(
+    ("source", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # same /64, same key
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),  # the next /64 is another source
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # a dual-stack listener's view of IPv4
+        ("::1", "::/64"),
+    ],
+)
+def test_ipv6_sources_are_counted_by_their_64(source: str, key: str) -> None:
+    assert source_key(ipaddress.ip_address(source)) == key
+
+
+async def test_the_server_counts_connections_under_the_source_key() -> None:
+    registry = RendezvousServer(limits=STRICT)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, registry.handle, 0, host="::1"))
+        rendezvous = Endpoint.from_sockaddr(listeners[0].socket.getsockname())
+        async with raw_client(rendezvous, "::1") as client:
+            assert isinstance(await register(client, "v6"), Registered)
+            assert registry.connections == {"::/64": 1}
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_reply_that_meets_a_reset_leaves_no_name_behind() -> None:

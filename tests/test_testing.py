@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import trio
 
 from punch import Endpoint, PeerStream, Role
@@ -34,3 +37,10 @@ async def test_a_pair_without_a_server_brings_its_own() -> None:
     async with open_stream_pair() as (a, b):
         await a.send_eof()
         assert await b.receive_some() == b""
+
+
+def test_the_helpers_import_without_pytest() -> None:
+    # an application's own script, where pytest is not installed
+    script = "import sys; sys.modules['pytest'] = None; import punch.testing"
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr

@@ -20,11 +20,12 @@ import attrs
 
 import punch
 import punch._cli
+import punch.pytest_plugin
 import punch.testing
 import punch.transfer
 from tools.readme import replace_section
 
-MODULES = (punch, punch.transfer, punch.testing)
+MODULES = (punch, punch.transfer, punch.testing, punch.pytest_plugin)
 
 
 def _markdown(text: str) -> str:

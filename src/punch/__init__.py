@@ -28,6 +28,7 @@ from ._errors import SelfDialError as SelfDialError
 from ._host import Host as Host
 from ._host import connect as connect
 from ._host import open_host as open_host
+from ._race import PunchOptions as PunchOptions
 from ._reuse import reuse_available as reuse_available
 from ._server import ServerLimits as ServerLimits
 from ._server import serve_rendezvous as serve_rendezvous
@@ -49,6 +50,7 @@ __all__ = [
     "ProtocolError",
     "PunchError",
     "PunchFailed",
+    "PunchOptions",
     "RemoteProtocolError",
     "RendezvousError",
     "ReuseUnavailable",

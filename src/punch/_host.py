@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -27,7 +26,7 @@ from ._protocol import (
     Side,
     check_name,
 )
-from ._race import DEFAULT_PACING, DEFAULT_TIMEOUT, InboundRouter, Race
+from ._race import DEFAULT_PACING, DEFAULT_TIMEOUT, InboundRouter, PunchOptions, Race
 from ._stream import PeerStream
 
 log = logging.getLogger("punch.host")
@@ -53,15 +52,14 @@ class Host:
         local: our bound endpoint (the port every socket shares).
         host_candidate: the local endpoint the OS chose to reach the rendezvous.
         observed: our server-reflexive endpoint, as the rendezvous saw it.
-        timeout: seconds one punch may take.
+        options: the validated :class:`PunchOptions` (timeout, pacing).
     """
 
     name: str
     local: Endpoint
     host_candidate: Endpoint
     observed: Endpoint
-    timeout: float
-    pacing: float
+    options: PunchOptions
     _channel: ControlChannel
     _router: InboundRouter
     _requests: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
@@ -87,7 +85,7 @@ class Host:
         Args:
             peer: the peer's registered name (1-64 of ``[A-Za-z0-9._-]``).
             timeout: seconds (> 0) for the introduction, and again for the
-                punch itself; default :attr:`timeout`.
+                punch itself; default ``options.timeout``.
 
         Returns:
             the authenticated :class:`PeerStream` both sides keep.
@@ -101,7 +99,8 @@ class Host:
                 each candidate's error.
         """
         check_name(peer)
-        timeout = _check_timeout(self.timeout if timeout is None else timeout)
+        options = self.options if timeout is None else attrs.evolve(self.options, timeout=timeout)
+        timeout = options.timeout
         if self._closed is not None:
             raise RendezvousError(self._closed.code, self._closed.detail)
         request_id = next(self._requests)
@@ -124,7 +123,7 @@ class Host:
             if isinstance(reply, Error):
                 raise RendezvousError(reply.code, reply.text)
             # the punch has its own deadline, outside the wait for the introduction
-            return await self._race(reply, timeout)
+            return await self._race(reply, options)
         finally:
             del self._waiters[request_id]
             try:  # an introduction we will not act on: close its route
@@ -143,7 +142,7 @@ class Host:
         to wait for the next peer.
 
         Raises:
-            PunchFailed: an inbound punch found no path within :attr:`timeout`;
+            PunchFailed: an inbound punch found no path within ``options.timeout``;
                 the cause groups each candidate's error.
             SelfDialError: an inbound punch offered only our own endpoints.
             RendezvousError: ``closed``: the control connection is gone and no
@@ -158,7 +157,7 @@ class Host:
             raise outcome
         return outcome
 
-    async def _race(self, introduction: Introduction, timeout: float) -> PeerStream:
+    async def _race(self, introduction: Introduction, options: PunchOptions) -> PeerStream:
         """Run the race; the route was opened by :meth:`_dispatch` and closes here."""
         inbound = self._router.open_route(introduction.attempt_id)
         try:
@@ -167,8 +166,7 @@ class Host:
                 self.local,
                 inbound,
                 own=self.own_endpoints,
-                timeout=timeout,
-                pacing=self.pacing,
+                options=options,
             )
             return await race.run()
         except PunchFailed as exc:
@@ -187,7 +185,7 @@ class Host:
     async def _respond(self, introduction: Introduction) -> None:
         outcome: PeerStream | OSError
         try:
-            outcome = await self._race(introduction, self.timeout)
+            outcome = await self._race(introduction, self.options)
         except OSError as exc:
             log.warning("inbound punch from %r failed: %s", introduction.peer_name, exc)
             outcome = exc
@@ -282,14 +280,6 @@ def _listed(candidates: Iterable[object]) -> str:
     return ", ".join(str(c) for c in candidates) or "none"
 
 
-def _check_timeout(timeout: float) -> float:
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
-        raise TypeError(f"timeout must be seconds as a float, not {timeout!r}")
-    if not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be finite seconds > 0, not {timeout!r}")
-    return float(timeout)
-
-
 @asynccontextmanager
 async def open_host(
     name: str,
@@ -315,8 +305,11 @@ async def open_host(
             ``(ip, port)`` or ``"ip:port"``/``"[ipv6]:port"``).
         local: the endpoint to bind; default the unspecified address of the
             rendezvous's family, port 0 (the kernel picks).
-        timeout: seconds (> 0) one punch, and one rendezvous exchange, may take.
-        pacing: seconds (>= 0.05) between connect attempts to one candidate.
+        timeout: seconds (float, finite, > 0) one punch, and one rendezvous
+            exchange, may take.
+        pacing: seconds (float, finite, >= 0.05) between connect attempts to
+            one candidate. Both are checked here, once, into
+            :class:`PunchOptions` (:attr:`Host.options`).
         token: the rendezvous's access token, if it requires one
             (``punch-rendezvous --token-file``).
         rendezvous_ssl_context: speak TLS to the rendezvous with this client
@@ -333,7 +326,8 @@ async def open_host(
         returned stay open.
 
     Raises:
-        TypeError, ValueError: a bad argument.
+        TypeError, ValueError: a bad argument (``timeout=True``, ``pacing=0.01``...),
+            before any socket is opened.
         ReuseUnavailable: the OS cannot share one port (see :func:`reuse_available`).
         OSError: ``local`` cannot be bound.
         RendezvousError: ``unreachable`` (TLS failures included),
@@ -342,7 +336,8 @@ async def open_host(
             while registering.
     """
     check_name(name)
-    timeout = _check_timeout(timeout)
+    options = PunchOptions(timeout=timeout, pacing=pacing)
+    timeout = options.timeout
     server = as_endpoint(rendezvous, "rendezvous")
     if local is None:
         local = Endpoint("::" if server.address.version == 6 else "0.0.0.0", 0)
@@ -376,8 +371,7 @@ async def open_host(
                     bound,
                     host_candidate,
                     observed,
-                    timeout,
-                    pacing,
+                    options,
                     channel,
                     router,
                 )

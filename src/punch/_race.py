@@ -9,6 +9,7 @@ stream is closed with an RST; if the deadline passes first, the caller gets one
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
@@ -57,7 +58,32 @@ conntrack entry that an earlier RST left closed, and the kernel's retransmits of
 the same SYN would be dropped the same way until the deadline; a fresh socket's
 SYN reopens it. No half-open peer connection can hold the 4-tuple in that case."""
 MIN_PACING = 0.05
-"""Pacing below 50 ms (20 attempts/s per candidate) is refused (RFC 8445 §14)."""
+"""Pacing below 50 ms (20 attempts/s per candidate) is refused (RFC 8445 §14).
+
+It is also the gap after an attempt that was refused (an RST or an ICMP
+unreachable, :data:`REFUSALS`): the next attempt starts as soon as the rate
+allows instead of after the full pacing. Behind a NAT that answers unsolicited
+SYNs with an ICMP error, a refusal means the peer has not dialled yet; its SYN
+arrives about one round trip after ours was refused, and it is de-NATed to us
+only if the conntrack entry for our 4-tuple tracks a socket that is still in
+SYN_SENT (then the two SYNs make a simultaneous open). Our NAT keeps tracking
+the refused socket's ISN, which a fresh SYN re-initialises while the entry is
+in SYN_SENT; once the peer's SYN has met the entry (SYN_SENT2) nothing does,
+and the listener's SYN-ACK falls outside the tracked window (Linux
+nf_conntrack_proto_tcp.c; the ISN clock runs at 15.6 M/s, RFC 6528)."""
+REFUSALS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+"""errnos of an attempt that was refused on the path: an RST (``ECONNREFUSED``)
+or an ICMP destination unreachable (port: ``ECONNREFUSED``; host, net or
+administratively prohibited: ``EHOSTUNREACH``/``ENETUNREACH``; RFC 1122
+§4.2.3.9 lets Linux abort a SYN_SENT socket on them, tcp(7))."""
+NOMINATION_TIMEOUT = 2.0
+"""Seconds the initiator waits for the responder's answer to a nomination.
+
+Nominations go one at a time, so a path that authenticates and then falls
+silent would otherwise hold every other path until the deadline; it is
+dropped instead (:class:`HandshakeInterrupted`) and the next path nominated.
+Two seconds cover a 300 ms round trip with a retransmission (RFC 6298's 1 s
+initial RTO)."""
 HELLO_TIMEOUT = 5.0
 """Seconds an accepted connection gets to send its Hello before it is dropped."""
 MAX_PENDING_HELLOS = 64
@@ -67,6 +93,47 @@ MAX_REPORTED_INBOUND = 8
 MAX_DIALED_CANDIDATES = 8
 """Remote candidates dialled per introduction, in the order given (RFC 8445 §19: bounded checks)."""
 _ROUTE_BUFFER = 8
+
+
+_Validator = Callable[[object, "attrs.Attribute[float]", float], None]
+
+
+def _seconds(minimum: float, inclusive: bool) -> _Validator:
+    """An attrs validator: finite seconds, a real number (not a bool), above ``minimum``."""
+
+    def check(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{attribute.name} must be seconds as a float, not {value!r}")
+        low_ok = value >= minimum if inclusive else value > minimum
+        if not (low_ok and value < math.inf):
+            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+            raise ValueError(f"{attribute.name} must be finite seconds {bound}, not {value!r}")
+
+    return check
+
+
+@attrs.frozen
+class PunchOptions:
+    """How a host punches: every client knob, validated once, when it is built.
+
+    Args:
+        timeout: seconds (float, finite, > 0) one punch may take, introduction
+            to nominated stream; :meth:`punch.Host.connect` waits as long again
+            for the introduction. Default :data:`DEFAULT_TIMEOUT` (10 s).
+        pacing: seconds (float, finite, >= :data:`MIN_PACING`, 0.05) between
+            the starts of two connect attempts to one candidate (RFC 8445 §14);
+            default :data:`DEFAULT_PACING` (0.1 s).
+
+    Raises:
+        TypeError: a value that is not a real number (``True`` included).
+        ValueError: a value out of its range.
+    """
+
+    timeout: float = attrs.field(default=DEFAULT_TIMEOUT, validator=_seconds(0.0, inclusive=False))
+    pacing: float = attrs.field(
+        default=DEFAULT_PACING, validator=_seconds(MIN_PACING, inclusive=True)
+    )
+
 
 DialFn = Callable[[Endpoint, Endpoint, Iterable[Endpoint]], Awaitable[trio.SocketStream]]
 
@@ -262,8 +329,7 @@ class Race:
         local: the endpoint our listener holds; every dial binds to it.
         inbound: accepted connections for this attempt (from :class:`InboundRouter`).
         own: our other endpoints (chosen local, server-reflexive): never dialled.
-        timeout: seconds, > 0; default :data:`DEFAULT_TIMEOUT`.
-        pacing: seconds between attempt starts per candidate, >= :data:`MIN_PACING`.
+        options: :class:`PunchOptions` (timeout, pacing).
         dial: the connect function (:func:`punch._reuse.dial`; tests swap it).
     """
 
@@ -271,8 +337,7 @@ class Race:
     local: Endpoint
     inbound: trio.MemoryReceiveChannel[Inbound]
     own: frozenset[Endpoint] = frozenset()
-    timeout: float = DEFAULT_TIMEOUT
-    pacing: float = DEFAULT_PACING
+    options: PunchOptions = attrs.field(factory=PunchOptions)
     dial: DialFn = _reuse.dial
     _streams: set[trio.SocketStream] = attrs.field(factory=set, init=False)
     _states: list[_CandidateState] = attrs.field(factory=list, init=False)
@@ -281,12 +346,6 @@ class Race:
     _winner: PeerStream | None = attrs.field(default=None, init=False)
     _started: float = attrs.field(default=0.0, init=False)
     _scope: trio.CancelScope | None = attrs.field(default=None, init=False)
-
-    def __attrs_post_init__(self) -> None:
-        if not isinstance(self.timeout, int | float) or not 0 < self.timeout < math.inf:
-            raise ValueError(f"timeout must be finite seconds > 0, not {self.timeout!r}")
-        if not isinstance(self.pacing, int | float) or not MIN_PACING <= self.pacing < math.inf:
-            raise ValueError(f"pacing must be seconds >= {MIN_PACING}, not {self.pacing!r}")
 
     @property
     def _label(self) -> str:
@@ -317,7 +376,7 @@ class Race:
         )
         keep = None
         try:
-            with trio.move_on_after(self.timeout):
+            with trio.move_on_after(self.options.timeout):
                 async with trio.open_nursery() as nursery:
                     self._scope = nursery.cancel_scope
                     for state in self._states:
@@ -343,7 +402,7 @@ class Race:
             f"every path to {intro.peer_name!r} failed", errors or [TimeoutError()]
         )
         raise PunchFailed(
-            f"punch to {intro.peer_name!r} failed within {self.timeout:g} s: {summary}"
+            f"punch to {intro.peer_name!r} failed within {self.options.timeout:g} s: {summary}"
         ) from group
 
     def _usable_candidates(self) -> list[_CandidateState]:
@@ -391,7 +450,8 @@ class Race:
         next_start = trio.current_time()
         while not state.done:
             await trio.sleep_until(next_start)
-            next_start = trio.current_time() + self.pacing
+            started = trio.current_time()
+            next_start = started + self.options.pacing
             state.attempts += 1
             state.in_flight = True
             log.debug(
@@ -404,6 +464,8 @@ class Race:
             stream = await self._attempt(state)
             state.in_flight = False
             if stream is None:
+                if getattr(state.last, "errno", None) in REFUSALS:
+                    next_start = started + MIN_PACING
                 continue
             self._streams.add(stream)
             log.info("%s: connected to %s from %s", self._label, state.candidate, self.local)
@@ -501,7 +563,14 @@ class Race:
                 if self._winner is not None:
                     return
                 await reader.send(NOMINATE)
-                if await reader.exactly(1) != ACCEPT:
+                answer: bytes | None = None
+                with trio.move_on_after(NOMINATION_TIMEOUT):
+                    answer = await reader.exactly(1)
+                if answer is None:
+                    raise HandshakeInterrupted(
+                        f"no answer to the nomination within {NOMINATION_TIMEOUT:g} s"
+                    )
+                if answer != ACCEPT:
                     raise HandshakeError("responder answered the nomination with garbage")
                 self._win(reader, won_by, remote)
         else:

@@ -77,11 +77,12 @@ class ServerLimits:
             Keepalive every 15 s) before it is dropped (RFC 7675's 30 s consent
             expiry, plus room for one lost keepalive).
         max_connections_per_ip: concurrent control connections from one source
-            IP (go-libp2p's default is 8 per IPv4 /32).
+            (go-libp2p's default is 8 per IPv4 /32; an IPv6 source is its /64,
+            :func:`source_key`).
         exempt: source networks free of both per-IP limits: loopback, plus
             the operator's allow-list (a carrier NAT's public address, say).
         max_peers: registered peers at once, over all sources.
-        registrations_per_minute: Registers from one source IP in any 60 s
+        registrations_per_minute: Registers from one source (:func:`source_key`) in any 60 s
             (refused ones count, so a token cannot be guessed fast).
         introductions_per_minute: ConnectRequests one peer may make in any 60 s.
         token: if set, a Register must carry it (compared in constant time).
@@ -105,6 +106,29 @@ class ServerLimits:
     def is_exempt(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         """Is this source free of the per-IP limits?"""
         return any(ip in net for net in self.exempt if net.version == ip.version)
+
+
+IPV6_SOURCE_PREFIX = 64
+"""The per-source limits count an IPv6 source by its /64: one subscriber's
+prefix (RFC 6177 assigns a /48 to /56 per site; a /64 is one LAN's, whose
+hosts pick their own addresses, RFC 4862), as go-libp2p's resource manager does."""
+
+
+def source_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """What the per-source limits count a connection under: ``"192.0.2.7"`` or ``"2001:db8::/64"``.
+
+    An IPv4 address is its own key; an IPv6 address is keyed by its /64
+    (:data:`IPV6_SOURCE_PREFIX`), so a host cannot walk around the limits by
+    picking new addresses in its own prefix. An IPv4-mapped IPv6 address (a
+    dual-stack listener's view of an IPv4 peer, RFC 4291 §2.5.5.2) is keyed by
+    its IPv4 address, never by ``::ffff:0:0/64``, which would lump every IPv4
+    source together.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_SOURCE_PREFIX), strict=False))
+    return str(address)
 
 
 @attrs.define
@@ -226,7 +250,7 @@ class RendezvousServer:
             _reuse.abort(stream.socket)
 
     async def _handle(self, stream: trio.SocketStream, observed: Endpoint) -> None:
-        source = observed.ip
+        source = source_key(observed.address)
         counted = not self.limits.is_exempt(observed.address)
         if counted:
             self.connections[source] += 1
@@ -300,12 +324,13 @@ class RendezvousServer:
         """Raise :class:`_Refused` unless this Register may take its name."""
         limits = self.limits
         exempt = limits.is_exempt(observed.address)
-        if not exempt and not self._registrations.allow(observed.ip, trio.current_time()):
+        source = source_key(observed.address)
+        if not exempt and not self._registrations.allow(source, trio.current_time()):
             raise _Refused(
                 Error(
                     "rate-limited",
                     f"more than {limits.registrations_per_minute} registrations a minute "
-                    f"from {observed.ip}",
+                    f"from {source}",
                 )
             )
         expected = limits.token

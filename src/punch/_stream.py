@@ -95,7 +95,7 @@ class PeerStream(trio.abc.HalfCloseableStream):
     won_by: WonBy
     attempt_id: bytes = attrs.field(repr=lambda b: b.hex())
     connect_time: float
-    _pending: bytearray = attrs.field(factory=bytearray, alias="pending")
+    _pending: bytearray = attrs.field(factory=bytearray, converter=bytearray, alias="pending")
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -112,6 +112,17 @@ class PeerStream(trio.abc.HalfCloseableStream):
         await self.socket_stream.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Up to ``max_bytes`` bytes (default: what is there); ``b""`` at end of stream.
+
+        Bytes the peer sent right after the handshake, which the handshake
+        read, come first.
+
+        Raises:
+            ValueError: ``max_bytes`` is below 1, as :class:`trio.SocketStream`.
+            trio.BrokenResourceError, trio.ClosedResourceError: as it.
+        """
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
         if self._pending:
             size = len(self._pending) if max_bytes is None else max_bytes
             out = bytes(self._pending[:size])

@@ -1,19 +1,9 @@
-"""Test helpers for applications that use punch; also a pytest plugin.
+"""Test helpers for applications that use punch, usable anywhere (no pytest needed).
 
-Installed with punch, the plugin gives every pytest-trio test two fixtures::
-
-    async def test_my_protocol(punch_pair):
-        initiator, responder = punch_pair
-        await initiator.send_all(b"hello")
-        assert await responder.receive_some() == b"hello"
-
-- ``punch_rendezvous``: a rendezvous server on 127.0.0.1, port chosen by the
-  kernel, for the length of the test; its value is the bound :class:`Endpoint`.
-- ``punch_pair``: two hosts on loopback, punched to each other through it; its
-  value is ``(initiator's stream, responder's stream)``, both closed afterwards.
-
-Outside pytest, the same as async context managers: :func:`open_rendezvous`
-and :func:`open_stream_pair`. Everything runs on loopback only.
+:func:`open_rendezvous` and :func:`open_stream_pair` are async context
+managers on loopback only. Under pytest, the plugin :mod:`punch.pytest_plugin`
+(installed with punch) gives the same as the fixtures ``punch_rendezvous`` and
+``punch_pair``.
 """
 
 from __future__ import annotations
@@ -22,7 +12,6 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import pytest
 import trio
 
 from ._endpoint import Endpoint
@@ -30,7 +19,7 @@ from ._host import open_host
 from ._server import serve_rendezvous
 from ._stream import PeerStream
 
-__all__ = ["open_rendezvous", "open_stream_pair", "punch_pair", "punch_rendezvous"]
+__all__ = ["open_rendezvous", "open_stream_pair"]
 
 
 @asynccontextmanager
@@ -84,17 +73,3 @@ async def open_stream_pair(
             connected = await initiator.connect(responder.name)
     async with connected, accepted[0]:
         yield connected, accepted[0]
-
-
-@pytest.fixture
-async def punch_rendezvous() -> AsyncIterator[Endpoint]:
-    """A rendezvous server on loopback for the test; the value is its :class:`Endpoint`."""
-    async with open_rendezvous() as bound:
-        yield bound
-
-
-@pytest.fixture
-async def punch_pair(punch_rendezvous: Endpoint) -> AsyncIterator[tuple[PeerStream, PeerStream]]:
-    """``(initiator's stream, responder's stream)``, punched on loopback for the test."""
-    async with open_stream_pair(punch_rendezvous) as pair:
-        yield pair
