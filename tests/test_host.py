@@ -368,4 +368,6 @@ async def test_a_thousand_cancelled_connects_leak_no_descriptor(nursery: trio.Nu
         # resets of what bob had in flight to her, she must be back where she started
         await trio.testing.wait_all_tasks_blocked(cushion=0.1)
         assert open_fds() == baseline, outcomes
-    assert outcomes["cancelled"] > 500, outcomes
+    # enough cancellations to cover every phase (480 of 1000 on a loaded 2-core
+    # machine, about 600 idle: how many connects finish within 4.75 ms varies)
+    assert outcomes["cancelled"] > 250, outcomes

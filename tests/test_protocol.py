@@ -70,7 +70,7 @@ def test_register_and_registered_round_trip() -> None:
     client, server = RendezvousConnection(Side.CLIENT), RendezvousConnection(Side.SERVER)
     register = Register("alice", (Endpoint("10.0.1.2", 4000), Endpoint("::1", 4000)))
     assert server.receive_data(client.send(register)) == [register]
-    registered = Registered(Endpoint("203.0.113.11", 4000))
+    registered = Registered(Endpoint("203.0.113.11", 4000), idle_timeout=10.0)
     assert client.receive_data(server.send(registered)) == [registered]
     assert client.registered
     assert server.registered
@@ -132,6 +132,26 @@ def _frame(obj: object) -> bytes:
 def test_malformed_bodies_raise_remote_protocol_error(body: object) -> None:
     with pytest.raises(RemoteProtocolError):
         RendezvousConnection(Side.SERVER).receive_data(_frame(body))
+
+
+OBSERVED = {"ip": "203.0.113.11", "port": 4000}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "registered", "observed": OBSERVED},  # no idle timeout: no keepalive pace
+        {"type": "registered", "observed": OBSERVED, "idle_timeout": 0.001},  # a keepalive flood
+        {"type": "registered", "observed": OBSERVED, "idle_timeout": 1e9},
+        {"type": "registered", "observed": OBSERVED, "idle_timeout": "45"},
+        {"type": "registered", "observed": OBSERVED, "idle_timeout": True},
+    ],
+)
+def test_a_registered_without_a_sane_idle_timeout_is_refused(body: object) -> None:
+    client = RendezvousConnection(Side.CLIENT)
+    client.send(Register("alice"))
+    with pytest.raises(RemoteProtocolError):
+        client.receive_data(_frame(body))
 
 
 def test_broken_connection_stays_broken() -> None:

@@ -162,14 +162,21 @@ async def test_a_silent_peer_is_dropped_after_45_s(
         assert trio.current_time() - start == pytest.approx(45.0, abs=0.1)
 
 
-async def test_a_host_sends_keepalives_and_stays(
-    slow_autojump_clock: trio.testing.MockClock,
+@pytest.mark.parametrize("idle_timeout", [45.0, 10.0, 3.0])
+async def test_a_host_keeps_alive_within_the_idle_timeout_it_is_told(
+    slow_autojump_clock: trio.testing.MockClock, idle_timeout: float
 ) -> None:
-    async with server() as rendezvous:
+    async with server(ServerLimits(exempt=(), idle_timeout=idle_timeout)) as rendezvous:
         async with punch.open_host("bob", rendezvous=rendezvous) as bob:
-            await trio.sleep(300)  # 20 keepalives' worth, far past the 45 s idle timeout
+            await trio.sleep(300)  # far past the idle timeout: bob must still be registered
             async with punch.open_host("alice", rendezvous=rendezvous) as alice:
                 await _punch(alice, bob)
+
+
+@pytest.mark.parametrize("idle_timeout", [0.5, 2.999, 86400.5, True])
+def test_an_idle_timeout_below_the_keepalive_floor_is_refused(idle_timeout: float) -> None:
+    with pytest.raises((ValueError, TypeError), match="idle_timeout"):
+        ServerLimits(idle_timeout=idle_timeout)
 
 
 async def test_the_peer_cap_answers_server_full() -> None:

@@ -380,8 +380,8 @@ def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
             "--idle-timeout",
             _seconds,
             "SECONDS",
-            "drop a registered peer silent this long; "
-            "peers send a keepalive every 15 s [idle-timeout]",
+            "drop a registered peer silent this long, 3..86400; "
+            "peers are told and keep alive at a third of it [idle-timeout]",
         ),
         (
             "--max-connections-per-ip",

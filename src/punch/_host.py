@@ -31,9 +31,9 @@ from ._stream import PeerStream
 
 log = logging.getLogger("punch.host")
 
-KEEPALIVE_INTERVAL = 15.0
-"""Seconds between Keepalives on the control connection (the server drops a
-peer silent for 45 s by default: two lost keepalives are survived)."""
+KEEPALIVES_PER_IDLE_TIMEOUT = 3
+"""Keepalives sent within the idle timeout the server announced in
+``Registered`` (every 15 s against the default 45 s): two lost ones are survived."""
 
 ACCEPT_QUEUE = 16
 """Punched streams held for :meth:`Host.accept` before more are refused."""
@@ -227,10 +227,10 @@ class Host:
             if isinstance(outcome, PeerStream):
                 _reuse.abort(outcome.socket)
 
-    async def _keepalive(self) -> None:
-        """A Keepalive every :data:`KEEPALIVE_INTERVAL` s: the server's idle timeout holds off."""
+    async def _keepalive(self, idle_timeout: float) -> None:
+        """A Keepalive every third of the server's ``idle_timeout`` (seconds), which holds off."""
         while True:
-            await trio.sleep(KEEPALIVE_INTERVAL)
+            await trio.sleep(idle_timeout / KEEPALIVES_PER_IDLE_TIMEOUT)
             try:
                 await self._channel.send(Keepalive())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -355,7 +355,8 @@ async def open_host(
         )
     try:
         host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
-        observed = await _register(channel, Register(name, (host_candidate,), token), timeout)
+        registered = await _register(channel, Register(name, (host_candidate,), token), timeout)
+        observed = registered.observed
         log.info(
             "registered %r on %s: host candidate %s, server-reflexive %s",
             name,
@@ -377,7 +378,7 @@ async def open_host(
                 )
                 await nursery.start(router.serve)
                 nursery.start_soon(host._run_control)
-                nursery.start_soon(host._keepalive)
+                nursery.start_soon(host._keepalive, registered.idle_timeout)
                 try:
                     yield host
                 finally:
@@ -423,7 +424,7 @@ async def _connect_control(
     return ControlChannel(stream, sock, RendezvousConnection(Side.CLIENT))
 
 
-async def _register(channel: ControlChannel, register: Register, timeout: float) -> Endpoint:
+async def _register(channel: ControlChannel, register: Register, timeout: float) -> Registered:
     try:
         await channel.send(register)
         with trio.fail_after(timeout):
@@ -438,7 +439,7 @@ async def _register(channel: ControlChannel, register: Register, timeout: float)
         raise RendezvousError(reply.code, reply.text)
     if not isinstance(reply, Registered):
         raise RendezvousError("closed", "the rendezvous closed the connection while registering")
-    return reply.observed
+    return reply
 
 
 async def connect(

@@ -124,11 +124,37 @@ class Keepalive:
     """client → server, after registration: "still here" (RFC 7675 consent, in spirit)."""
 
 
+MIN_IDLE_TIMEOUT = 3.0
+"""Seconds: the shortest idle timeout a server may announce; clients keep
+alive at a third of it, so never more than one Keepalive a second."""
+MAX_IDLE_TIMEOUT = 86400.0
+"""Seconds: the longest (a day)."""
+DEFAULT_IDLE_TIMEOUT = 45.0
+"""Seconds: RFC 7675's 30 s consent expiry plus room for one lost keepalive."""
+
+
+def check_idle_timeout(_: object, __: object, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"idle_timeout must be seconds, not {value!r}")
+    if not MIN_IDLE_TIMEOUT <= value <= MAX_IDLE_TIMEOUT:
+        raise ValueError(
+            f"idle_timeout must be {MIN_IDLE_TIMEOUT:g}..{MAX_IDLE_TIMEOUT:g} s, not {value!r}"
+        )
+
+
 @attrs.frozen
 class Registered:
-    """server → client: the name is yours; ``observed`` is your server-reflexive endpoint."""
+    """server → client: the name is yours; ``observed`` is your server-reflexive endpoint.
+
+    Args:
+        observed: the client's endpoint as the server's socket sees it.
+        idle_timeout: seconds (:data:`MIN_IDLE_TIMEOUT`..:data:`MAX_IDLE_TIMEOUT`)
+            the server lets a registered client stay silent; the client sends
+            a Keepalive every third of it.
+    """
 
     observed: Endpoint = attrs.field(validator=attrs.validators.instance_of(Endpoint))
+    idle_timeout: float = attrs.field(default=DEFAULT_IDLE_TIMEOUT, validator=check_idle_timeout)
 
 
 @attrs.frozen
@@ -208,7 +234,11 @@ def _to_wire(m: Message) -> dict[str, Any]:
     if isinstance(m, Keepalive):
         return {"type": "keepalive"}
     if isinstance(m, Registered):
-        return {"type": "registered", "observed": _endpoint_to_wire(m.observed)}
+        return {
+            "type": "registered",
+            "observed": _endpoint_to_wire(m.observed),
+            "idle_timeout": m.idle_timeout,
+        }
     if isinstance(m, ConnectRequest):
         return {"type": "connect", "target": m.target, "request_id": m.request_id}
     if isinstance(m, Introduction):
@@ -286,7 +316,9 @@ def _from_wire(obj: object) -> Message:
     elif kind == "keepalive":
         message = Keepalive()
     elif kind == "registered":
-        message = Registered(_endpoint_from_wire(f.get("observed", dict)))
+        message = Registered(
+            _endpoint_from_wire(f.get("observed", dict)), f.get("idle_timeout", (int, float))
+        )
     elif kind == "connect":
         message = ConnectRequest(f.get("target", str), f.get("request_id", int))
     elif kind == "introduction":

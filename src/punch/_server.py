@@ -27,6 +27,7 @@ from ._endpoint import Candidate, CandidateType, Endpoint, Role
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._protocol import (
     ATTEMPT_ID_BYTES,
+    DEFAULT_IDLE_TIMEOUT,
     MAX_ERROR_TEXT,
     MAX_FRAME,
     MIN_FRAME,
@@ -39,6 +40,7 @@ from ._protocol import (
     Registered,
     RendezvousConnection,
     Side,
+    check_idle_timeout,
 )
 
 log = logging.getLogger("punch.server")
@@ -73,9 +75,10 @@ class ServerLimits:
     Args:
         max_frame: largest frame accepted, bytes (1024..4096; libp2p DCUtR's 4 KiB).
         registration_timeout: seconds from accept to a completed Register.
-        idle_timeout: seconds a registered peer may stay silent (clients send a
-            Keepalive every 15 s) before it is dropped (RFC 7675's 30 s consent
-            expiry, plus room for one lost keepalive).
+        idle_timeout: seconds (3..86400) a registered peer may stay silent
+            before it is dropped; default 45 (RFC 7675's 30 s consent expiry,
+            plus room for one lost keepalive). ``Registered`` tells each client,
+            which sends a Keepalive every third of it.
         max_connections_per_ip: concurrent control connections from one source
             (go-libp2p's default is 8 per IPv4 /32; an IPv6 source is its /64,
             :func:`source_key`).
@@ -90,7 +93,7 @@ class ServerLimits:
 
     max_frame: int = attrs.field(default=MAX_FRAME)
     registration_timeout: float = attrs.field(default=REGISTRATION_TIMEOUT, validator=_positive)
-    idle_timeout: float = attrs.field(default=45.0, validator=_positive)
+    idle_timeout: float = attrs.field(default=DEFAULT_IDLE_TIMEOUT, validator=check_idle_timeout)
     max_connections_per_ip: int = attrs.field(default=8, validator=_positive)
     exempt: tuple[_Network, ...] = LOOPBACK
     max_peers: int = attrs.field(default=100_000, validator=_positive)
@@ -274,7 +277,7 @@ class RendezvousServer:
                 # the reply fails (a reset, the registration timeout).
                 peer = await self._register(channel, observed)
                 if peer is not None:
-                    await channel.send(Registered(observed))
+                    await channel.send(Registered(observed, self.limits.idle_timeout))
             if registering.cancelled_caught:
                 log.info(
                     "%s: no registration within %g s", observed, self.limits.registration_timeout
