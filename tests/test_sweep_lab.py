@@ -1,0 +1,43 @@
+"""The timing sweep's representative subset, through real NATs (netns, root).
+
+Every pair of profiles once, each with one side's introduction late, one trial
+per cell: each must connect directly, with the time from the earlier
+introduction to the nominated stream within the cell's bounds. The full sweep
+(10 trials a cell, every delay and lateness) is ``make sweep``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from netns.lab import missing_requirements
+from netns.sweep import SweepCell, quick_cells, run_cell
+
+REASON = missing_requirements()
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+LIMITS = {
+    "cone-icmp x cone-icmp, 0 ms, initiator +300 ms": (
+        "below 25 ms one way, the early peer's SYNs are refused by ICMP and its NAT "
+        "keeps the dead socket's ISN; the late SYN then meets only our listener, whose "
+        "SYN-ACK is in conntrack's window only within 4.2 ms of our last SYN (README, "
+        "Timing sweep)"
+    ),
+    "cone-rst x cone-rst, 0 ms, responder +50 ms": (
+        "with RSTs both ways and no delay, the SYNs must cross within microseconds; "
+        "it connects once the two 50 ms re-dial schedules drift into phase, often "
+        "later than the 2 s bound (README, Timing sweep)"
+    ),
+}
+
+
+def _case(cell: SweepCell) -> object:
+    limit = LIMITS.get(cell.name)
+    marks = [pytest.mark.xfail(reason=limit, strict=False)] if limit else []
+    return pytest.param(cell, id=cell.name, marks=marks)
+
+
+@pytest.mark.parametrize("cell", [_case(c) for c in quick_cells()])
+def test_one_late_side_still_gets_a_direct_stream_in_bounds(cell: SweepCell) -> None:
+    result = run_cell(cell, trials=1)
+    assert result.connected == 1, result.all_problems
+    assert result.ok, result.all_problems
