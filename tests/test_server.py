@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable
@@ -343,3 +344,30 @@ async def test_arbitrary_bytes_never_hurt_the_server(chunks: list[bytes]) -> Non
         # meanwhile, and afterwards, a well-behaved peer is served as usual
         async with raw_client(rendezvous, "127.0.0.2") as good:
             assert isinstance(await register(good, "good"), Registered)
+
+
+async def _garbage(rendezvous: Endpoint) -> None:
+    """One connection that sends an HTTP request instead of a frame, read until closed."""
+    async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\n\r\n")
+        while await stream.receive_some():
+            pass
+
+
+async def test_a_flood_of_garbage_is_a_few_warnings_and_a_count(
+    slow_autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    async with server() as rendezvous:
+        for _ in range(50):
+            await _garbage(rendezvous)
+        assert len(warnings()) == 5  # the first five from this source, each its own line
+        assert all("protocol error" in w for w in warnings())
+        await trio.sleep(61)
+        await _garbage(rendezvous)
+    assert len(warnings()) == 7
+    assert "45 more malformed connections from 1 source(s) not logged" in warnings()[5]
+    assert "(the most from 127.0.0.1: 45)" in warnings()[5]
+    assert "protocol error" in warnings()[6]  # a new minute: logged again

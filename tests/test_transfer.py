@@ -146,3 +146,16 @@ async def test_a_file_over_max_size_is_refused_before_its_bytes(tmp_path: Path) 
         await receive_file(theirs, tmp_path, max_size=10**6)
     answer = json.loads(await ours.receive_some())
     assert answer["status"] == "refused"
+
+
+async def test_a_file_larger_than_the_free_space_is_refused_before_its_bytes(
+    tmp_path: Path,
+) -> None:
+    ours, theirs = trio.testing.memory_stream_pair()
+    await ours.send_all(_header_line(b"", size=2**62))  # 4 EiB: no disk here has that free
+    with pytest.raises(TransferError, match="will not fit"):
+        await receive_file(theirs, tmp_path)  # no max_size: the disk check alone
+    answer = json.loads(await ours.receive_some())
+    assert answer["status"] == "refused"
+    assert "free at the receiver" in answer["reason"]
+    assert list(tmp_path.iterdir()) == []

@@ -59,6 +59,20 @@ EXIT_CODES = f"""exit codes:
 
 CHAT_WAIT = 120.0
 """Seconds ``punch chat`` waits for the other side to turn up, by default."""
+DEFAULT_MAX_SIZE = 4 << 30
+"""Bytes: the largest file ``punch receive`` takes unless ``--max-size`` says otherwise."""
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """``--max-size``: ``"1048576"``, ``"512K"``, ``"4G"``... as bytes (>= 1)."""
+    digits, unit = text.strip(), ""
+    if digits[-1:].upper() in ("K", "M", "G", "T"):
+        digits, unit = digits[:-1], digits[-1].upper()
+    if not digits.isdigit() or int(digits) < 1:
+        raise argparse.ArgumentTypeError(f"expected bytes >= 1, optionally with K/M/G/T: {text!r}")
+    return int(digits) * _SIZE_UNITS[unit]
+
 
 _COMMANDS = {
     "listen": "wait for one peer to punch through, then pipe stdin/stdout (netcat style)",
@@ -169,7 +183,7 @@ async def _session(args: argparse.Namespace, report: Reporter) -> None:
     if args.command == "send":
         await _commands.send(stream, args.file, report)
     elif args.command == "receive":
-        await _commands.receive(stream, args.out, args.force, report)
+        await _commands.receive(stream, args.out, args.force, args.max_size, report)
     elif args.command == "chat":
         await _commands.chat(stream, report)
     else:
@@ -224,6 +238,14 @@ def _subcommand(commands: Any, name: str) -> argparse.ArgumentParser:
             "--out", type=Path, default=Path("."), metavar="DIR", help="where to save (default .)"
         )
         sub.add_argument("--force", action="store_true", help="replace a file of the same name")
+        sub.add_argument(
+            "--max-size",
+            type=_size,
+            default=DEFAULT_MAX_SIZE,
+            metavar="SIZE",
+            help="refuse a larger file: bytes, or with K, M, G or T (powers of 1024; "
+            "default 4G); a file larger than the free space is refused too",
+        )
     if name == "chat":
         sub.add_argument(
             "--wait",

@@ -20,6 +20,42 @@ from ._stream import PeerStream
 COPY_SIZE = 65536
 CHAT_POLL = 0.5
 """Seconds between asks for a chat peer that has not registered yet."""
+MAX_CHAT_LINE = 65536
+"""Bytes: the longest line ``punch chat`` takes from a peer, newline excluded."""
+
+
+class LineTooLong(ValueError):
+    """The peer sent a chat line longer than :data:`MAX_CHAT_LINE` bytes; the chat ends."""
+
+
+class Lines:
+    """Splits a byte stream into lines, each at most ``limit`` bytes; linear in the input.
+
+    Args:
+        limit: bytes (>= 1) a line may hold, newline excluded.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The lines ``data`` completes, without their newlines.
+
+        Raises:
+            LineTooLong: more than ``limit`` bytes arrived without a newline.
+        """
+        start = len(self._buffer)  # only the new bytes are searched for a newline
+        self._buffer += data
+        lines = []
+        begin = 0
+        while (end := self._buffer.find(b"\n", start)) != -1:
+            lines.append(bytes(self._buffer[begin:end]))
+            begin = start = end + 1
+        del self._buffer[:begin]
+        if len(self._buffer) > self.limit or any(len(line) > self.limit for line in lines):
+            raise LineTooLong(f"a line longer than {self.limit} bytes")
+        return lines
 
 
 class Reporter:
@@ -120,6 +156,9 @@ async def chat(stream: PeerStream, report: Reporter) -> None:
     """Lines from stdin go to the peer; the peer's lines are printed as ``name> line``.
 
     Ends when either side quits: our stdin reaching EOF, or the peer's EOF.
+
+    Raises:
+        LineTooLong: the peer sent a line over :data:`MAX_CHAT_LINE` bytes.
     """
     stdin, stdout = _stdio()
     async with stdin, stdout, stream, trio.open_nursery() as nursery:
@@ -131,10 +170,13 @@ async def chat(stream: PeerStream, report: Reporter) -> None:
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(type_lines)
-        buffer = b""
+        lines = Lines(MAX_CHAT_LINE)
         while data := await stream.receive_some(COPY_SIZE):
-            *lines, buffer = (buffer + data).split(b"\n")
-            for line in lines:
+            try:
+                complete = lines.feed(data)
+            except LineTooLong as exc:
+                raise LineTooLong(f"{stream.peer_name!r} sent {exc}; chat closed") from None
+            for line in complete:
                 text = line.decode(errors="replace")
                 await stdout.send_all(f"{stream.peer_name}> {text}\n".encode())
         report("left", f"{stream.peer_name!r} left the chat", peer=stream.peer_name)
@@ -193,13 +235,16 @@ async def send(stream: PeerStream, path: Path, report: Reporter) -> None:
     )
 
 
-async def receive(stream: PeerStream, directory: Path, force: bool, report: Reporter) -> None:
-    """``punch receive``: one file into ``directory``, verified before it gets its name."""
+async def receive(
+    stream: PeerStream, directory: Path, force: bool, max_size: int, report: Reporter
+) -> None:
+    """``punch receive``: one file (at most ``max_size`` bytes) into ``directory``, verified
+    before it gets its name."""
     progress = Progress(report, "received")
     async with stream:
         try:
             path = await transfer.receive_file(
-                stream, directory, overwrite=force, progress=progress
+                stream, directory, overwrite=force, max_size=max_size, progress=progress
             )
         finally:
             progress.close()

@@ -44,7 +44,8 @@ introduction, which the rendezvous sends at once, so the first SYNs usually
 do (10/10 in the lab at 10 ms round trips); after that the schedules drift
 apart with scheduling noise, sweeping the phase. In a lab with no delay
 (a window of tens of microseconds), random jitter on the gaps fell to 3/20
-and a fixed grid to 17/20, against about 31/33 for this plain schedule."""
+and a fixed grid to 17/20, against about 31/33 for this plain schedule.
+A refused attempt is followed sooner, :data:`MIN_PACING` after its start."""
 # An attempt that gets no answer is left to the kernel's own SYN retransmissions
 # (RFC 6298: 1, 3, 7 s...) until the deadline, and never aborted and re-dialled:
 # a fresh socket has a fresh ISN, which a stateful NAT (Linux conntrack) that

@@ -208,6 +208,50 @@ class _Peer:
         return tuple(dict.fromkeys([srflx, *hosts]))
 
 
+PROTOCOL_WARNINGS_PER_MINUTE = 5
+"""WARNING lines per source (:func:`source_key`) a minute for malformed connections."""
+
+
+@attrs.define
+class WarningThrottle:
+    """The first few WARNING lines per source a minute, then one summary with counts.
+
+    A flood of garbage connections becomes at most
+    :data:`PROTOCOL_WARNINGS_PER_MINUTE` lines per source a minute, plus one
+    line a minute (written with the next warning due after it) that counts
+    what was left out and names the source that sent the most.
+    """
+
+    per_minute: int = PROTOCOL_WARNINGS_PER_MINUTE
+    _limit: RateLimit = attrs.field(init=False)
+    _suppressed: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    _since: float = attrs.field(default=-math.inf, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._limit = RateLimit(self.per_minute)
+
+    def warn(self, source: str, now: float, message: str, *args: object) -> None:
+        """Log ``message % args`` at WARNING unless ``source`` has had its share."""
+        if self._suppressed and now - self._since >= 60.0:
+            (top, count), *_ = self._suppressed.most_common(1)
+            log.warning(
+                "%d more malformed connections from %d source(s) not logged in %.0f s "
+                "(the most from %s: %d)",
+                self._suppressed.total(),
+                len(self._suppressed),
+                now - self._since,
+                top,
+                count,
+            )
+            self._suppressed.clear()
+        if not self._suppressed:
+            self._since = now
+        if self._limit.allow(source, now):
+            log.warning(message, *args)
+        else:
+            self._suppressed[source] += 1
+
+
 @attrs.define(eq=False)
 class RendezvousServer:
     """The registry behind :func:`serve_rendezvous`; one instance per listening server.
@@ -226,6 +270,7 @@ class RendezvousServer:
     connections: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _registrations: RateLimit = attrs.field(init=False)
     _introductions: RateLimit = attrs.field(init=False)
+    _protocol_warnings: WarningThrottle = attrs.field(factory=WarningThrottle, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._registrations = RateLimit(self.limits.registrations_per_minute)
@@ -289,7 +334,9 @@ class RendezvousServer:
             log.info("%s: refused: %s: %s", observed, refusal.error.code, refusal.error.text)
             await self._refuse(channel, refusal.error)
         except RemoteProtocolError as exc:
-            log.warning("%s: protocol error, closing: %s", observed, exc)
+            self._protocol_warnings.warn(
+                source, trio.current_time(), "%s: protocol error, closing: %s", observed, exc
+            )
             await self._refuse(channel, Error(exc.code, str(exc)[:MAX_ERROR_TEXT]))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("%s: connection lost: %s", observed, exc.__cause__ or exc)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -218,8 +219,9 @@ async def receive_file(
 
     Raises:
         TransferError: ``refused`` (we refused: the name is taken and
-            ``overwrite`` is off, or the file is too large; the sender is told
-            why), ``corrupt`` (size or digest differ; nothing is kept),
+            ``overwrite`` is off, the file is over ``max_size``, or larger
+            than the free space in ``directory`` (statvfs(3)); the sender is
+            told why), ``corrupt`` (size or digest differ; nothing is kept),
             ``truncated`` (the sender closed early) or ``protocol``.
         OSError: the file cannot be written.
         trio.BrokenResourceError: the connection broke.
@@ -232,6 +234,8 @@ async def receive_file(
         refusal = f"{header.name} already exists at the receiver (it may use --force)"
     elif max_size is not None and header.size > max_size:
         refusal = f"{header.size} bytes is over the receiver's limit of {max_size}"
+    elif header.size > (free := shutil.disk_usage(directory).free):
+        refusal = f"{header.size} bytes will not fit: {free} bytes free at the receiver"
     if refusal is not None:
         await lines.send(status="refused", reason=refusal)
         raise TransferError("refused", refusal)
