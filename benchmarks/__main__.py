@@ -23,14 +23,17 @@ from netns.lab import missing_requirements
 from tools.readme import replace_section
 
 from benchmarks import capacity
-from benchmarks.lab import cold_start, time_to_stream, worst_timing
+from benchmarks.lab import cold_start, round_trips, time_to_stream, worst_timing
 
 RESULTS = Path(__file__).parent / "results.json"
 TARGET_PEERS = 100_000
 SKEW = 0.3
 """Seconds the responder's introduction is held back in the worst-timing run."""
+ROUND_TRIPS = (0.010, 0.050)
+"""Seconds between the sites in the round-trip runs (issue 12: two round trips)."""
 FULL = {
     "trials": 50,
+    "rt_trials": 20,
     "skew_trials": 20,
     "cold_trials": 20,
     "rounds": 5,
@@ -41,6 +44,7 @@ FULL = {
 }
 QUICK = {
     "trials": 5,
+    "rt_trials": 3,
     "skew_trials": 3,
     "cold_trials": 3,
     "rounds": 1,
@@ -63,6 +67,7 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
     """Every measurement of issue 5, as one JSON-able dict of raw samples and summaries."""
     cone = time_to_stream(size["trials"], size["rounds"], size["bytes"])
     rst = worst_timing(size["skew_trials"], SKEW)
+    delayed = {rt: round_trips(size["rt_trials"], rt) for rt in ROUND_TRIPS}
     cold = cold_start(size["cold_trials"])
     peers = capacity.idle_peers(size["peers"])
     intros = capacity.introductions(size["pairs"], size["seconds"])
@@ -130,8 +135,30 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
             "server_cpu": {"introductions": intros["server_cpu"], "accepts": accepts["server_cpu"]},
         },
         "cpu_per_punch": median([t["cpu"] for t in connected]),
+        "round_trips": [_round_trip_summary(rt, report) for rt, report in delayed.items()],
     }
-    return {"summary": summary, "samples": {"cone": cone, "cone_rst_skewed": rst, "cold": cold}}
+    samples = {"cone": cone, "cone_rst_skewed": rst, "cold": cold}
+    samples |= {f"cone_rtt_{rt * 1000:.0f}ms": report for rt, report in delayed.items()}
+    return {"summary": summary, "samples": samples}
+
+
+def _round_trip_summary(round_trip: float, report: dict[str, Any]) -> dict[str, Any]:
+    """Medians in round trips: initiator and responder, introduction to nominated stream."""
+    ok = [t for t in report["punch"] if "failed" not in t]
+    initiator = median([t["alice"]["connect_time"] for t in ok])
+    responder = median([t["bob"]["connect_time"] for t in ok])
+    direct = median([t["alice"]["connect_time"] for t in report["direct"]])
+    return {
+        "round_trip": round_trip,
+        "connected": len(ok),
+        "trials": len(report["punch"]),
+        "initiator": initiator,
+        "responder": responder,
+        "direct": direct,
+        "ratio": initiator / direct,
+        "initiator_limit": 2 * round_trip + 0.005,
+        "responder_limit": 2.5 * round_trip + 0.005,
+    }
 
 
 def ms(seconds: float) -> str:
@@ -212,6 +239,22 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
                 f"< 1 GiB: {verdict(point['rss'] < cap['target_rss'])}"
                 if point is top and top["peers"] >= TARGET_PEERS
                 else "",
+            )
+        )
+    for r in summary["round_trips"]:
+        rt = r["round_trip"]
+        held = r["initiator"] <= r["initiator_limit"] and r["responder"] <= r["responder_limit"]
+        rows.append(
+            (
+                f"cone x cone at {rt * 1000:.0f} ms round trips ({r['connected']}/{r['trials']} "
+                "connected): initiator; responder",
+                f"{ms(r['initiator'])} ({r['initiator'] / rt:.2f} RT); "
+                f"{ms(r['responder'])} ({r['responder'] / rt:.2f} RT)",
+                f"direct connect + the same handshake {ms(r['direct'])} "
+                f"({r['direct'] / rt:.2f} RT)",
+                f"{r['ratio']:.2f}",
+                f"<= 2 RT + 5 ms; <= 2.5 RT + 5 ms; ratio <= 1: "
+                f"{verdict(held and r['ratio'] <= 1)}",
             )
         )
     rows += [

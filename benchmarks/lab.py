@@ -28,15 +28,26 @@ FIRST_BYTE_TIMEOUT = 20.0
 
 
 def _lab_pair(
-    profile: str, *, trials: int, rounds: int = 0, count: int = 0, skew: float = 0.0
+    profile: str,
+    *,
+    trials: int,
+    rounds: int = 0,
+    count: int = 0,
+    skew: float = 0.0,
+    delay: float = 0.0,
 ) -> dict[str, Any]:
-    """Bob at site b (with port forwards for the baselines), alice at site a; alice's report."""
+    """Bob at site b (with port forwards for the baselines), alice at site a; alice's report.
+
+    ``delay``: seconds one way on the WAN (a round trip between the sites is twice it).
+    """
     with Lab() as lab:
         topology = build_two_nats(lab, profile, profile)
         a, b = topology.sites
         assert b.nat_ns is not None
         for port in (DIRECT_PORT, RAW_PORT):
             lab.forward(b.nat_ns, port, b.peer_ip)
+        if delay:
+            lab.delay(delay)
         if skew:  # the responder's introductions come late, as over a slower path
             lab.hold_back(topology.rendezvous_ns, b.public_ip, skew)
         pair = PairRun()
@@ -49,7 +60,7 @@ def _lab_pair(
                 "--quiet",
             )
             common = ["--rendezvous", address, "--trials", str(trials)]
-            common += ["--secret", secrets.token_hex(32), "--count-attempts"]
+            common += ["--secret", secrets.token_hex(32)]
             bob = pair.start("bob", lab.exec_prefix(b.peer_ns), [*PEER, "bob", *common])
             wait_for(pair.workdir / "bob.out", lambda t: "ready" in t, bob, "benchmark bob")
             extra = [f"--direct={b.public_ip}:{DIRECT_PORT}", f"--raw={b.public_ip}:{RAW_PORT}"]
@@ -70,6 +81,11 @@ def _lab_pair(
 def time_to_stream(trials: int, rounds: int, count: int) -> dict[str, Any]:
     """cone x cone: punches and direct baselines, CPU per punch, and the throughput rounds."""
     return _lab_pair("cone", trials=trials, rounds=rounds, count=count)
+
+
+def round_trips(trials: int, round_trip: float) -> dict[str, Any]:
+    """cone x cone with ``round_trip`` seconds between the sites: punches and direct baselines."""
+    return _lab_pair("cone", trials=trials, delay=round_trip / 2)
 
 
 def worst_timing(trials: int, skew: float) -> dict[str, Any]:

@@ -18,13 +18,13 @@ import hashlib
 import json
 import logging
 import time
-from collections import defaultdict, deque
 from typing import Any
 
 import trio
 
 import punch
 from punch import Candidate, CandidateType, Endpoint, Role
+from punch._outcome import max_attempts_per_second
 from punch._protocol import Introduction
 from punch._race import InboundRouter, PunchOptions, Race
 
@@ -33,40 +33,6 @@ CHUNK = 1 << 18
 LONG = 600.0
 """Seconds: a deadline no benchmark phase comes near; everything is bounded by it."""
 LONG_PUNCH = PunchOptions(timeout=LONG)
-
-
-class AttemptCounter(logging.Handler):
-    """Counts connect attempts per candidate from the race's DEBUG records."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.starts: dict[str, list[float]] = defaultdict(list)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = getattr(record, "fields", None)
-        if fields and "attempt" in fields and "outcome" not in fields:
-            self.starts[fields["candidate"]].append(time.monotonic())
-
-    def take_peak(self) -> int:
-        """The most attempts to one candidate within any 1 s; then forget them all."""
-        peak = 0
-        for starts in self.starts.values():
-            window: deque[float] = deque()
-            for t in starts:
-                window.append(t)
-                while window[0] <= t - 1.0:
-                    window.popleft()
-                peak = max(peak, len(window))
-        self.starts.clear()
-        return peak
-
-
-def count_attempts() -> AttemptCounter:
-    counter = AttemptCounter()
-    race_log = logging.getLogger("punch.race")
-    race_log.setLevel(logging.DEBUG)
-    race_log.addHandler(counter)
-    return counter
 
 
 def direct_introduction(secret: bytes, trial: int, role: Role, to: Endpoint | None) -> Introduction:
@@ -116,15 +82,11 @@ async def timed_send(stream: trio.abc.Stream, count: int) -> float:
     return time.perf_counter() - started
 
 
-async def serve_stream(
-    stream: trio.abc.Stream, about: dict[str, Any], counter: AttemptCounter | None
-) -> None:
+async def serve_stream(stream: trio.abc.Stream, about: dict[str, Any]) -> None:
     """Bob's side of one stream (see the module docstring)."""
     async with stream:
         what = await stream.receive_some(1)
         if what == b"?":
-            if counter is not None:
-                about["attempts_per_s"] = counter.take_peak()
             await stream.send_all(json.dumps(about).encode() + b"\n")
             await stream.receive_some(1)  # alice closes first
         elif what == b"T":
@@ -136,7 +98,6 @@ async def serve_stream(
 
 
 async def bob(args: argparse.Namespace) -> None:
-    counter = count_attempts() if args.count_attempts else None
     secret = bytes.fromhex(args.secret)
     async with (
         punch.open_host("bob", rendezvous=args.rendezvous, timeout=LONG) as host,
@@ -149,8 +110,12 @@ async def bob(args: argparse.Namespace) -> None:
                     stream = await host.accept()
                 except punch.PunchFailed:
                     continue  # alice records it
-                about = {"connect_time": stream.connect_time, "won_by": stream.won_by.value}
-                nursery.start_soon(serve_stream, stream, about, counter)
+                about = {
+                    "connect_time": stream.connect_time,
+                    "won_by": stream.won_by.value,
+                    "attempts_per_s": max_attempts_per_second(stream.attempts),
+                }
+                nursery.start_soon(serve_stream, stream, about)
 
         async def direct(router: InboundRouter, trial: int) -> None:
             intro = direct_introduction(secret, trial, Role.RESPONDER, None)
@@ -160,10 +125,10 @@ async def bob(args: argparse.Namespace) -> None:
                 stream = await race.run()
             finally:
                 router.close_route(intro.attempt_id)
-            await serve_stream(stream, {"connect_time": stream.connect_time}, None)
+            await serve_stream(stream, {"connect_time": stream.connect_time})
 
         async def raw(stream: trio.SocketStream) -> None:
-            await serve_stream(stream, {}, None)
+            await serve_stream(stream, {})
 
         router = InboundRouter(Endpoint("0.0.0.0", args.direct_port))
         await nursery.start(router.serve)
@@ -201,7 +166,6 @@ async def throughput(stream: trio.abc.Stream, rounds: int, count: int) -> dict[s
 
 
 async def alice(args: argparse.Namespace) -> None:
-    counter = count_attempts() if args.count_attempts else None
     secret = bytes.fromhex(args.secret)
     report: dict[str, Any] = {"punch": [], "direct": []}
     for trial in range(args.trials):
@@ -215,9 +179,11 @@ async def alice(args: argparse.Namespace) -> None:
             cpu = time.process_time() - cpu
             async with stream:
                 theirs = await ask(stream)
-            ours = {"connect_time": stream.connect_time, "won_by": stream.won_by.value}
-            if counter is not None:
-                ours["attempts_per_s"] = counter.take_peak()
+            ours = {
+                "connect_time": stream.connect_time,
+                "won_by": stream.won_by.value,
+                "attempts_per_s": max_attempts_per_second(stream.attempts),
+            }
             report["punch"].append({"alice": ours, "bob": theirs, "cpu": cpu})
     if args.direct is not None:
         to = Endpoint.parse(args.direct)
@@ -252,7 +218,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--raw", help="alice: bob's forwarded ip:port for raw TCP")
     parser.add_argument("--rounds", type=int, default=0, help="alice: throughput rounds")
     parser.add_argument("--bytes", type=int, default=1 << 30, help="per round, each way")
-    parser.add_argument("--count-attempts", action="store_true")
     parser.add_argument("--log", action="store_true", help="timestamped DEBUG log on stderr")
     args = parser.parse_args(argv)
     if args.log:

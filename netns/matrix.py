@@ -13,9 +13,9 @@ A direct path exists unless a symmetric NAT faces anything but a public host.
 Where one exists, every trial must connect, straight to the other side's NAT
 public address (its LAN address for hairpin), with data both ways. Where none
 exists, both peers must exit with "punch failed" within the deadline, the
-error naming each candidate. Every trial's connect attempts, from the peers'
-``-vv`` logs, must stay at or under :data:`MAX_ATTEMPTS_PER_SECOND` per
-candidate in any one-second window.
+error naming each candidate. Every trial's connect attempts, from the
+``attempts`` on the peers' JSON status events, must stay at or under
+:data:`MAX_ATTEMPTS_PER_SECOND` per candidate in any one-second window.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from netns.lab import (
 )
 from netns.scenario import PUNCH, PairRun, PeerRun, run_in_lab, run_rendezvous_dies, wait_for
 from punch._cli import EXIT_PUNCH_FAILED, EXIT_RENDEZVOUS
+from punch._outcome import peak_rate
 
 DEADLINE = 10.0
 """The punch deadline the peers run with (seconds), punch's default."""
@@ -157,19 +158,16 @@ class CellResult:
 
 
 def max_attempts_per_second(*runs: PeerRun) -> int:
-    """The most connect attempts to one candidate in any one-second window (``-vv --json``)."""
+    """The most connect attempts to one candidate in any one-second window.
+
+    Read from the ``attempts`` that ``punch --json`` puts on its ``connected``
+    or ``error`` event (:attr:`punch.PeerStream.attempts`, :attr:`punch.PunchFailed.attempts`).
+    """
     worst = 0
     for run in runs:
-        times: dict[str, list[float]] = {}
-        for event in run.events:
-            if event.get("event") == "log" and "attempt" in event and "outcome" not in event:
-                times.setdefault(event["candidate"], []).append(event["time"])
-        for stamps in times.values():
-            start = 0
-            for end, stamp in enumerate(stamps):
-                while stamp - stamps[start] >= 1.0:
-                    start += 1
-                worst = max(worst, end - start + 1)
+        for kind in ("connected", "error"):
+            attempts = (run.event(kind) or {}).get("attempts", [])
+            worst = max(worst, peak_rate((a["candidate"], a["started"]) for a in attempts))
     return worst
 
 

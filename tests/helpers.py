@@ -6,11 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import trio
 
 from punch import Candidate, CandidateType, Endpoint, PeerStream, Role
 from punch._control import ControlChannel
-from punch._handshake import HELLO_SIZE, PROOF_SIZE, Handshake
+from punch._handshake import NOMINATION_SIZE, Handshake, Stage
 from punch._protocol import Introduction, Register, RendezvousConnection, Side
 from punch._race import InboundRouter, Race
 from punch._reuse import bind_reusable
@@ -71,21 +72,38 @@ async def run_race(router: InboundRouter, race_args: dict[str, Any]) -> PeerStre
         router.close_route(intro.attempt_id)
 
 
-async def play_peer(
-    stream: trio.abc.Stream, intro: Introduction, *, speak_first: bool
-) -> ExactReader:
-    """Authenticate ``stream`` as the peer named by ``intro``'s role (test-side handshake)."""
+@attrs.define
+class Player:
+    """The test's side of a handshake on one stream: its reader and its :class:`Handshake`."""
+
+    reader: ExactReader
+    shake: Handshake
+
+    async def nominate(self) -> None:
+        """As the initiator: nominate this stream (and hold it)."""
+        await self.reader.send(self.shake.nominate())
+
+    async def nominated(self) -> None:
+        """As the responder: read the initiator's Nomination and check it.
+
+        Raises:
+            HandshakeError: it is not a valid Nomination (or the stream closed first).
+        """
+        await self.reader.send(self.shake.receive(await self.reader.exactly(NOMINATION_SIZE)))
+
+
+async def play_peer(stream: trio.abc.Stream, intro: Introduction) -> Player:
+    """Authenticate ``stream`` as the peer named by ``intro``'s role (test-side handshake).
+
+    Both sides speak at once, as the race does; returns once the peer is
+    authenticated (a responder has sent its Proof and awaits the Nomination).
+    """
     reader = ExactReader(stream)  # type: ignore[arg-type]
     shake = Handshake(intro.role, intro.attempt_id, intro.secret)
-    if speak_first:
-        await reader.send(shake.hello())
-        shake.receive_hello(await reader.exactly(HELLO_SIZE))
-    else:
-        shake.receive_hello(await reader.exactly(HELLO_SIZE))
-        await reader.send(shake.hello())
-    await reader.send(shake.proof())
-    shake.verify_proof(await reader.exactly(PROOF_SIZE))
-    return reader
+    await reader.send(shake.hello())
+    while shake.expecting and shake.stage is not Stage.NOMINATION:
+        await reader.send(shake.receive(await reader.exactly(shake.expecting)))
+    return Player(reader, shake)
 
 
 @asynccontextmanager

@@ -1,4 +1,4 @@
-"""The peer handshake, with bytes alone (sans-IO)."""
+"""The peer handshake, driven with bytes alone (sans-IO)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from punch import HandshakeError, Role
-from punch._handshake import HELLO_SIZE, Handshake, parse_hello
+from punch._handshake import (
+    HELLO_SIZE,
+    NOMINATION_SIZE,
+    PROOF_SIZE,
+    VERSION,
+    Handshake,
+    Stage,
+    parse_hello,
+)
 
 
 def pair() -> tuple[Handshake, Handshake]:
@@ -17,70 +25,124 @@ def pair() -> tuple[Handshake, Handshake]:
     return Handshake(Role.INITIATOR, attempt, secret), Handshake(Role.RESPONDER, attempt, secret)
 
 
-def test_both_sides_authenticate() -> None:
+def run(initiator: Handshake, responder: Handshake) -> bytes:
+    """Both Hellos cross at once; returns the Nomination the responder took."""
+    proof = responder.receive(initiator.hello())
+    assert initiator.receive(responder.hello()) == b""
+    assert initiator.receive(proof) == b""
+    nomination = initiator.nominate()
+    assert responder.receive(nomination) == b""
+    return nomination
+
+
+def test_both_sides_authenticate_in_one_exchange_each_way() -> None:
     initiator, responder = pair()
-    initiator.receive_hello(responder.hello())
-    responder.receive_hello(initiator.hello())
-    initiator.verify_proof(responder.proof())
-    responder.verify_proof(initiator.proof())
-    assert initiator.proof() != responder.proof()
+    assert (initiator.expecting, responder.expecting) == (HELLO_SIZE, HELLO_SIZE)
+    proof = responder.receive(initiator.hello())  # answered at once, with no wait
+    assert len(proof) == PROOF_SIZE
+    assert responder.stage is Stage.NOMINATION
+    assert responder.expecting == NOMINATION_SIZE
+    initiator.receive(responder.hello())
+    assert initiator.expecting == PROOF_SIZE
+    initiator.receive(proof)
+    assert initiator.stage is Stage.AUTHENTICATED
+    assert initiator.expecting == 0
+    nomination = initiator.nominate()
+    assert len(nomination) == NOMINATION_SIZE
+    assert initiator.stage is Stage.NOMINATED
+    responder.receive(nomination)
+    assert responder.stage is Stage.NOMINATED
+    assert responder.expecting == 0
 
 
-def test_wrong_secret_is_rejected() -> None:
+def test_wrong_secret_is_rejected_both_ways() -> None:
     initiator, responder = pair()
     stranger = Handshake(Role.RESPONDER, responder.attempt_id, secrets.token_bytes(32))
-    initiator.receive_hello(stranger.hello())
-    stranger.receive_hello(initiator.hello())
-    with pytest.raises(HandshakeError, match="does not match"):
-        initiator.verify_proof(stranger.proof())
+    proof = stranger.receive(initiator.hello())
+    initiator.receive(stranger.hello())
+    with pytest.raises(HandshakeError, match="proof does not match"):
+        initiator.receive(proof)
+    impostor = Handshake(Role.INITIATOR, responder.attempt_id, secrets.token_bytes(32))
+    proof = responder.receive(impostor.hello())
+    impostor.stage = Stage.AUTHENTICATED  # as if it ignored the proof it cannot check
+    impostor.peer_nonce = responder.nonce
+    with pytest.raises(HandshakeError, match="nomination does not match"):
+        responder.receive(impostor.nominate())
 
 
 def test_own_nonce_echoed_back_is_a_self_connect() -> None:
     initiator, _ = pair()
     with pytest.raises(HandshakeError, match="own nonce"):
-        initiator.receive_hello(initiator.hello())
+        initiator.receive(initiator.hello())
 
 
 def test_role_claim_must_oppose_ours() -> None:
     initiator, _ = pair()
     other_initiator = Handshake(Role.INITIATOR, initiator.attempt_id, initiator.secret)
     with pytest.raises(HandshakeError, match="claims role initiator"):
-        initiator.receive_hello(other_initiator.hello())
+        initiator.receive(other_initiator.hello())
 
 
 def test_hello_for_another_attempt_is_rejected() -> None:
     initiator, _ = pair()
     foreign = Handshake(Role.RESPONDER, secrets.token_bytes(16), initiator.secret)
     with pytest.raises(HandshakeError, match="another punch attempt"):
-        initiator.receive_hello(foreign.hello())
+        initiator.receive(foreign.hello())
 
 
-def test_replayed_proof_from_an_earlier_exchange_is_rejected() -> None:
+def test_a_proof_replayed_on_another_connection_of_the_attempt_is_rejected() -> None:
     initiator, responder = pair()
-    initiator.receive_hello(responder.hello())
-    responder.receive_hello(initiator.hello())
-    recorded = responder.proof()
-    # same attempt and secret, fresh nonces: the old proof no longer fits
+    recorded = responder.receive(initiator.hello())
+    # same attempt and secret, the responder's nonce replayed too: a new
+    # initiator nonce on this connection makes the old proof useless
     again = Handshake(Role.INITIATOR, initiator.attempt_id, initiator.secret)
     replayer = Handshake(
         Role.RESPONDER, initiator.attempt_id, initiator.secret, nonce=responder.nonce
     )
-    again.receive_hello(replayer.hello())
-    with pytest.raises(HandshakeError):
-        again.verify_proof(recorded)
+    again.receive(replayer.hello())
+    with pytest.raises(HandshakeError, match="proof does not match"):
+        again.receive(recorded)
 
 
-def test_reflected_proof_is_rejected() -> None:
+def test_a_nomination_replayed_on_another_connection_is_rejected() -> None:
     initiator, responder = pair()
-    initiator.receive_hello(responder.hello())
-    with pytest.raises(HandshakeError):
-        initiator.verify_proof(initiator.proof())
+    recorded = run(initiator, responder)
+    other = Handshake(Role.RESPONDER, responder.attempt_id, responder.secret)
+    replayer = Handshake(
+        Role.INITIATOR, initiator.attempt_id, initiator.secret, nonce=initiator.nonce
+    )
+    other.receive(replayer.hello())  # the recorded Hello, then the recorded Nomination
+    with pytest.raises(HandshakeError, match="nomination does not match"):
+        other.receive(recorded)
 
 
-def test_proof_before_hello_is_an_error() -> None:
-    initiator, _ = pair()
-    with pytest.raises(HandshakeError, match="no hello"):
-        initiator.proof()
+def test_a_mac_reflected_at_its_author_is_rejected() -> None:
+    initiator, responder = pair()
+    initiator.receive(responder.hello())
+    # what the initiator's Nomination will carry for these nonces, sent back as the Proof
+    own = initiator._mac(Role.INITIATOR)
+    with pytest.raises(HandshakeError, match="proof does not match"):
+        initiator.receive(own)
+
+
+def test_messages_out_of_turn_are_errors() -> None:
+    initiator, responder = pair()
+    with pytest.raises(HandshakeError, match="cannot nominate"):
+        initiator.nominate()  # before the responder's proof
+    with pytest.raises(HandshakeError, match="cannot nominate"):
+        responder.nominate()  # never the responder's to do
+    run(initiator, responder)
+    with pytest.raises(HandshakeError, match="expected 0"):
+        responder.receive(b"N")  # nothing is due once nominated
+    with pytest.raises(HandshakeError, match="expected 38"):
+        pair()[0].receive(b"short")
+
+
+def test_garbage_instead_of_a_nomination() -> None:
+    initiator, responder = pair()
+    responder.receive(initiator.hello())
+    with pytest.raises(HandshakeError, match="garbage instead of a nomination"):
+        responder.receive(b"X" * NOMINATION_SIZE)
 
 
 @pytest.mark.parametrize(
@@ -89,8 +151,8 @@ def test_proof_before_hello_is_an_error() -> None:
         b"",
         b"PNCH",
         b"XXXX" + bytes(HELLO_SIZE - 4),
-        b"PNCH\x02\x01" + bytes(32),
-        b"PNCH\x01\x07" + bytes(32),
+        b"PNCH" + bytes([VERSION + 1, 1]) + bytes(32),
+        b"PNCH" + bytes([VERSION, 7]) + bytes(32),
     ],
 )
 def test_bad_hellos(data: bytes) -> None:
@@ -98,10 +160,18 @@ def test_bad_hellos(data: bytes) -> None:
         parse_hello(data)
 
 
-@given(st.binary(max_size=2 * HELLO_SIZE))
-def test_arbitrary_hello_bytes_raise_only_handshake_error(data: bytes) -> None:
-    initiator, _ = pair()
+@given(st.binary(min_size=HELLO_SIZE, max_size=HELLO_SIZE), st.sampled_from(list(Role)))
+def test_arbitrary_hello_bytes_raise_only_handshake_error(data: bytes, role: Role) -> None:
+    shake = pair()[0 if role is Role.INITIATOR else 1]
     try:
-        initiator.receive_hello(data)
+        shake.receive(data)
     except HandshakeError:
         pass
+
+
+@given(st.binary(min_size=NOMINATION_SIZE, max_size=NOMINATION_SIZE))
+def test_arbitrary_nomination_bytes_never_nominate(data: bytes) -> None:
+    initiator, responder = pair()
+    responder.receive(initiator.hello())
+    with pytest.raises(HandshakeError):
+        responder.receive(data)

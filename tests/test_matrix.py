@@ -37,12 +37,13 @@ def test_the_matrix_covers_every_ordered_pair_and_the_special_cells() -> None:
 
 
 def _run_with_attempts(times: list[float]) -> PeerRun:
-    """A run whose ``-vv --json`` log started an attempt at each of ``times``, and failed it."""
-    events = []
-    for i, t in enumerate(times, 1):
-        fields = {"event": "log", "time": t, "candidate": "srflx 203.0.113.12:4000", "attempt": i}
-        events += [fields, {**fields, "outcome": "ConnectionRefusedError: refused"}]
-    return PeerRun("alice", 0, b"", tuple(events), "")
+    """A run whose ``--json`` error event lists an attempt started at each of ``times``."""
+    attempts = [
+        {"candidate": "srflx 203.0.113.12:4000", "number": i, "started": t, "outcome": "refused"}
+        for i, t in enumerate(times, 1)
+    ]
+    events = ({"event": "error", "code": 5, "attempts": attempts},)
+    return PeerRun("alice", 5, b"", events, "")
 
 
 def test_attempts_are_counted_per_candidate_in_a_sliding_second() -> None:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import attrs
 import pytest
 import trio
+import trio.testing
 
 from punch import (
     Endpoint,
     HandshakeError,
+    Outcome,
     PeerStream,
     PunchFailed,
     Role,
@@ -17,8 +22,7 @@ from punch import (
     WonBy,
     open_host,
 )
-from punch._handshake import ACCEPT, NOMINATE
-from punch._race import NOMINATION_TIMEOUT, PunchOptions, Race
+from punch._race import PunchOptions, Race
 from tests.helpers import introductions, open_fds, play_peer, race_side, run_race
 
 ANY = Endpoint("0.0.0.0", 0)
@@ -86,13 +90,13 @@ async def test_responder_holds_every_authenticated_stream_until_the_nomination()
 
             nursery.start_soon(respond)
             nominee = second_stream.socket.getsockname()
-            first = await play_peer(first_stream, intro_i, speak_first=True)
-            second = await play_peer(second_stream, intro_i, speak_first=True)
+            first = await play_peer(first_stream, intro_i)
+            second = await play_peer(second_stream, intro_i)
             # both are authenticated now; nominate the second, with early application data
-            await second.send(NOMINATE + b"early bytes")
-            assert await second.exactly(1) == ACCEPT
+            await second.nominate()
+            await second.reader.send(b"early bytes")
             with pytest.raises(HandshakeError):
-                await first.exactly(1)  # the other authenticated stream gets closed
+                await first.reader.exactly(1)  # the other authenticated stream gets closed
         [(kept, early)] = result
         assert kept.socket.getpeername() == nominee
         assert kept.won_by is WonBy.ACCEPT
@@ -112,9 +116,8 @@ async def test_initiator_nominates_one_stream_and_closes_the_rest() -> None:
             async with await listener.accept() as stream:
                 here = Endpoint.from_sockaddr(stream.socket.getsockname())
                 try:
-                    peer = await play_peer(stream, intro_r, speak_first=False)
-                    assert await peer.exactly(1) == NOMINATE
-                    await peer.send(ACCEPT)
+                    peer = await play_peer(stream, intro_r)
+                    await peer.nominated()
                     outcomes[here] = "nominated"
                     await trio.sleep_forever()  # hold it until the test ends
                 except HandshakeError:
@@ -124,6 +127,8 @@ async def test_initiator_nominates_one_stream_and_closes_the_rest() -> None:
             for listener in listeners:
                 nursery.start_soon(answer, listener)
             result.append(await run_race(router, {"introduction": intro_i, "local": local}))
+            # the initiator does not wait for the responder to read its nomination
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
             nursery.cancel_scope.cancel()
         [kept] = result
         nominated = [here for here, what in outcomes.items() if what == "nominated"]
@@ -134,42 +139,38 @@ async def test_initiator_nominates_one_stream_and_closes_the_rest() -> None:
         await listener.aclose()
 
 
-async def test_a_path_silent_after_its_nomination_yields_to_the_next(
+@asynccontextmanager
+async def _one_listener() -> AsyncIterator[tuple[trio.SocketListener, Endpoint]]:
+    """A loopback listener playing the remote peer, and the endpoint to dial it at."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        yield listener, Endpoint.from_sockaddr(listener.socket.getsockname())
+
+
+async def test_the_initiator_holds_its_stream_once_it_nominates_without_an_answer(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    silent_l, good_l = [(await trio.open_tcp_listeners(0, host="127.0.0.1"))[0] for _ in range(2)]
-    silent, good = (Endpoint.from_sockaddr(lst.socket.getsockname()) for lst in (silent_l, good_l))
-    nominated_silent = trio.Event()
-    async with race_side(LOOPBACK) as (local, router):
-        intro_i, intro_r = introductions((), (silent, good))
+    async with _one_listener() as (listener, silent), race_side(LOOPBACK) as (local, router):
+        intro_i, intro_r = introductions((), (silent,))
+        nominated = trio.Event()
 
-        async def stall() -> None:  # authenticates, reads the nomination, never answers
-            async with await silent_l.accept() as stream:
-                peer = await play_peer(stream, intro_r, speak_first=False)
-                assert await peer.exactly(1) == NOMINATE
-                nominated_silent.set()
-                await trio.sleep_forever()
-
-        async def answer() -> None:  # authenticates only once the other path holds the lock
-            async with await good_l.accept() as stream:
-                await nominated_silent.wait()
-                peer = await play_peer(stream, intro_r, speak_first=False)
-                assert await peer.exactly(1) == NOMINATE
-                await peer.send(ACCEPT)
+        async def responder() -> None:  # proves itself, reads the nomination, says nothing
+            async with await listener.accept() as stream:
+                peer = await play_peer(stream, intro_r)
+                await peer.nominated()
+                nominated.set()
                 await trio.sleep_forever()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stall)
-            nursery.start_soon(answer)
+            nursery.start_soon(responder)
             start = trio.current_time()
             kept = await run_race(router, {"introduction": intro_i, "local": local})
-            waited = trio.current_time() - start
+            held_after = trio.current_time() - start
+            await nominated.wait()
             nursery.cancel_scope.cancel()
-        assert kept.remote == good
-        assert waited == pytest.approx(NOMINATION_TIMEOUT, abs=0.1)  # not the 10 s deadline
+        assert kept.remote == silent
+        assert held_after == 0  # no virtual time passed: nothing waited for an answer
         await kept.aclose()
-    for listener in (silent_l, good_l):
-        await listener.aclose()
 
 
 REFUSED = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
@@ -219,6 +220,20 @@ async def test_failure_names_every_candidate_and_its_cause(
     assert isinstance(failures[refused].__cause__, ConnectionRefusedError)
     assert failures[silent].attempts == 1
     assert isinstance(failures[silent].__cause__, TimeoutError)
+    # the same story as data: every attempt, its times from the introduction, its outcome
+    by_candidate = {
+        c: [a for a in info.value.attempts if a.candidate.endpoint == c] for c in (refused, silent)
+    }
+    assert [a.number for a in by_candidate[refused]] == list(range(1, 20))
+    assert {a.outcome for a in by_candidate[refused]} == {Outcome.REFUSED}
+    assert [a.started for a in by_candidate[refused]] == pytest.approx(
+        [0.05 * i for i in range(19)]
+    )
+    assert "ConnectionRefusedError" in (by_candidate[refused][0].error or "")
+    [unanswered] = by_candidate[silent]
+    assert (unanswered.outcome, unanswered.started) == (Outcome.NO_ANSWER, 0.0)
+    assert unanswered.ended == pytest.approx(0.95)
+    assert not info.value.authentication_failed
     assert "192.0.2.1:1" in str(info.value)
     assert "192.0.2.2:2" in str(info.value)
     assert isinstance(info.value, OSError)
@@ -370,19 +385,16 @@ async def test_a_stranger_fails_the_handshake_and_the_race_goes_on() -> None:
             nursery.start_soon(respond)
             real_end = real_stream.socket.getsockname()
             with pytest.raises(HandshakeError):
-                await play_peer(stranger, stranger_intro, speak_first=True)
-            real = await play_peer(real_stream, intro_i, speak_first=True)
-            await real.send(NOMINATE)
-            assert await real.exactly(1) == ACCEPT
+                await play_peer(stranger, stranger_intro)  # the race's proof fails for it
+            real = await play_peer(real_stream, intro_i)
+            await real.nominate()
         [kept] = result
         assert kept.socket.getpeername() == real_end
         await kept.aclose()
 
 
 async def test_a_handshake_cut_short_is_retried_but_a_failed_proof_is_not() -> None:
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    target = Endpoint.from_sockaddr(listener.socket.getsockname())
-    async with listener, race_side(LOOPBACK) as (local, router):
+    async with _one_listener() as (listener, target), race_side(LOOPBACK) as (local, router):
         intro_i, intro_r = introductions((), (target,))
         result: list[PeerStream] = []
         async with trio.open_nursery() as nursery:
@@ -395,13 +407,42 @@ async def test_a_handshake_cut_short_is_retried_but_a_failed_proof_is_not() -> N
                 cut = await listener.accept()
                 await cut.aclose()
             async with await listener.accept() as stream:
-                peer = await play_peer(stream, intro_r, speak_first=False)
-                assert await peer.exactly(1) == NOMINATE
-                await peer.send(ACCEPT)
+                peer = await play_peer(stream, intro_r)
+                await peer.nominated()
                 kept_end = stream.socket.getsockname()
         [kept] = result  # the nursery waited for the race to return
         assert kept.socket.getpeername() == kept_end
+        assert [a.outcome for a in kept.attempts] == [
+            Outcome.HANDSHAKE_INTERRUPTED,
+            Outcome.HANDSHAKE_INTERRUPTED,
+            Outcome.NOMINATED,
+        ]
+        assert [a.number for a in kept.attempts] == [1, 2, 3]
         await kept.aclose()
+
+
+async def test_a_stranger_that_answers_is_an_authentication_failure_as_data(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with _one_listener() as (listener, target), race_side(LOOPBACK) as (local, router):
+        intro_i, intro_r = introductions((), (target,))
+        stranger = attrs.evolve(intro_r, secret=bytes(32))  # right attempt, wrong secret
+
+        async def answer() -> None:
+            async with await listener.accept() as stream:
+                await play_peer(stream, stranger)  # proves a secret the race does not share
+                await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer)
+            race = {"introduction": intro_i, "local": local, "options": PunchOptions(timeout=1.0)}
+            with pytest.raises(PunchFailed) as info:
+                await run_race(router, race)
+            nursery.cancel_scope.cancel()
+    assert info.value.authentication_failed
+    [attempt] = info.value.attempts  # a failed proof is not dialled again
+    assert attempt.outcome is Outcome.HANDSHAKE_FAILED
+    assert "does not match" in (attempt.error or "")
 
 
 async def test_a_silent_attempt_after_a_refusal_is_dialled_again(

@@ -28,6 +28,8 @@ from ._errors import SelfDialError as SelfDialError
 from ._host import Host as Host
 from ._host import connect as connect
 from ._host import open_host as open_host
+from ._outcome import Attempt as Attempt
+from ._outcome import Outcome as Outcome
 from ._race import PunchOptions as PunchOptions
 from ._reuse import reuse_available as reuse_available
 from ._server import ServerLimits as ServerLimits
@@ -38,6 +40,7 @@ from ._stream import WonBy as WonBy
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attempt",
     "Candidate",
     "CandidateFailed",
     "CandidateType",
@@ -46,6 +49,7 @@ __all__ = [
     "HandshakeInterrupted",
     "Host",
     "LocalProtocolError",
+    "Outcome",
     "PeerStream",
     "ProtocolError",
     "PunchError",

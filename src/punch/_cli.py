@@ -20,8 +20,6 @@ from . import _commands
 from ._commands import Reporter
 from ._endpoint import Endpoint
 from ._errors import (
-    HandshakeError,
-    HandshakeInterrupted,
     PunchFailed,
     RendezvousError,
     ReuseUnavailable,
@@ -144,6 +142,7 @@ def _connected_fields(stream: PeerStream) -> dict[str, Any]:
         "local": str(stream.local),
         "remote": str(stream.remote),
         "connect_time": round(stream.connect_time, 6),
+        "attempts": [a.as_json() for a in stream.attempts],
     }
 
 
@@ -191,23 +190,12 @@ async def _session(args: argparse.Namespace, report: Reporter) -> None:
     report("closed", f"session with {stream.peer_name!r} ended", peer=stream.peer_name)
 
 
-def _authentication_failed(exc: PunchFailed) -> bool:
-    """Did some path answer but fail the handshake's proof (not merely break)?"""
-    group = exc.__cause__
-    errors = group.exceptions if isinstance(group, BaseExceptionGroup) else ()
-    for error in errors:
-        last = error if isinstance(error, HandshakeError) else error.__cause__
-        if isinstance(last, HandshakeError) and not isinstance(last, HandshakeInterrupted):
-            return True
-    return False
-
-
 def _failure(exc: BaseException) -> tuple[int, str]:
     """The exit code and the one line that tell a person what went wrong."""
     if isinstance(exc, RendezvousError):
         code = EXIT_UNKNOWN_PEER if exc.code == "unknown-peer" else EXIT_RENDEZVOUS
         return code, f"rendezvous: {exc}"
-    if isinstance(exc, PunchFailed) and _authentication_failed(exc):
+    if isinstance(exc, PunchFailed) and exc.authentication_failed:
         return EXIT_HANDSHAKE, f"authentication failed: {exc}"
     if isinstance(exc, PunchFailed | SelfDialError):
         return EXIT_PUNCH_FAILED, str(exc)
@@ -528,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (OSError, ValueError, TransferError, trio.BrokenResourceError) as exc:
         code, text = _failure(exc)
-        report("error", f"error: {text}", code=code, error=text)
+        attempts = [a.as_json() for a in getattr(exc, "attempts", ())]
+        report("error", f"error: {text}", code=code, error=text, attempts=attempts)
         return code
     return EXIT_OK
 

@@ -7,6 +7,8 @@ handles a failed punch too.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PunchError(Exception):
     """Base class of every exception defined by punch."""
@@ -88,10 +90,25 @@ class RendezvousError(PunchError, OSError):
 class PunchFailed(PunchError, OSError):
     """No candidate produced an authenticated, nominated stream before the deadline.
 
+    Attributes:
+        attempts: every connect attempt, in the order they ended: a tuple of
+            ``punch.Attempt`` (candidate, number, start and end in seconds
+            from the introduction, outcome, error).
+        authentication_failed: some stream connected but failed the
+            handshake's proof (a stranger, or the wrong secret), outbound or
+            inbound; an interrupted handshake does not count.
+
     ``__cause__`` is an :class:`ExceptionGroup` holding one
     :class:`CandidateFailed` per candidate dialled (and one
     :class:`HandshakeError` per inbound stream that failed authentication).
     """
+
+    def __init__(
+        self, message: str, attempts: tuple[Any, ...] = (), authentication_failed: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.authentication_failed = authentication_failed
 
 
 class CandidateFailed(PunchError, OSError):

@@ -1,24 +1,43 @@
-"""The peer-to-peer handshake on a punched TCP stream, sans-IO.
+"""The peer-to-peer handshake on a punched TCP stream, as a sans-IO state machine.
 
 Before any application byte, each side proves knowledge of the introduction's
 single-use secret, and the initiator nominates the one connection both keep
-(RFC 8445 §8.1.1: the controlling agent nominates).
+(RFC 8445 §8.1.1: the controlling agent nominates). :class:`Handshake` takes
+bytes and gives bytes and a stage; it never does I/O, so ``_race.py`` only
+moves bytes and keeps time, and tests drive it with bytes alone.
 
 Wire (all fixed size, so each read is exact)::
 
-    Hello    = b"PNCH" | version u8 | role u8 | attempt_id[16] | nonce[16]   (38 bytes)
-    Proof    = HMAC-SHA256(secret, transcript)                              (32 bytes)
-    Nominate = b"N"     initiator -> responder: "keep this connection"
-    Accept   = b"K"     responder -> initiator: "kept"
+    Hello      = b"PNCH" | version u8 | role u8 | attempt_id[16] | nonce[16]  (38 bytes)
+    Proof      = HMAC-SHA256(secret, transcript(responder))                 (32 bytes)
+    Nomination = b"N" | HMAC-SHA256(secret, transcript(initiator))          (33 bytes)
 
-``transcript = b"punch-handshake-v1" | attempt_id | initiator_nonce |
-responder_nonce | sender_role``: fresh nonces on both sides defeat replay of
-an earlier attempt's proof, and the sender's role in the MAC defeats a proof
-reflected back at its author.
+    transcript(sender) = b"punch-handshake-v2" | attempt_id
+                         | initiator_nonce | responder_nonce | sender_role
+
+Each side sends its Hello the moment its TCP connection is up, without
+waiting for the peer's. The responder answers the initiator's Hello with its
+Proof; the initiator, once that Proof checks out, sends the Nomination and
+holds the stream: it does not wait for an acknowledgement (no message
+follows), since the initiator nominates exactly one stream. So the initiator
+holds its stream two round trips after it dials (TCP's, then Hello/Proof) and
+the responder half a round trip later, as for a direct connect plus one
+authenticating exchange.
+
+Why replay and reflection stay impossible: every MAC covers the attempt id,
+whose secret is single-use, so nothing from another attempt verifies; it covers
+both sides' fresh nonces, so a Proof or Nomination recorded on one connection
+of this attempt does not verify on another (the responder's Proof binds the
+initiator's nonce of this connection, the Nomination binds the responder's);
+and it covers the sender's role, so a MAC reflected back at its author fails,
+as does a Hello claiming our own role. Our own nonce coming back means a TCP
+self-connect or a reflector. What it does not stop: an on-path attacker
+splicing two connections (until the stream is encrypted, issue 14).
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import hmac
 import secrets
@@ -30,16 +49,16 @@ from ._endpoint import Role
 from ._errors import HandshakeError
 from ._protocol import ATTEMPT_ID_BYTES
 
-VERSION = 1
+VERSION = 2
 NONCE_BYTES = 16
 _HELLO = struct.Struct(f"!4sBB{ATTEMPT_ID_BYTES}s{NONCE_BYTES}s")
 _MAGIC = b"PNCH"
 _ROLE_BYTE = {Role.INITIATOR: 1, Role.RESPONDER: 2}
 _BYTE_ROLE = {v: k for k, v in _ROLE_BYTE.items()}
+_NOMINATE = b"N"
 HELLO_SIZE = _HELLO.size
 PROOF_SIZE = hashlib.sha256().digest_size
-NOMINATE = b"N"
-ACCEPT = b"K"
+NOMINATION_SIZE = len(_NOMINATE) + PROOF_SIZE
 
 
 @attrs.frozen
@@ -69,9 +88,34 @@ def parse_hello(data: bytes) -> Hello:
     return Hello(_BYTE_ROLE[role], attempt_id, nonce)
 
 
+class Stage(enum.Enum):
+    """Where one side's handshake stands; :attr:`Handshake.expecting` says what it reads next."""
+
+    HELLO = "hello"
+    """Waiting for the peer's Hello."""
+    PROOF = "proof"
+    """Initiator: waiting for the responder's Proof."""
+    NOMINATION = "nomination"
+    """Responder: waiting for the initiator's Nomination."""
+    AUTHENTICATED = "authenticated"
+    """Initiator: the responder proved the secret; :meth:`Handshake.nominate` may follow."""
+    NOMINATED = "nominated"
+    """Done: this stream is the one both keep (responder: a valid Nomination came;
+    initiator: it sent one)."""
+
+
+_EXPECTING = {
+    Stage.HELLO: HELLO_SIZE,
+    Stage.PROOF: PROOF_SIZE,
+    Stage.NOMINATION: NOMINATION_SIZE,
+    Stage.AUTHENTICATED: 0,
+    Stage.NOMINATED: 0,
+}
+
+
 @attrs.define
 class Handshake:
-    """One side of the handshake on one stream.
+    """One side of the handshake on one stream: bytes in, bytes out, a :class:`Stage`.
 
     Args:
         role: our role from the introduction.
@@ -79,31 +123,73 @@ class Handshake:
         secret: the introduction's secret (32 bytes).
         nonce: 16 fresh random bytes (default: :func:`secrets.token_bytes`).
 
-    Use: send :meth:`hello`; pass the peer's to :meth:`receive_hello`; send
-    :meth:`proof`; pass the peer's to :meth:`verify_proof`. Each method raises
-    :class:`HandshakeError` on the first thing that is wrong.
+    Use: send :meth:`hello` at once; then, while :attr:`expecting` is not 0,
+    read exactly that many bytes, pass them to :meth:`receive` and send what it
+    returns. The initiator then sends :meth:`nominate` on the one stream it
+    keeps. Every method raises :class:`HandshakeError` on the first thing that
+    is wrong, and the stream must then be closed.
     """
 
     role: Role
     attempt_id: bytes = attrs.field(repr=lambda b: b.hex())
     secret: bytes = attrs.field(repr=lambda _: "<secret>")
     nonce: bytes = attrs.field(factory=lambda: secrets.token_bytes(NONCE_BYTES))
-    peer_nonce: bytes | None = None
+    peer_nonce: bytes | None = attrs.field(default=None, init=False)
+    stage: Stage = attrs.field(default=Stage.HELLO, init=False)
+
+    @property
+    def expecting(self) -> int:
+        """Bytes the next message from the peer takes; 0 when none is due."""
+        return _EXPECTING[self.stage]
 
     def hello(self) -> bytes:
-        """Our Hello, :data:`HELLO_SIZE` bytes."""
+        """Our Hello, :data:`HELLO_SIZE` bytes: send it as soon as the stream is up."""
         return _HELLO.pack(_MAGIC, VERSION, _ROLE_BYTE[self.role], self.attempt_id, self.nonce)
 
-    def receive_hello(self, hello: Hello | bytes) -> None:
-        """Check the peer's Hello against the introduction.
+    def receive(self, message: bytes) -> bytes:
+        """Take the peer's next message (exactly :attr:`expecting` bytes).
+
+        Returns:
+            the bytes to send in answer (the responder's Proof), or ``b""``.
 
         Raises:
-            HandshakeError: our own nonce came back (a TCP self-connect or a
-                reflector), a different attempt id (stale or foreign), or a role
-                that is not the opposite of ours.
+            HandshakeError: a malformed Hello, our own nonce back (self-connect or
+                reflection), another attempt's id, a role that is not the
+                opposite of ours, a MAC that does not prove the secret, or a
+                message when none is due.
         """
-        if isinstance(hello, bytes):
-            hello = parse_hello(hello)
+        if len(message) != self.expecting or not self.expecting:
+            raise HandshakeError(
+                f"{len(message)} bytes at stage {self.stage.value}, expected {self.expecting}"
+            )
+        if self.stage is Stage.HELLO:
+            self._receive_hello(parse_hello(message))
+            if self.role is Role.RESPONDER:
+                self.stage = Stage.NOMINATION
+                return self._mac(Role.RESPONDER)
+            self.stage = Stage.PROOF
+        elif self.stage is Stage.PROOF:
+            self._verify(message, Role.RESPONDER, "proof")
+            self.stage = Stage.AUTHENTICATED
+        else:
+            if message[:1] != _NOMINATE:
+                raise HandshakeError("initiator sent garbage instead of a nomination")
+            self._verify(message[1:], Role.INITIATOR, "nomination")
+            self.stage = Stage.NOMINATED
+        return b""
+
+    def nominate(self) -> bytes:
+        """Initiator: the Nomination for this stream, :data:`NOMINATION_SIZE` bytes.
+
+        Raises:
+            HandshakeError: we are the responder, or the peer is not yet authenticated.
+        """
+        if self.role is not Role.INITIATOR or self.stage is not Stage.AUTHENTICATED:
+            raise HandshakeError(f"cannot nominate as {self.role.value} at {self.stage.value}")
+        self.stage = Stage.NOMINATED
+        return _NOMINATE + self._mac(Role.INITIATOR)
+
+    def _receive_hello(self, hello: Hello) -> None:
         if hmac.compare_digest(hello.nonce, self.nonce):
             raise HandshakeError("peer echoed our own nonce: self-connect or reflection")
         if not hmac.compare_digest(hello.attempt_id, self.attempt_id):
@@ -113,24 +199,14 @@ class Handshake:
         self.peer_nonce = hello.nonce
 
     def _mac(self, sender: Role) -> bytes:
-        if self.peer_nonce is None:
-            raise HandshakeError("no hello received yet")
+        assert self.peer_nonce is not None  # only called after the peer's Hello
         if self.role is Role.INITIATOR:
             nonces = self.nonce + self.peer_nonce
         else:
             nonces = self.peer_nonce + self.nonce
-        transcript = b"punch-handshake-v1" + self.attempt_id + nonces + bytes([_ROLE_BYTE[sender]])
+        transcript = b"punch-handshake-v2" + self.attempt_id + nonces + bytes([_ROLE_BYTE[sender]])
         return hmac.digest(self.secret, transcript, "sha256")
 
-    def proof(self) -> bytes:
-        """Our proof of the secret, :data:`PROOF_SIZE` bytes."""
-        return self._mac(self.role)
-
-    def verify_proof(self, proof: bytes) -> None:
-        """Check the peer's proof (constant-time comparison).
-
-        Raises:
-            HandshakeError: it does not prove the introduction's secret.
-        """
-        if not hmac.compare_digest(proof, self._mac(self.role.other)):
-            raise HandshakeError("peer's proof does not match the introduction's secret")
+    def _verify(self, mac: bytes, sender: Role, what: str) -> None:
+        if not hmac.compare_digest(mac, self._mac(sender)):
+            raise HandshakeError(f"peer's {what} does not match the introduction's secret")

@@ -177,7 +177,9 @@ class Host:
                 f"{exc}; hint: the rendezvous saw us at port {self.observed.port}, not our "
                 f"port {self.local.port}: this NAT does not preserve ports and may map each "
                 "destination to a new port (endpoint-dependent mapping), so a direct path "
-                "may not exist"
+                "may not exist",
+                attempts=exc.attempts,
+                authentication_failed=exc.authentication_failed,
             ) from exc.__cause__
         finally:
             self._router.close_route(introduction.attempt_id)

@@ -9,7 +9,6 @@ stream is closed with an RST; if the deadline passes first, the caller gets one
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,7 +26,8 @@ from ._errors import (
     SelfDialError,
     _describe,
 )
-from ._handshake import ACCEPT, HELLO_SIZE, NOMINATE, PROOF_SIZE, Handshake, Hello, parse_hello
+from ._handshake import HELLO_SIZE, Handshake, Hello, parse_hello
+from ._outcome import REFUSALS, Attempt, Outcome
 from ._protocol import Introduction
 from ._stream import ExactReader, PeerStream, WonBy
 
@@ -62,7 +62,7 @@ MIN_PACING = 0.05
 """Pacing below 50 ms (20 attempts/s per candidate) is refused (RFC 8445 §14).
 
 It is also the gap after an attempt that was refused (an RST or an ICMP
-unreachable, :data:`REFUSALS`): the next attempt starts as soon as the rate
+unreachable, :data:`punch._outcome.REFUSALS`): the next attempt starts as soon as the rate
 allows instead of after the full pacing. Behind a NAT that answers unsolicited
 SYNs with an ICMP error, a refusal means the peer has not dialled yet; its SYN
 arrives about one round trip after ours was refused, and it is de-NATed to us
@@ -72,19 +72,6 @@ the refused socket's ISN, which a fresh SYN re-initialises while the entry is
 in SYN_SENT; once the peer's SYN has met the entry (SYN_SENT2) nothing does,
 and the listener's SYN-ACK falls outside the tracked window (Linux
 nf_conntrack_proto_tcp.c; the ISN clock runs at 15.6 M/s, RFC 6528)."""
-REFUSALS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
-"""errnos of an attempt that was refused on the path: an RST (``ECONNREFUSED``)
-or an ICMP destination unreachable (port: ``ECONNREFUSED``; host, net or
-administratively prohibited: ``EHOSTUNREACH``/``ENETUNREACH``; RFC 1122
-§4.2.3.9 lets Linux abort a SYN_SENT socket on them, tcp(7))."""
-NOMINATION_TIMEOUT = 2.0
-"""Seconds the initiator waits for the responder's answer to a nomination.
-
-Nominations go one at a time, so a path that authenticates and then falls
-silent would otherwise hold every other path until the deadline; it is
-dropped instead (:class:`HandshakeInterrupted`) and the next path nominated.
-Two seconds cover a 300 ms round trip with a retransmission (RFC 6298's 1 s
-initial RTO)."""
 HELLO_TIMEOUT = 5.0
 """Seconds an accepted connection gets to send its Hello before it is dropped."""
 MAX_PENDING_HELLOS = 64
@@ -146,6 +133,8 @@ class Inbound:
     reader: ExactReader
     hello: Hello
     remote: Endpoint
+    raw_hello: bytes
+    """The Hello's :data:`HELLO_SIZE` bytes, for the race's :class:`Handshake`."""
 
 
 def _peer(stream: trio.SocketStream) -> Endpoint:
@@ -280,7 +269,8 @@ class InboundRouter:
         try:
             remote = _peer(stream)
             with trio.move_on_after(HELLO_TIMEOUT) as scope:
-                hello = parse_hello(await reader.exactly(HELLO_SIZE))
+                raw = await reader.exactly(HELLO_SIZE)
+                hello = parse_hello(raw)
             if scope.cancelled_caught:
                 log.info("inbound from %s: no hello within %.1f s, dropped", remote, HELLO_TIMEOUT)
                 return
@@ -288,7 +278,7 @@ class InboundRouter:
             if route is None:
                 log.info("inbound from %s: hello for no current attempt, dropped", remote)
                 return
-            route[0].send_nowait(Inbound(reader, hello, remote))
+            route[0].send_nowait(Inbound(reader, hello, remote, raw))
             delivered = True
         except (OSError, trio.WouldBlock, trio.BrokenResourceError) as exc:
             log.info("inbound connection dropped: %s", _describe(exc))
@@ -343,6 +333,7 @@ class Race:
     _streams: set[trio.SocketStream] = attrs.field(factory=set, init=False)
     _states: list[_CandidateState] = attrs.field(factory=list, init=False)
     _inbound_errors: list[BaseException] = attrs.field(factory=list, init=False)
+    _attempts: list[Attempt] = attrs.field(factory=list, init=False)
     _nominating: trio.Lock = attrs.field(factory=trio.Lock, init=False)
     _winner: PeerStream | None = attrs.field(default=None, init=False)
     _started: float = attrs.field(default=0.0, init=False)
@@ -392,6 +383,7 @@ class Race:
                     _reuse.abort(stream.socket)
             self._streams.clear()
         if self._winner is not None:
+            self._winner.attempts = tuple(self._attempts)
             return self._winner
         errors: list[Exception] = [s.failure() for s in self._states] + [
             e for e in self._inbound_errors if isinstance(e, Exception)
@@ -402,8 +394,16 @@ class Race:
         group = ExceptionGroup(
             f"every path to {intro.peer_name!r} failed", errors or [TimeoutError()]
         )
+        outcomes = {a.outcome for a in self._attempts}
+        inbound_failed = any(
+            isinstance(e.__cause__, HandshakeError)
+            and not isinstance(e.__cause__, HandshakeInterrupted)
+            for e in self._inbound_errors
+        )
         raise PunchFailed(
-            f"punch to {intro.peer_name!r} failed within {self.options.timeout:g} s: {summary}"
+            f"punch to {intro.peer_name!r} failed within {self.options.timeout:g} s: {summary}",
+            attempts=tuple(self._attempts),
+            authentication_failed=Outcome.HANDSHAKE_FAILED in outcomes or inbound_failed,
         ) from group
 
     def _usable_candidates(self) -> list[_CandidateState]:
@@ -462,27 +462,54 @@ class Race:
                 state.candidate,
                 extra={"fields": {"candidate": str(state.candidate), "attempt": state.attempts}},
             )
-            stream = await self._attempt(state)
-            state.in_flight = False
-            if stream is None:
-                if getattr(state.last, "errno", None) in REFUSALS:
-                    next_start = started + MIN_PACING
-                continue
-            self._streams.add(stream)
-            log.info("%s: connected to %s from %s", self._label, state.candidate, self.local)
+            outcome: Outcome | BaseException | None = None
             try:
-                await self._authenticate(ExactReader(stream), WonBy.CONNECT, _peer(stream), None)
-                return
-            except OSError as exc:
-                self._drop(stream)
-                state.last = exc
-                # A host that answers but cannot prove the secret (a stray host on an
-                # overlapping private subnet) will not prove it on a second try; a
-                # connection that merely broke may work on the next.
-                state.done = isinstance(exc, HandshakeError) and not isinstance(
-                    exc, HandshakeInterrupted
-                )
-                log.info("%s: %s: handshake failed: %s", self._label, state.candidate, exc)
+                stream = await self._attempt(state)
+                state.in_flight = False
+                if stream is None:
+                    outcome = state.last
+                    if getattr(state.last, "errno", None) in REFUSALS:
+                        next_start = started + MIN_PACING
+                    continue
+                self._streams.add(stream)
+                log.info("%s: connected to %s from %s", self._label, state.candidate, self.local)
+                try:
+                    await self._authenticate(
+                        ExactReader(stream), WonBy.CONNECT, _peer(stream), None
+                    )
+                    won = self._winner is not None and self._winner.socket_stream is stream
+                    outcome = Outcome.NOMINATED if won else Outcome.AUTHENTICATED
+                    return
+                except OSError as exc:
+                    outcome = exc
+                    self._drop(stream)
+                    state.last = exc
+                    # A host that answers but cannot prove the secret (a stray host on an
+                    # overlapping private subnet) will not prove it on a second try; a
+                    # connection that merely broke may work on the next.
+                    state.done = isinstance(exc, HandshakeError) and not isinstance(
+                        exc, HandshakeInterrupted
+                    )
+                    log.info("%s: %s: handshake failed: %s", self._label, state.candidate, exc)
+            finally:
+                self._record(state, started, outcome)
+
+    def _record(
+        self, state: _CandidateState, started: float, outcome: Outcome | BaseException | None
+    ) -> None:
+        """Keep the attempt that started at ``started`` (trio time) as an :class:`Attempt`.
+
+        ``outcome`` is None when the attempt was still under way as the race
+        ended: cancelled if another path won, else unanswered at the deadline.
+        """
+        if outcome is None:
+            outcome = Outcome.CANCELLED if self._winner is not None else Outcome.NO_ANSWER
+        begin, end = started - self._started, trio.current_time() - self._started
+        if isinstance(outcome, BaseException):
+            attempt = Attempt.failed(state.candidate, state.attempts, begin, end, outcome)
+        else:
+            attempt = Attempt(state.candidate, state.attempts, begin, end, outcome)
+        self._attempts.append(attempt)
 
     async def _attempt(self, state: _CandidateState) -> trio.SocketStream | None:
         """One connect attempt; None if it failed (the reason goes in ``state``)."""
@@ -532,7 +559,9 @@ class Race:
 
     async def _authenticate_inbound(self, inbound: Inbound) -> None:
         try:
-            await self._authenticate(inbound.reader, WonBy.ACCEPT, inbound.remote, inbound.hello)
+            await self._authenticate(
+                inbound.reader, WonBy.ACCEPT, inbound.remote, inbound.raw_hello
+            )
         except OSError as exc:
             self._drop(inbound.reader.stream)
             failure = HandshakeError(f"inbound from {inbound.remote}: {exc}")
@@ -546,45 +575,29 @@ class Race:
         _reuse.abort(stream.socket)
 
     async def _authenticate(
-        self, reader: ExactReader, won_by: WonBy, remote: Endpoint, peer_hello: Hello | None
+        self, reader: ExactReader, won_by: WonBy, remote: Endpoint, peer_hello: bytes | None
     ) -> None:
+        """Run the :class:`Handshake` on one stream; the initiator nominates, the responder waits.
+
+        ``peer_hello``: the Hello the router already read from an accepted stream.
+        """
         intro = self.introduction
         shake = Handshake(intro.role, intro.attempt_id, intro.secret)
-        if peer_hello is None:  # we dialled: we speak first
-            await reader.send(shake.hello())
-            shake.receive_hello(await reader.exactly(HELLO_SIZE))
-        else:
-            shake.receive_hello(peer_hello)
-            await reader.send(shake.hello())
-        await reader.send(shake.proof())
-        shake.verify_proof(await reader.exactly(PROOF_SIZE))
+        await reader.send(shake.hello())  # at once, both roles: no wait for the peer's
+        if peer_hello is not None:
+            await reader.send(shake.receive(peer_hello))
+        while shake.expecting:
+            await reader.send(shake.receive(await reader.exactly(shake.expecting)))
         log.info("%s: authenticated %s (won by %s)", self._label, remote, won_by.value)
         if intro.role is Role.INITIATOR:
-            async with self._nominating:  # one nomination in flight at a time
+            async with self._nominating:  # exactly one stream is ever nominated
                 if self._winner is not None:
                     return
-                await reader.send(NOMINATE)
-                answer: bytes | None = None
-                with trio.move_on_after(NOMINATION_TIMEOUT):
-                    answer = await reader.exactly(1)
-                if answer is None:
-                    raise HandshakeInterrupted(
-                        f"no answer to the nomination within {NOMINATION_TIMEOUT:g} s"
-                    )
-                if answer != ACCEPT:
-                    raise HandshakeError("responder answered the nomination with garbage")
+                await reader.send(shake.nominate())
                 self._win(reader, won_by, remote)
-        else:
-            if await reader.exactly(1) != NOMINATE:
-                raise HandshakeError("initiator sent garbage instead of a nomination")
+        else:  # the loop above ended on a valid Nomination
             if self._winner is not None:
                 raise HandshakeError("a second nomination after one was accepted")
-            self._winner = self._peer_stream(reader, won_by, remote)
-            try:
-                await reader.send(ACCEPT)
-            except BaseException:
-                self._winner = None
-                raise
             self._win(reader, won_by, remote)
 
     def _peer_stream(self, reader: ExactReader, won_by: WonBy, remote: Endpoint) -> PeerStream:

@@ -9,6 +9,7 @@ import trio
 
 from ._endpoint import Endpoint, Role
 from ._errors import HandshakeInterrupted
+from ._outcome import Attempt
 
 _RECEIVE_SIZE = 65536
 
@@ -56,11 +57,13 @@ class ExactReader:
         return out
 
     async def send(self, data: bytes) -> None:
-        """Send ``data``.
+        """Send ``data`` (nothing at all when it is empty).
 
         Raises:
             HandshakeInterrupted: the connection broke.
         """
+        if not data:
+            return
         try:
             await self.stream.send_all(data)
         except trio.BrokenResourceError as exc:
@@ -85,6 +88,10 @@ class PeerStream(trio.abc.HalfCloseableStream):
         attempt_id: the introduction's 16-byte attempt id.
         connect_time: seconds from receiving the introduction to holding this
             authenticated, nominated stream.
+        attempts: every connect attempt of the punch, in the order they ended
+            (:class:`~punch.Attempt`: candidate, number, start and end in
+            seconds from the introduction, outcome, error); the winning one,
+            if we won by connect, has the outcome ``NOMINATED``.
     """
 
     socket_stream: trio.SocketStream
@@ -96,6 +103,7 @@ class PeerStream(trio.abc.HalfCloseableStream):
     attempt_id: bytes = attrs.field(repr=lambda b: b.hex())
     connect_time: float
     _pending: bytearray = attrs.field(factory=bytearray, converter=bytearray, alias="pending")
+    attempts: tuple[Attempt, ...] = ()
 
     @property
     def socket(self) -> trio.socket.SocketType:
