@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+import trio.testing
 from hypothesis import HealthCheck, settings
 
 # These machines are shared and noisy: how fast hypothesis generates data, and
@@ -9,3 +11,9 @@ from hypothesis import HealthCheck, settings
 # still checked on every example; only those two timing checks are off.
 settings.register_profile("punch", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("punch")
+
+
+@pytest.fixture
+def slow_autojump_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only after 50 ms of real idleness, so loopback I/O lands first."""
+    return trio.testing.MockClock(autojump_threshold=0.05)

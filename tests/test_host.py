@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import random
 import struct
 
 import pytest
@@ -13,6 +15,7 @@ import punch
 import punch._server
 from punch import Endpoint, RendezvousError, ReuseUnavailable, Role, WonBy
 from punch._control import ControlChannel
+from punch._host import BACKOFF_FIRST, BACKOFF_MAX, backoff
 from punch._protocol import Error, Register, RendezvousConnection, Side, decode_body
 from tests.helpers import open_fds
 
@@ -199,23 +202,51 @@ async def test_registration_must_come_in_time(nursery: trio.Nursery) -> None:
     assert decode_body(reply[4:]) == Error("registration-timeout", "no Register in time")
 
 
-async def test_losing_the_rendezvous_is_a_clear_error_not_a_hang(nursery: trio.Nursery) -> None:
-    server_scope = trio.CancelScope()
+async def _serve(
+    scope: trio.CancelScope, port: int, *, task_status: trio.TaskStatus[Endpoint]
+) -> None:
+    """A rendezvous on 127.0.0.1:``port`` until ``scope`` is cancelled (it "dies")."""
+    with scope:
+        await punch.serve_rendezvous("127.0.0.1", port, task_status=task_status)
 
-    async def server(task_status: trio.TaskStatus[Endpoint]) -> None:
-        with server_scope:
-            await punch.serve_rendezvous("127.0.0.1", 0, task_status=task_status)
 
-    rendezvous = await nursery.start(server)
+async def test_a_host_outlives_its_rendezvous_and_registers_again(
+    nursery: trio.Nursery, slow_autojump_clock: trio.testing.MockClock
+) -> None:
+    first_life = trio.CancelScope()
+    rendezvous = await nursery.start(_serve, first_life, 0)
     async with punch.open_host("alice", rendezvous=rendezvous) as alice:
-        server_scope.cancel()
+        accepted: list[punch.PeerStream] = []
+
+        async def accept() -> None:
+            accepted.append(await alice.accept())  # one call, across the outage
+
+        nursery.start_soon(accept)
+        first_life.cancel()  # the rendezvous dies
         with trio.fail_after(5):
             with pytest.raises(RendezvousError) as info:
-                await alice.accept()  # the control connection ends: accept stops waiting
-            assert info.value.code == "closed"
-            with pytest.raises(RendezvousError) as info:
-                await alice.connect("bob")
-            assert info.value.code == "closed"
+                await alice.connect("bob")  # a clear error at once, not a hang
+        assert info.value.code == "closed"
+        await nursery.start(_serve, trio.CancelScope(), rendezvous.port)  # it restarts
+        with trio.fail_after(BACKOFF_FIRST + 1):  # the first retry comes within 0.5 s
+            await alice.wait_registered()
+        async with punch.open_host("bob", rendezvous=rendezvous) as bob:
+            async with await bob.connect("alice") as stream:
+                await stream.send_all(b"x")
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        [kept] = accepted
+        assert kept.peer_name == "bob"
+        assert await kept.receive_some() == b"x"
+        await kept.aclose()
+
+
+def test_the_backoff_doubles_to_its_cap_with_jitter() -> None:
+    delays = list(itertools.islice(backoff(random.Random(7)), 10))
+    caps = [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 30]
+    assert all(cap / 2 <= delay <= cap for delay, cap in zip(delays, caps, strict=True))
+    assert len(set(delays)) == len(delays)  # jittered: no two hosts in step
+    assert caps[0] == BACKOFF_FIRST
+    assert caps[-1] == BACKOFF_MAX
 
 
 async def test_bad_arguments_are_refused_up_front(rendezvous: Endpoint) -> None:

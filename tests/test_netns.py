@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from netns.lab import Lab, build_two_nats, missing_requirements
-from netns.scenario import PairRun, run_in_lab
+from netns.lab import RENDEZVOUS_PORT, Lab, build_two_nats, missing_requirements
+from netns.scenario import PUNCH, PairRun, run_in_lab, wait_for
 
 from punch._cli import EXIT_UNKNOWN_PEER
 
@@ -203,3 +204,40 @@ def test_hold_back_makes_one_introduction_late_and_nothing_else() -> None:
     assert connected
     # alice waited for bob's late SYN; cone x cone at no link delay needs little more
     assert 0.3 - 0.05 <= connected["connect_time"] < 0.3 + 0.2
+
+
+def test_a_waiting_listener_outlives_a_rendezvous_restart() -> None:
+    """The real rendezvous restarts under a waiting ``punch listen``; a ``punch connect``
+    started after the restart reaches it (issue 13.12)."""
+    with Lab() as lab:
+        topology = build_two_nats(lab)
+        a, b = topology.sites
+        pair = PairRun()
+        try:
+            address = pair.start_lab_rendezvous(lab, topology)
+            server = pair.processes[-1]
+            bob = pair.start_peer("bob", lab.exec_prefix(b.peer_ns), ["listen"], address, "-v")
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=10) == 0
+            bob_err = pair.workdir / "bob.err"
+            wait_for(bob_err, lambda t: "reconnecting" in t, bob, "bob noticing")
+            restarted = time.monotonic()
+            listen = ["--listen", f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}"]
+            pair.start(
+                "rendezvous2",
+                lab.exec_prefix(topology.rendezvous_ns),
+                [*PUNCH, "rendezvous", *listen],
+            )
+            wait_for(bob_err, lambda t: "registered 'bob' again" in t, bob, "bob registering again")
+            back_after = time.monotonic() - restarted
+            alice = pair.start_peer(
+                "alice", lab.exec_prefix(a.peer_ns), ["connect", "bob"], address
+            )
+            alice_run, bob_run = pair.wait("alice", alice, 30), pair.wait("bob", bob, 30)
+        finally:
+            pair.close()
+    assert (alice_run.returncode, bob_run.returncode) == (0, 0), (alice_run.stderr, bob_run.stderr)
+    assert bob_run.received == b"hello from alice\n"
+    assert alice_run.received == b"hello from bob\n"
+    # bob's waits were 0.25-0.5, 0.5-1, 1-2 s...: back within a few of them, not 30 s
+    assert back_after < 5, back_after

@@ -41,12 +41,6 @@ from tests.helpers import raw_client, register
 STRICT = ServerLimits(exempt=())  # loopback counted like any other source
 
 
-@pytest.fixture
-def slow_autojump_clock() -> trio.testing.MockClock:
-    """Virtual time that jumps only after 50 ms of real idleness, so loopback I/O lands first."""
-    return trio.testing.MockClock(autojump_threshold=0.05)
-
-
 @asynccontextmanager
 async def server(limits: ServerLimits = STRICT, **options: object) -> AsyncIterator[Endpoint]:
     async with trio.open_nursery() as nursery:
@@ -293,8 +287,9 @@ async def test_stop_tells_every_peer_and_returns() -> None:
         rendezvous = await nursery.start(partial(serve_rendezvous, "127.0.0.1", 0, stop=stop))
         async with punch.open_host("bob", rendezvous=rendezvous) as bob:
             stop.set()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)  # told, closed, backing off
             with trio.fail_after(5), pytest.raises(punch.RendezvousError) as info:
-                await bob.accept()
+                await bob.connect("anyone")  # while bob reconnects: why the server went
         assert info.value.code == "shutting-down"
     with pytest.raises(OSError, match="all attempts to connect"):  # no longer accepting
         await trio.open_tcp_stream(rendezvous.ip, rendezvous.port)

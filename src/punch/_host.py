@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 
 import attrs
@@ -31,6 +32,10 @@ from ._stream import PeerStream
 
 log = logging.getLogger("punch.host")
 
+BACKOFF_FIRST = 0.5
+"""Seconds: the first reconnect to a lost rendezvous comes within this (jittered)."""
+BACKOFF_MAX = 30.0
+"""Seconds: the cap the reconnect delays double up to."""
 KEEPALIVES_PER_IDLE_TIMEOUT = 3
 """Keepalives sent within the idle timeout the server announced in
 ``Registered`` (every 15 s against the default 45 s): two lost ones are survived."""
@@ -39,6 +44,53 @@ ACCEPT_QUEUE = 16
 """Punched streams held for :meth:`Host.accept` before more are refused."""
 
 _Reply = Introduction | Error | RendezvousError
+
+
+def backoff(rng: random.Random | None = None) -> Iterator[float]:
+    """Seconds to wait before each reconnect: capped exponential backoff, equal jitter.
+
+    The cap starts at :data:`BACKOFF_FIRST` and doubles up to :data:`BACKOFF_MAX`;
+    each delay is drawn from [cap / 2, cap], so a crowd of hosts that lost the
+    same rendezvous does not come back in step (AWS Architecture Blog,
+    "Exponential Backoff And Jitter", 2015). Endless.
+    """
+    rng = rng or random.Random()
+    cap = BACKOFF_FIRST
+    while True:
+        yield cap / 2 + rng.uniform(0, cap / 2)
+        cap = min(cap * 2, BACKOFF_MAX)
+
+
+@attrs.frozen
+class _Registration:
+    """How to reach the rendezvous and register: once, and again after it was lost."""
+
+    name: str
+    local: Endpoint
+    server: Endpoint
+    timeout: float
+    token: str | None
+    ssl_context: ssl.SSLContext | None
+    hostname: str
+
+    async def register(self) -> tuple[ControlChannel, Registered]:
+        """A new control connection from :attr:`local`, registered under :attr:`name`.
+
+        Raises:
+            RendezvousError: as :func:`open_host` while registering.
+            OSError: :attr:`local` cannot be bound.
+        """
+        channel = await _connect_control(
+            self.local, self.server, self.timeout, self.ssl_context, self.hostname
+        )
+        try:
+            host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
+            register = Register(self.name, (host_candidate,), self.token)
+            registered = await _register(channel, register, self.timeout)
+        except BaseException:
+            _reuse.abort(channel.socket)
+            raise
+        return channel, registered
 
 
 @attrs.define(eq=False)
@@ -51,7 +103,8 @@ class Host:
         name: our registered name.
         local: our bound endpoint (the port every socket shares).
         host_candidate: the local endpoint the OS chose to reach the rendezvous.
-        observed: our server-reflexive endpoint, as the rendezvous saw it.
+        observed: our server-reflexive endpoint, as the rendezvous saw it
+            (after a reconnect, as it sees us now).
         options: the validated :class:`PunchOptions` (timeout, pacing).
     """
 
@@ -62,17 +115,27 @@ class Host:
     options: PunchOptions
     _channel: ControlChannel
     _router: InboundRouter
+    _registration: _Registration
+    _idle_timeout: float
     _requests: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _waiters: dict[int, trio.MemorySendChannel[_Reply]] = attrs.field(factory=dict, init=False)
     _closed: RendezvousError | None = attrs.field(default=None, init=False)
     _farewell: RendezvousError | None = attrs.field(default=None, init=False)
+    _registered: trio.Event = attrs.field(factory=trio.Event, init=False)
     _accepted_send: trio.MemorySendChannel[PeerStream | OSError] = attrs.field(init=False)
     _accepted: trio.MemoryReceiveChannel[PeerStream | OSError] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._registered.set()
         self._accepted_send, self._accepted = trio.open_memory_channel[PeerStream | OSError](
             ACCEPT_QUEUE
         )
+
+    async def wait_registered(self) -> None:
+        """Return once we are registered: at once, or, while the host is reconnecting
+        to a lost rendezvous, when it has registered again (bound it with
+        ``trio.move_on_after``: a rendezvous may stay away)."""
+        await self._registered.wait()
 
     @property
     def own_endpoints(self) -> frozenset[Endpoint]:
@@ -145,8 +208,9 @@ class Host:
             PunchFailed: an inbound punch found no path within ``options.timeout``;
                 the cause groups each candidate's error.
             SelfDialError: an inbound punch offered only our own endpoints.
-            RendezvousError: ``closed``: the control connection is gone and no
-                punch is left in flight.
+            RendezvousError: ``closed``: the host is closing. (A lost rendezvous
+                does not end ``accept``: the host registers again, see
+                :func:`open_host`, and inbound punches resume.)
         """
         try:
             outcome = await self._accepted.receive()
@@ -199,24 +263,52 @@ class Host:
                 _reuse.abort(outcome.socket)
 
     async def _run_control(self) -> None:
-        """Read the control connection; when it ends, let in-flight punches finish."""
+        """Read the control connection; when it ends, reconnect. Punches under way go on."""
         async with trio.open_nursery() as responders:
+            while True:
+                self._closed = await self._read_control(responders)
+                self._registered = trio.Event()
+                log.warning("%s; reconnecting to the rendezvous", self._closed)
+                for request_id in list(self._waiters):
+                    self._reply(request_id, self._closed)
+                _reuse.abort(self._channel.socket)  # frees the 4-tuple for the next one
+                await self._reconnect()
+
+    async def _read_control(self, responders: trio.Nursery) -> RendezvousError:
+        """Dispatch what the rendezvous sends until the connection ends; say how it ended."""
+        self._farewell = None
+        try:
+            while (message := await self._channel.receive()) is not None:
+                self._dispatch(message, responders)
+            return self._farewell or RendezvousError(
+                "closed", "the rendezvous closed the connection"
+            )
+        except RemoteProtocolError as exc:
+            return RendezvousError("protocol-error", f"rendezvous sent garbage: {exc}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            return self._farewell or RendezvousError("closed", f"control connection lost: {exc}")
+
+    async def _reconnect(self) -> None:
+        """Register again, same name, same local port, with :func:`backoff` between tries."""
+        for tries, delay in enumerate(backoff(), 1):
+            await trio.sleep(delay)
             try:
-                while (message := await self._channel.receive()) is not None:
-                    self._dispatch(message, responders)
-                self._closed = self._farewell or RendezvousError(
-                    "closed", "the rendezvous closed the connection"
-                )
-            except RemoteProtocolError as exc:
-                self._closed = RendezvousError("protocol-error", f"rendezvous sent garbage: {exc}")
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._closed = self._farewell or RendezvousError(
-                    "closed", f"control connection lost: {exc}"
-                )
-            log.warning("%s; punches under way go on", self._closed)
-            for request_id in list(self._waiters):
-                self._reply(request_id, self._closed)
-        self._accepted_send.close()
+                channel, registered = await self._registration.register()
+            except (RendezvousError, OSError) as exc:
+                log.info("reconnect %d to the rendezvous failed: %s", tries, exc)
+                continue
+            self._channel, self._idle_timeout = channel, registered.idle_timeout
+            self.host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
+            self.observed = registered.observed
+            self._closed = None
+            self._registered.set()
+            log.warning(
+                "registered %r again after %d tries: server-reflexive %s",
+                self.name,
+                tries,
+                self.observed,
+            )
+            return
 
     def _close_unaccepted(self) -> None:
         """Abort the punched streams nobody called :meth:`accept` for."""
@@ -229,14 +321,16 @@ class Host:
             if isinstance(outcome, PeerStream):
                 _reuse.abort(outcome.socket)
 
-    async def _keepalive(self, idle_timeout: float) -> None:
-        """A Keepalive every third of the server's ``idle_timeout`` (seconds), which holds off."""
+    async def _keepalive(self) -> None:
+        """A Keepalive every third of the server's idle timeout (from ``Registered``)."""
         while True:
-            await trio.sleep(idle_timeout / KEEPALIVES_PER_IDLE_TIMEOUT)
+            await trio.sleep(self._idle_timeout / KEEPALIVES_PER_IDLE_TIMEOUT)
+            if self._closed is not None:
+                continue  # reconnecting: the new connection starts its own clock
             try:
                 await self._channel.send(Keepalive())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return  # the control reader reports the loss
+                pass  # the control reader sees the loss and reconnects
 
     def _reply(self, request_id: int, reply: _Reply) -> bool:
         """Hand ``reply`` to the ``connect`` waiting on ``request_id``; False if none takes it."""
@@ -325,7 +419,11 @@ async def open_host(
         punch is under way, so that between punches ``SO_REUSEPORT`` never
         spreads another same-user process's connections to it. Leaving the
         block closes the control connection and any listener; streams already
-        returned stay open.
+        returned stay open. When the rendezvous goes away (it restarts, the
+        path breaks), the host registers again under the same name from the
+        same port, waiting :func:`backoff` between tries (0.5 s doubling to
+        30 s, jittered), for as long as the block lasts; ``accept`` keeps
+        waiting meanwhile, and ``connect`` fails at once with ``closed``.
 
     Raises:
         TypeError, ValueError: a bad argument (``timeout=True``, ``pacing=0.01``...),
@@ -352,19 +450,25 @@ async def open_host(
     # connection then holds it, and the router listens again only during punches.
     with _reuse.open_listener(bind).socket as probe:
         bound = Endpoint.from_sockaddr(probe.getsockname())
-        channel = await _connect_control(
-            bound, server, timeout, rendezvous_ssl_context, rendezvous_hostname or server.ip
+        registration = _Registration(
+            name,
+            bound,
+            server,
+            timeout,
+            token,
+            rendezvous_ssl_context,
+            rendezvous_hostname or server.ip,
         )
+        channel, registered = await registration.register()
+    host: Host | None = None
     try:
         host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
-        registered = await _register(channel, Register(name, (host_candidate,), token), timeout)
-        observed = registered.observed
         log.info(
             "registered %r on %s: host candidate %s, server-reflexive %s",
             name,
             bound,
             host_candidate,
-            observed,
+            registered.observed,
         )
         try:
             async with trio.open_nursery() as nursery:
@@ -373,14 +477,16 @@ async def open_host(
                     name,
                     bound,
                     host_candidate,
-                    observed,
+                    registered.observed,
                     options,
                     channel,
                     router,
+                    registration,
+                    registered.idle_timeout,
                 )
                 await nursery.start(router.serve)
                 nursery.start_soon(host._run_control)
-                nursery.start_soon(host._keepalive, registered.idle_timeout)
+                nursery.start_soon(host._keepalive)
                 try:
                     yield host
                 finally:
@@ -395,7 +501,7 @@ async def open_host(
             error.__suppress_context__ = True  # keeps its own __cause__
             raise error from error.__cause__
     finally:
-        _reuse.abort(channel.socket)
+        _reuse.abort((host._channel if host is not None else channel).socket)
 
 
 async def _connect_control(

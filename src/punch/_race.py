@@ -17,6 +17,7 @@ import attrs
 import trio
 
 from . import _reuse
+from ._candidates import select_candidates
 from ._endpoint import Candidate, Endpoint, Role
 from ._errors import (
     CandidateFailed,
@@ -78,8 +79,7 @@ MAX_PENDING_HELLOS = 64
 """Accepted connections awaiting their Hello at once; more are dropped at once."""
 MAX_REPORTED_INBOUND = 8
 """Failed inbound streams kept for :class:`PunchFailed`'s cause; the rest are only logged."""
-MAX_DIALED_CANDIDATES = 8
-"""Remote candidates dialled per introduction, in the order given (RFC 8445 §19: bounded checks)."""
+
 _ROUTE_BUFFER = 8
 
 
@@ -358,7 +358,10 @@ class Race:
         """
         self._started = trio.current_time()
         intro = self.introduction
-        self._states = self._usable_candidates()
+        selection = select_candidates(intro.candidates, self.local, self.own, intro.peer_name)
+        for skip in selection.skipped:
+            log.info("%s: skip %s: %s", self._label, skip.candidate, skip.reason)
+        self._states = [_CandidateState(c) for c in selection.dial]
         log.info(
             "%s: racing accept on %s against %d candidate(s): %s",
             self._label,
@@ -405,46 +408,6 @@ class Race:
             attempts=tuple(self._attempts),
             authentication_failed=Outcome.HANDSHAKE_FAILED in outcomes or inbound_failed,
         ) from group
-
-    def _usable_candidates(self) -> list[_CandidateState]:
-        states: list[_CandidateState] = []
-        self_dials: list[SelfDialError] = []
-        seen: set[Endpoint] = set()
-        for candidate in self.introduction.candidates:
-            if candidate.endpoint in seen:  # RFC 8445 §5.1.3: one check per transport address
-                log.info(
-                    "%s: skip %s: same endpoint as an earlier candidate", self._label, candidate
-                )
-                continue
-            seen.add(candidate.endpoint)
-            if candidate.endpoint.family != self.local.family:
-                log.info(
-                    "%s: skip %s: not %s like our port",
-                    self._label,
-                    candidate,
-                    self.local.family.name,
-                )
-                continue
-            try:
-                _reuse.check_not_self(candidate.endpoint, self.local, self.own)
-            except SelfDialError as exc:
-                log.info("%s: skip %s: %s", self._label, candidate, exc)
-                self_dials.append(exc)
-                continue
-            states.append(_CandidateState(candidate))
-        if not states and self_dials:
-            raise SelfDialError(
-                f"every candidate of {self.introduction.peer_name!r} is our own endpoint: "
-                + "; ".join(str(e) for e in self_dials)
-            )
-        for state in states[MAX_DIALED_CANDIDATES:]:
-            log.info(
-                "%s: skip %s: only the first %d candidates are dialled",
-                self._label,
-                state.candidate,
-                MAX_DIALED_CANDIDATES,
-            )
-        return states[:MAX_DIALED_CANDIDATES]
 
     async def _dial_loop(self, state: _CandidateState) -> None:
         """Dial one candidate, paced, until the race ends or the candidate is ruled out."""
