@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 from netns.scenario import PUNCH, PairRun, run_on_loopback, wait_for
 
@@ -257,3 +259,27 @@ def test_sigterm_tells_peers_and_exits_0_within_5_s(pair: PairRun) -> None:
     told = wait_for(pair.workdir / "bob.err", lambda t: "reconnecting" in t, bob, "bob")
     assert "shutting-down" in told
     assert bob.poll() is None
+
+
+def test_options_are_parsed_once_into_a_frozen_object() -> None:
+    parser = _cli._parser()
+    args = parser.parse_args(["connect", "bob", "--rendezvous", "[::1]:7000", "--timeout", "3"])
+    options = _cli._options(parser, args)
+    assert (options.command, options.peer, options.timeout) == ("connect", "bob", 3.0)
+    assert options.ipv6  # an IPv6 literal implies -6 ...
+    assert not args.ipv6  # ... without rewriting what argparse parsed
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        options.peer = "eve"  # type: ignore[misc]
+
+
+def test_a_command_is_one_table_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    def arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--shout", action="store_true")
+
+    echo = _cli.Command("echo what the peer says", arguments, _cli._accept, _cli._pipe)
+    monkeypatch.setitem(_cli.COMMANDS, "echo", echo)
+    parser = _cli._parser()
+    args = parser.parse_args(["echo", "--shout", "--name", "e", "--rendezvous", "h:1"])
+    assert args.shout
+    assert _cli._options(parser, args).command == "echo"
+    assert "echo what the peer says" in parser.format_help()

@@ -11,9 +11,11 @@ import secrets
 import signal
 import ssl
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from . import _commands
@@ -25,7 +27,7 @@ from ._errors import (
     ReuseUnavailable,
     SelfDialError,
 )
-from ._host import open_host
+from ._host import Host, open_host
 from ._protocol import MAX_TOKEN
 from ._race import DEFAULT_TIMEOUT
 from ._server import LOOPBACK, ServerLimits, serve_rendezvous
@@ -72,12 +74,167 @@ def _size(text: str) -> int:
     return int(digits) * _SIZE_UNITS[unit]
 
 
-_COMMANDS = {
-    "listen": "wait for one peer to punch through, then pipe stdin/stdout (netcat style)",
-    "connect": "punch through to PEER, then pipe stdin/stdout (netcat style)",
-    "send": "punch through to PEER and send FILE (name, size and SHA-256 first)",
-    "receive": "wait for one peer to send a file; verify it, then save it in --out",
-    "chat": "line chat with PEER, who runs `punch chat` naming us; either side quits",
+@attrs.frozen
+class Options:
+    """What one ``punch`` command was asked for: parsed, checked once, frozen.
+
+    The fields a command does not take keep their defaults.
+    """
+
+    command: str
+    name: str
+    rendezvous: tuple[str, int]
+    """The server's name or IP, and its port, as given (resolved per ``ipv6``)."""
+    local: Endpoint | None
+    ipv6: bool
+    timeout: float
+    token: str | None
+    ssl_context: ssl.SSLContext | None
+    json: bool
+    verbose: int
+    peer: str | None = None
+    file: Path | None = None
+    out: Path = Path(".")
+    force: bool = False
+    max_size: int = DEFAULT_MAX_SIZE
+    wait: float = CHAT_WAIT
+
+
+Acquire = Callable[[Host, Options, Reporter], Awaitable[PeerStream]]
+Use = Callable[[PeerStream, Options, Reporter], Awaitable[None]]
+
+
+@attrs.frozen
+class Command:
+    """One ``punch`` command, whole: adding a command is adding one of these to :data:`COMMANDS`.
+
+    Attributes:
+        help: one line for ``punch --help``.
+        arguments: adds the command's own arguments to its subparser.
+        acquire: gets the punched stream from the registered host.
+        use: what the command does with the stream.
+        check: a usage error for options argparse cannot judge one at a time, or None.
+        anonymous: ``--name`` is optional (a random one), for commands that only dial.
+    """
+
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    acquire: Acquire
+    use: Use
+    check: Callable[[Options], str | None] = lambda options: None
+    anonymous: bool = False
+
+
+def _peer_argument(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("peer", metavar="PEER", help="the peer's registered name")
+
+
+def _send_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("file", metavar="FILE", type=Path, help="the regular file to send")
+    sub.add_argument("--to", dest="peer", required=True, metavar="PEER", help="the receiver")
+
+
+def _receive_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--out", type=Path, default=Path("."), metavar="DIR", help="where to save (default .)"
+    )
+    sub.add_argument("--force", action="store_true", help="replace a file of the same name")
+    sub.add_argument(
+        "--max-size",
+        type=_size,
+        default=DEFAULT_MAX_SIZE,
+        metavar="SIZE",
+        help="refuse a larger file: bytes, or with K, M, G or T (powers of 1024; "
+        "default 4G); a file larger than the free space is refused too",
+    )
+
+
+def _chat_arguments(sub: argparse.ArgumentParser) -> None:
+    _peer_argument(sub)
+    sub.add_argument(
+        "--wait",
+        type=_seconds,
+        default=CHAT_WAIT,
+        metavar="SECONDS",
+        help=f"how long to wait for PEER to turn up (default {CHAT_WAIT:g})",
+    )
+
+
+async def _accept(host: Host, options: Options, report: Reporter) -> PeerStream:
+    return await host.accept()
+
+
+async def _connect(host: Host, options: Options, report: Reporter) -> PeerStream:
+    assert options.peer is not None  # a required argument of every dialling command
+    return await host.connect(options.peer)
+
+
+async def _chat_stream(host: Host, options: Options, report: Reporter) -> PeerStream:
+    assert options.peer is not None
+    return await _commands.chat_stream(host, options.peer, options.wait, report)
+
+
+async def _pipe(stream: PeerStream, options: Options, report: Reporter) -> None:
+    await _commands.pipe(stream)
+
+
+async def _send(stream: PeerStream, options: Options, report: Reporter) -> None:
+    assert options.file is not None
+    await _commands.send(stream, options.file, report)
+
+
+async def _receive(stream: PeerStream, options: Options, report: Reporter) -> None:
+    await _commands.receive(stream, options.out, options.force, options.max_size, report)
+
+
+async def _chat(stream: PeerStream, options: Options, report: Reporter) -> None:
+    await _commands.chat(stream, report)
+
+
+def _readable_file(options: Options) -> str | None:
+    assert options.file is not None
+    return None if options.file.is_file() else f"{options.file} is not a readable regular file"
+
+
+def _directory(options: Options) -> str | None:
+    return None if options.out.is_dir() else f"--out {options.out} is not a directory"
+
+
+COMMANDS: dict[str, Command] = {
+    "listen": Command(
+        "wait for one peer to punch through, then pipe stdin/stdout (netcat style)",
+        lambda sub: None,
+        _accept,
+        _pipe,
+    ),
+    "connect": Command(
+        "punch through to PEER, then pipe stdin/stdout (netcat style)",
+        _peer_argument,
+        _connect,
+        _pipe,
+        anonymous=True,
+    ),
+    "send": Command(
+        "punch through to PEER and send FILE (name, size and SHA-256 first)",
+        _send_arguments,
+        _connect,
+        _send,
+        check=_readable_file,
+        anonymous=True,
+    ),
+    "receive": Command(
+        "wait for one peer to send a file; verify it, then save it in --out",
+        _receive_arguments,
+        _accept,
+        _receive,
+        check=_directory,
+    ),
+    "chat": Command(
+        "line chat with PEER, who runs `punch chat` naming us; either side quits",
+        _chat_arguments,
+        _chat_stream,
+        _chat,
+    ),
 }
 
 
@@ -146,16 +303,18 @@ def _connected_fields(stream: PeerStream) -> dict[str, Any]:
     }
 
 
-async def _session(args: argparse.Namespace, report: Reporter) -> None:
-    host_name, port = args.rendezvous
-    server = await _resolve(host_name, port, args.ipv6)
+async def _session(options: Options, report: Reporter) -> None:
+    """Register, get the stream as the command does, use it, say each step."""
+    command = COMMANDS[options.command]
+    host_name, port = options.rendezvous
+    server = await _resolve(host_name, port, options.ipv6)
     async with open_host(
-        args.name,
+        options.name,
         rendezvous=server,
-        local=args.local,
-        timeout=args.timeout,
-        token=args.token,
-        rendezvous_ssl_context=args.ssl_context,
+        local=options.local,
+        timeout=options.timeout,
+        token=options.token,
+        rendezvous_ssl_context=options.ssl_context,
         rendezvous_hostname=host_name,
     ) as host:
         report(
@@ -167,26 +326,14 @@ async def _session(args: argparse.Namespace, report: Reporter) -> None:
             observed=str(host.observed),
             host=str(host.host_candidate),
         )
-        if args.command == "chat":
-            stream = await _commands.chat_stream(host, args.peer, args.wait, report)
-        elif args.command in ("connect", "send"):
-            stream = await host.connect(args.peer)
-        else:
-            stream = await host.accept()
+        stream = await command.acquire(host, options, report)
     report(
         "connected",
         f"connected to {stream.peer_name!r} ({stream.role.value}, won by {stream.won_by.value}): "
         f"{stream.local} -> {stream.remote} in {stream.connect_time * 1000:.1f} ms",
         **_connected_fields(stream),
     )
-    if args.command == "send":
-        await _commands.send(stream, args.file, report)
-    elif args.command == "receive":
-        await _commands.receive(stream, args.out, args.force, args.max_size, report)
-    elif args.command == "chat":
-        await _commands.chat(stream, report)
-    else:
-        await _commands.pipe(stream)
+    await command.use(stream, options, report)
     report("closed", f"session with {stream.peer_name!r} ended", peer=stream.peer_name)
 
 
@@ -209,40 +356,16 @@ def _failure(exc: BaseException) -> tuple[int, str]:
 
 
 def _subcommand(commands: Any, name: str) -> argparse.ArgumentParser:
+    command = COMMANDS[name]
     sub: argparse.ArgumentParser = commands.add_parser(
         name,
-        help=_COMMANDS[name],
-        description=_COMMANDS[name],
+        help=command.help,
+        description=command.help,
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    if name in ("connect", "chat"):
-        sub.add_argument("peer", metavar="PEER", help="the peer's registered name")
-    if name == "send":
-        sub.add_argument("file", metavar="FILE", type=Path, help="the regular file to send")
-        sub.add_argument("--to", dest="peer", required=True, metavar="PEER", help="the receiver")
-    if name == "receive":
-        sub.add_argument(
-            "--out", type=Path, default=Path("."), metavar="DIR", help="where to save (default .)"
-        )
-        sub.add_argument("--force", action="store_true", help="replace a file of the same name")
-        sub.add_argument(
-            "--max-size",
-            type=_size,
-            default=DEFAULT_MAX_SIZE,
-            metavar="SIZE",
-            help="refuse a larger file: bytes, or with K, M, G or T (powers of 1024; "
-            "default 4G); a file larger than the free space is refused too",
-        )
-    if name == "chat":
-        sub.add_argument(
-            "--wait",
-            type=_seconds,
-            default=CHAT_WAIT,
-            metavar="SECONDS",
-            help=f"how long to wait for PEER to turn up (default {CHAT_WAIT:g})",
-        )
-    anonymous = name in ("connect", "send")
+    command.arguments(sub)
+    anonymous = command.anonymous
     sub.add_argument(
         "--name",
         required=not anonymous,
@@ -303,7 +426,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMANDS:
+    for name in COMMANDS:
         _subcommand(commands, name)
     rendezvous = commands.add_parser(
         "rendezvous",
@@ -315,27 +438,44 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Checks argparse cannot make one argument at a time; each fails as a usage error."""
+def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Options:
+    """The frozen :class:`Options`, with every check argparse cannot make one argument at a
+    time; each failed check is a usage error (exit 2). ``args`` is left as parsed."""
     host = args.rendezvous[0]
     version = _literal_version(host)
     if args.ipv6 and version == 4:
         parser.error(f"--rendezvous {host} is IPv4, but --ipv6 was given")
-    if version == 6:
-        args.ipv6 = True
-    if args.local is not None and (args.local.address.version == 6) != args.ipv6:
+    ipv6 = args.ipv6 or version == 6
+    if args.local is not None and (args.local.address.version == 6) != ipv6:
         parser.error(f"--local {args.local} is not of the rendezvous's address family")
-    if args.command == "send" and not args.file.is_file():
-        parser.error(f"{args.file} is not a readable regular file")
-    if args.command == "receive" and not args.out.is_dir():
-        parser.error(f"--out {args.out} is not a directory")
-    args.token = _token(parser, args.token_file)
-    args.ssl_context = None
+    context = None
     if args.tls or args.tls_ca:
         try:
-            args.ssl_context = ssl.create_default_context(cafile=args.tls_ca)
+            context = ssl.create_default_context(cafile=args.tls_ca)
         except (OSError, ssl.SSLError) as exc:
             parser.error(f"--tls-ca {args.tls_ca}: {exc}")
+    specific = {
+        field.name: getattr(args, field.name)
+        for field in attrs.fields(Options)
+        if field.default is not attrs.NOTHING and hasattr(args, field.name)
+    }
+    options = Options(
+        command=args.command,
+        name=args.name,
+        rendezvous=args.rendezvous,
+        local=args.local,
+        ipv6=ipv6,
+        timeout=args.timeout,
+        token=_token(parser, args.token_file),
+        ssl_context=context,
+        json=args.json,
+        verbose=args.verbose,
+        **specific,
+    )
+    problem = COMMANDS[args.command].check(options)
+    if problem is not None:
+        parser.error(problem)
+    return options
 
 
 def _token(parser: argparse.ArgumentParser, path: Path | None) -> str | None:
@@ -507,11 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "rendezvous":
         return _serve(parser, args)
-    _check(parser, args)
-    report = Reporter(args.json)
-    _logging([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)], report)
+    options = _options(parser, args)
+    report = Reporter(options.json)
+    _logging([logging.WARNING, logging.INFO, logging.DEBUG][min(options.verbose, 2)], report)
     try:
-        _run(_session, args, report)
+        _run(_session, options, report)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except (OSError, ValueError, TransferError, trio.BrokenResourceError) as exc:
