@@ -507,3 +507,42 @@ async def test_at_most_eight_remote_candidates_are_dialled(autojump_clock: trio.
         await race.run()
     assert set(attempts) == set(many[:8])
     assert len(info.value.__cause__.exceptions) == 8
+
+
+@pytest.mark.parametrize(("nominate_after", "kept"), [(12.0, True), (13.0, False)])
+async def test_a_responder_waits_past_its_deadline_for_a_late_nomination(
+    slow_autojump_clock: trio.testing.MockClock, nominate_after: float, kept: bool
+) -> None:
+    """An initiator nominates without waiting for an answer, so a Nomination that loss
+    delays must still be taken: a stream that lacks only it keeps the race open
+    NOMINATION_GRACE (3 s) from then, here past the 10 s deadline, and no longer."""
+    async with race_side(LOOPBACK) as (local, router):
+        intro_i, intro_r = introductions((), ())
+        router.open_route(intro_r.attempt_id)
+        outcome: list[PeerStream | PunchFailed] = []
+        ended: list[float] = []
+
+        async def respond() -> None:
+            try:
+                outcome.append(await run_race(router, {"introduction": intro_r, "local": local}))
+            except PunchFailed as exc:
+                outcome.append(exc)
+            ended.append(trio.current_time() - start)
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(respond)
+            await trio.sleep(9.5)  # connected and authenticated just before the deadline
+            stream = await trio.open_tcp_stream(local.ip, local.port)
+            peer = await play_peer(stream, intro_i)
+            await trio.sleep_until(start + nominate_after)
+            if kept:
+                await peer.nominate()
+        await stream.aclose()
+    [result] = outcome
+    assert isinstance(result, PeerStream) is kept
+    if isinstance(result, PeerStream):
+        assert 12.0 <= result.connect_time < 12.0 + 0.1
+        await result.aclose()
+    else:
+        assert 12.5 <= ended[0] < 12.5 + 0.1  # authenticated at 9.5 s, + 3 s

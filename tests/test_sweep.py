@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from netns.sweep import PROFILES, SweepCell, SweepResult, cells, quick_cells
+from netns.scenario import PeerRun
+from netns.sweep import (
+    PROFILES,
+    SweepCell,
+    SweepResult,
+    cells,
+    failure_cause,
+    loss_cells,
+    quick_cells,
+)
 
 
-def test_the_sweep_covers_every_pair_delay_and_lateness() -> None:
+def test_the_sweep_covers_every_pair_delay_and_lateness_and_two_loss_rates() -> None:
     names = [c.name for c in cells()]
-    # 9 pairs x 2 delays x (4 responder latenesses + the initiator late)
-    assert len(names) == len(set(names)) == 9 * 2 * 5
+    # 9 pairs x 2 delays x (4 responder latenesses + the initiator late), + 2 loss cells
+    assert len(names) == len(set(names)) == 9 * 2 * 5 + 2
+    assert [c.name for c in loss_cells()] == [
+        "cone x cone, 25 ms, 10% loss",
+        "cone x cone, 25 ms, 20% loss",
+    ]
     assert "cone-icmp x cone-rst, 25 ms, responder +2000 ms" in names
     assert "cone x cone, 0 ms, initiator +300 ms" in names
 
@@ -36,3 +49,40 @@ def test_a_result_fails_on_a_slow_median_a_slow_trial_or_a_problem() -> None:
     failed = SweepResult(cell, (350.0, None), ("trial 1: exit 5/5",), 1)
     assert not failed.ok
     assert failed.connected == 1
+
+
+def test_a_loss_cell_counts_trials_in_ten_seconds_against_its_share() -> None:
+    ten, twenty = loss_cells()
+    assert (ten.required, twenty.required) == (1.0, 0.9)
+    assert ten.max_bound_ms == twenty.max_bound_ms == 10_000
+    eighteen = (900.0,) * 18 + (None, 12_000.0)  # one failed, one connected too late
+    assert SweepResult(twenty, eighteen, (), 1).ok
+    seventeen = (None, *eighteen[1:])
+    assert SweepResult(twenty, seventeen, (), 1).all_problems == ["17/20 in time, 18 needed"]
+    assert SweepResult(ten, eighteen, (), 1).all_problems == ["18/20 in time, 20 needed"]
+    assert SweepResult(ten, (900.0,) * 20, (), 1).ok
+
+
+def _run(name: str, *events: dict[str, object]) -> PeerRun:
+    return PeerRun(name, 5, b"", tuple(events), "")
+
+
+def test_a_failed_trial_is_classified_by_what_each_side_saw() -> None:
+    connected = {"event": "connected", "attempts": []}
+
+    def failed(*outcomes: str) -> dict[str, object]:
+        attempts = [{"candidate": "srflx 203.0.113.12:4000", "outcome": o} for o in outcomes]
+        attempts.append({"candidate": "host 10.0.2.2:4000", "outcome": "refused"})
+        return {"event": "error", "error": "punch failed", "attempts": attempts}
+
+    late_nomination = failure_cause(_run("alice", connected), _run("bob", failed("no-answer")))
+    assert late_nomination == "responder missed the nomination"
+    both = failure_cause(
+        _run("alice", failed("half-open", "half-open", "no-answer")),
+        _run("bob", failed("no-answer")),
+    )
+    assert both == "srflx attempts: alice half-open/no-answer, bob no-answer"
+    no_intro = {"event": "error", "error": "no introduction to 'bob' within 10 s"}
+    assert failure_cause(_run("alice", no_intro), _run("bob")) == (
+        "alice: no introduction to 'bob' within 10 s"
+    )

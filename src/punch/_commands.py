@@ -59,14 +59,24 @@ class Lines:
 
 
 class Reporter:
-    """Status on stderr: one human line (``punch: ...``) or one JSON object per event."""
+    """Status on stderr: one human line (``punch: ...``) or one JSON object per event.
+
+    A JSON event carries ``elapsed``: seconds since the reporter was made (the
+    command's start), so a tool can count what the control plane cost too.
+    """
 
     def __init__(self, as_json: bool, file: TextIO | None = None) -> None:
         self.as_json = as_json
         self.file = file
+        self.start = time.monotonic()
 
     def __call__(self, event: str, text: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, **fields}) if self.as_json else f"punch: {text}"
+        elapsed = round(time.monotonic() - self.start, 4)
+        line = (
+            json.dumps({"event": event, "elapsed": elapsed, **fields})
+            if self.as_json
+            else f"punch: {text}"
+        )
         print(line, file=self.file or sys.stderr, flush=True)
 
 

@@ -27,7 +27,7 @@ from ._errors import (
     SelfDialError,
     _describe,
 )
-from ._handshake import HELLO_SIZE, Handshake, Hello, parse_hello
+from ._handshake import HELLO_SIZE, Handshake, Hello, Stage, parse_hello
 from ._outcome import REFUSALS, Attempt, Outcome
 from ._protocol import Introduction
 from ._stream import ExactReader, PeerStream, WonBy
@@ -73,6 +73,24 @@ the refused socket's ISN, which a fresh SYN re-initialises while the entry is
 in SYN_SENT; once the peer's SYN has met the entry (SYN_SENT2) nothing does,
 and the listener's SYN-ACK falls outside the tracked window (Linux
 nf_conntrack_proto_tcp.c; the ISN clock runs at 15.6 M/s, RFC 6528)."""
+HALF_OPEN_TIMEOUT = 1.5
+"""Seconds a dial may sit half-open (SYN_RECV: the peer's SYN answered, our
+SYN-ACK unacknowledged) before it is aborted with an RST and dialled again.
+
+Under loss this is where punches stalled: the NAT in front of the half-open
+socket holds its entry in SYN_RECV, where Linux conntrack finds the peer's
+retransmitted SYNs invalid and drops them, so only our kernel's SYN-ACK
+retransmissions, at 1, 3 and 7 s, could finish the open (RFC 6298 backoff;
+measured with an ``AF_PACKET`` capture on both NATs under 20% loss). The RST
+closes our NAT's entry; the next dial's SYN opens a fresh one, and both
+sides are back in SYN_SENT, whose kernel retransmits every second
+(``tcp_syn_linear_timeouts``). 1.5 s leaves one SYN-ACK retransmission and
+a round trip of up to 500 ms its chance first."""
+NOMINATION_GRACE = 3.0
+"""Seconds a responder waits for the Nomination on a stream that got its Proof,
+past the deadline if need be (at most this much past it): a lost Nomination
+comes again one retransmission timeout later (RFC 6298: 1 s, or 3 s after a
+retransmitted SYN)."""
 HELLO_TIMEOUT = 5.0
 """Seconds an accepted connection gets to send its Hello before it is dropped."""
 MAX_PENDING_HELLOS = 64
@@ -107,7 +125,9 @@ class PunchOptions:
     Args:
         timeout: seconds (float, finite, > 0) one punch may take, introduction
             to nominated stream; :meth:`punch.Host.connect` waits as long again
-            for the introduction. Default :data:`DEFAULT_TIMEOUT` (10 s).
+            for the introduction. Default :data:`DEFAULT_TIMEOUT` (10 s). A
+            responder holding a stream that lacks only the Nomination waits
+            up to :data:`NOMINATION_GRACE` (3 s) past it.
         pacing: seconds (float, finite, >= :data:`MIN_PACING`, 0.05) between
             the starts of two connect attempts to one candidate (RFC 8445 §14);
             default :data:`DEFAULT_PACING` (0.1 s).
@@ -124,6 +144,11 @@ class PunchOptions:
 
 
 DialFn = Callable[[Endpoint, Endpoint, Iterable[Endpoint]], Awaitable[trio.SocketStream]]
+
+
+async def _dial(local: Endpoint, remote: Endpoint, own: Iterable[Endpoint]) -> trio.SocketStream:
+    """:func:`punch._reuse.dial`, given up after :data:`HALF_OPEN_TIMEOUT` half-open."""
+    return await _reuse.dial(local, remote, own, half_open_timeout=HALF_OPEN_TIMEOUT)
 
 
 @attrs.frozen
@@ -321,7 +346,8 @@ class Race:
         inbound: accepted connections for this attempt (from :class:`InboundRouter`).
         own: our other endpoints (chosen local, server-reflexive): never dialled.
         options: :class:`PunchOptions` (timeout, pacing).
-        dial: the connect function (:func:`punch._reuse.dial`; tests swap it).
+        dial: the connect function (:func:`punch._reuse.dial` with
+            :data:`HALF_OPEN_TIMEOUT`; tests swap it).
     """
 
     introduction: Introduction
@@ -329,7 +355,7 @@ class Race:
     inbound: trio.MemoryReceiveChannel[Inbound]
     own: frozenset[Endpoint] = frozenset()
     options: PunchOptions = attrs.field(factory=PunchOptions)
-    dial: DialFn = _reuse.dial
+    dial: DialFn = _dial
     _streams: set[trio.SocketStream] = attrs.field(factory=set, init=False)
     _states: list[_CandidateState] = attrs.field(factory=list, init=False)
     _inbound_errors: list[BaseException] = attrs.field(factory=list, init=False)
@@ -338,6 +364,7 @@ class Race:
     _winner: PeerStream | None = attrs.field(default=None, init=False)
     _started: float = attrs.field(default=0.0, init=False)
     _scope: trio.CancelScope | None = attrs.field(default=None, init=False)
+    _deadline: trio.CancelScope | None = attrs.field(default=None, init=False)
 
     @property
     def _label(self) -> str:
@@ -371,7 +398,7 @@ class Race:
         )
         keep = None
         try:
-            with trio.move_on_after(self.options.timeout):
+            with trio.move_on_after(self.options.timeout) as self._deadline:
                 async with trio.open_nursery() as nursery:
                     self._scope = nursery.cancel_scope
                     for state in self._states:
@@ -550,6 +577,8 @@ class Race:
         if peer_hello is not None:
             await reader.send(shake.receive(peer_hello))
         while shake.expecting:
+            if shake.stage is Stage.NOMINATION:
+                self._await_nomination()
             await reader.send(shake.receive(await reader.exactly(shake.expecting)))
         log.info("%s: authenticated %s (won by %s)", self._label, remote, won_by.value)
         if intro.role is Role.INITIATOR:
@@ -562,6 +591,19 @@ class Race:
             if self._winner is not None:
                 raise HandshakeError("a second nomination after one was accepted")
             self._win(reader, won_by, remote)
+
+    def _await_nomination(self) -> None:
+        """Responder: a stream now lacks only the Nomination, so the race stays open
+        :data:`NOMINATION_GRACE` s more for it, never past ``timeout`` + that grace.
+
+        The initiator nominates without waiting for an answer; under loss its
+        Nomination arrives a retransmission timeout later, and a responder that
+        gave up at its deadline would reset a stream the initiator already uses.
+        """
+        assert self._deadline is not None
+        latest = self._started + self.options.timeout + NOMINATION_GRACE
+        wanted = trio.current_time() + NOMINATION_GRACE
+        self._deadline.deadline = min(latest, max(self._deadline.deadline, wanted))
 
     def _peer_stream(self, reader: ExactReader, won_by: WonBy, remote: Endpoint) -> PeerStream:
         stream = reader.stream

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import socket
 import struct
 from collections.abc import Iterable
@@ -17,13 +18,17 @@ from collections.abc import Iterable
 import trio
 
 from ._endpoint import Endpoint
-from ._errors import ReuseUnavailable, SelfDialError
+from ._errors import HalfOpenTimeout, ReuseUnavailable, SelfDialError
 
 log = logging.getLogger("punch.reuse")
 
 LISTEN_BACKLOG = 128
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 _LINGER_OFF = struct.pack("ii", 0, 0)
+TCP_SYN_RECV = 3
+"""``tcpi_state`` of a socket that answered a SYN and awaits the ACK (include/net/tcp_states.h)."""
+HALF_OPEN_POLL = 0.1
+"""Seconds between two looks at a connecting socket's state (``TCP_INFO``, tcp(7))."""
 
 
 def _set_reuse(sock: socket.socket | trio.socket.SocketType) -> None:
@@ -132,8 +137,67 @@ def abort(sock: trio.socket.SocketType) -> None:
     sock.close()
 
 
+def tcp_state(sock: trio.socket.SocketType) -> int | None:
+    """The kernel's TCP state of ``sock`` (``tcpi_state``, the first byte of
+    ``TCP_INFO``, tcp(7)), or ``None`` where the OS does not tell."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+    except (AttributeError, OSError):
+        return None
+
+
+async def _connect(
+    sock: trio.socket.SocketType, remote: Endpoint, half_open_timeout: float
+) -> None:
+    """``connect``, given up with :class:`HalfOpenTimeout` once the socket has sat in
+    SYN_RECV for ``half_open_timeout`` seconds (trio then closes it: an RST, with
+    the ``SO_LINGER`` 0 that :func:`dial` sets)."""
+    if half_open_timeout == math.inf:
+        await sock.connect(remote.sockaddr())
+        return
+    stalled = False
+    error: OSError | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> None:
+            nonlocal error
+            try:
+                await sock.connect(remote.sockaddr())
+            except OSError as exc:  # raised here, not as an ExceptionGroup from the nursery
+                error = exc
+            nursery.cancel_scope.cancel()
+
+        async def watch() -> None:
+            nonlocal stalled
+            since = None
+            while True:
+                await trio.sleep(HALF_OPEN_POLL)
+                if tcp_state(sock) != TCP_SYN_RECV:
+                    since = None
+                    continue
+                now = trio.current_time()
+                since = now if since is None else since
+                if now - since >= half_open_timeout:
+                    stalled = True
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(connect)
+        nursery.start_soon(watch)
+    if error is not None:
+        raise error
+    if stalled:
+        raise HalfOpenTimeout(
+            f"half-open to {remote} for {half_open_timeout:g} s: our SYN-ACK was not acknowledged"
+        )
+
+
 async def dial(
-    local: Endpoint, remote: Endpoint, own: Iterable[Endpoint] = ()
+    local: Endpoint,
+    remote: Endpoint,
+    own: Iterable[Endpoint] = (),
+    *,
+    half_open_timeout: float = math.inf,
 ) -> trio.SocketStream:
     """Connect from ``local`` (shared with the listener) to ``remote``.
 
@@ -141,6 +205,10 @@ async def dial(
         local: our bound endpoint, the one the listener holds.
         remote: the candidate to dial.
         own: see :func:`check_not_self`.
+        half_open_timeout: seconds (> 0; default no limit) the socket may sit in
+            SYN_RECV, a simultaneous open whose SYN-ACK is unacknowledged,
+            before the dial is aborted with an RST; watched by ``TCP_INFO``
+            every :data:`HALF_OPEN_POLL` s where the OS has it (Linux).
 
     Returns:
         a connected :class:`trio.SocketStream`.
@@ -150,6 +218,7 @@ async def dial(
             it when the socket connected to itself (``getsockname() ==
             getpeername()``), which then is closed.
         ReuseUnavailable: see :func:`bind_reusable`.
+        HalfOpenTimeout: the socket sat in SYN_RECV for ``half_open_timeout`` s.
         OSError: the connect failed (refused, unreachable, ``EADDRNOTAVAIL``
             when this 4-tuple is already connected).
 
@@ -163,7 +232,7 @@ async def dial(
     sock = bind_reusable(local)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-        await sock.connect(remote.sockaddr())
+        await _connect(sock, remote, half_open_timeout)
         if sock.getsockname() == sock.getpeername():
             raise SelfDialError(f"TCP self-connect on {remote}: the socket reached itself")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
