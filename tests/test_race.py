@@ -546,3 +546,35 @@ async def test_a_responder_waits_past_its_deadline_for_a_late_nomination(
         await result.aclose()
     else:
         assert 12.5 <= ended[0] < 12.5 + 0.1  # authenticated at 9.5 s, + 3 s
+
+
+async def test_an_attempt_connected_but_mute_at_the_deadline_says_so(
+    slow_autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Connected, but no handshake message came back (lost, under loss): the attempt is
+    HANDSHAKE_UNFINISHED, not NO_ANSWER, which is kept for a SYN nobody answered."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    mute = Endpoint.from_sockaddr(listener.socket.getsockname())
+    intro, _ = introductions((), (mute,))
+    _, inbound = trio.open_memory_channel(0)
+
+    async def dial(local: Endpoint, remote: Endpoint, own: object) -> trio.SocketStream:
+        return await trio.open_tcp_stream(remote.ip, remote.port)
+
+    race = Race(intro, LOOPBACK, inbound, options=PunchOptions(timeout=1.0), dial=dial)
+    async with listener, trio.open_nursery() as nursery:
+        accepted: list[trio.SocketStream] = []
+        nursery.start_soon(lambda: _accept_into(listener, accepted))
+        with pytest.raises(PunchFailed) as info:
+            await race.run()
+        nursery.cancel_scope.cancel()
+    for stream in accepted:
+        await stream.aclose()
+    [attempt] = info.value.attempts
+    assert attempt.outcome is Outcome.HANDSHAKE_UNFINISHED
+    assert "attempt 1 connected, its handshake unfinished at the deadline" in str(info.value)
+
+
+async def _accept_into(listener: trio.SocketListener, accepted: list[trio.SocketStream]) -> None:
+    while True:
+        accepted.append(await listener.accept())

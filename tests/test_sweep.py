@@ -78,10 +78,10 @@ def test_a_failed_trial_is_classified_by_what_each_side_saw() -> None:
     late_nomination = failure_cause(_run("alice", connected), _run("bob", failed("no-answer")))
     assert late_nomination == "responder missed the nomination"
     both = failure_cause(
-        _run("alice", failed("half-open", "half-open", "no-answer")),
+        _run("alice", failed("refused", "handshake-unfinished", "refused")),
         _run("bob", failed("no-answer")),
     )
-    assert both == "srflx attempts: alice half-open/no-answer, bob no-answer"
+    assert both == "srflx attempts: alice refused/handshake-unfinished, bob no-answer"
     no_intro = {"event": "error", "error": "no introduction to 'bob' within 10 s"}
     assert failure_cause(_run("alice", no_intro), _run("bob")) == (
         "alice: no introduction to 'bob' within 10 s"

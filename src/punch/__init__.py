@@ -15,7 +15,6 @@ from ._endpoint import CandidateType as CandidateType
 from ._endpoint import Endpoint as Endpoint
 from ._endpoint import Role as Role
 from ._errors import CandidateFailed as CandidateFailed
-from ._errors import HalfOpenTimeout as HalfOpenTimeout
 from ._errors import HandshakeError as HandshakeError
 from ._errors import HandshakeInterrupted as HandshakeInterrupted
 from ._errors import LocalProtocolError as LocalProtocolError
@@ -46,7 +45,6 @@ __all__ = [
     "CandidateFailed",
     "CandidateType",
     "Endpoint",
-    "HalfOpenTimeout",
     "HandshakeError",
     "HandshakeInterrupted",
     "Host",

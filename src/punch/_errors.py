@@ -53,17 +53,6 @@ class SelfDialError(PunchError, OSError):
     """
 
 
-class HalfOpenTimeout(PunchError, TimeoutError):
-    """A simultaneous open sat half-open (SYN_RECV) too long and was aborted with an RST.
-
-    Our socket got the peer's SYN and answered with a SYN-ACK that nothing
-    acknowledged: under loss, a Linux NAT on the path holds its entry in
-    SYN_RECV, where it drops the peer's retransmitted SYNs as invalid, and the
-    kernel repeats the SYN-ACK only at 1, 3, 7 s (RFC 6298 backoff). The RST
-    closes our NAT's entry, so the next dial's SYN opens a fresh one.
-    """
-
-
 class HandshakeError(PunchError, OSError):
     """A punched TCP stream failed authentication and was closed.
 

@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 
 from ._endpoint import Candidate
-from ._errors import HalfOpenTimeout, HandshakeError, HandshakeInterrupted, SelfDialError, _describe
+from ._errors import HandshakeError, HandshakeInterrupted, SelfDialError, _describe
 
 REFUSALS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 """errnos of an attempt that was refused on the path: an RST (``ECONNREFUSED``)
@@ -28,17 +28,17 @@ class Outcome(enum.Enum):
     """Connected and authenticated, but another stream was nominated."""
     REFUSED = "refused"
     """An RST or an ICMP unreachable came back (:data:`REFUSALS`)."""
-    HALF_OPEN = "half-open"
-    """The peer's SYN came and was answered, but our SYN-ACK went unacknowledged
-    (:class:`~punch.HalfOpenTimeout`): aborted with an RST and dialled again."""
     NO_ANSWER = "no-answer"
-    """No answer: given up after a refusal, or still unanswered at the deadline."""
+    """No answer to the SYN: given up after a refusal, or still unanswered at the deadline."""
     ADDRESS_IN_USE = "address-in-use"
     """``EADDRNOTAVAIL``: another connection (often an inbound half-open one) holds the 4-tuple."""
     HANDSHAKE_FAILED = "handshake-failed"
     """Connected, but the other end failed authentication (a stranger, or ourselves)."""
     HANDSHAKE_INTERRUPTED = "handshake-interrupted"
     """Connected, but the connection closed or reset during the handshake."""
+    HANDSHAKE_UNFINISHED = "handshake-unfinished"
+    """Connected, but the handshake had not finished at the deadline (its messages
+    lost or late: under loss, TCP retransmits them a timeout later)."""
     SELF_DIAL = "self-dial"
     """The candidate is our own endpoint: never dialled (or a TCP self-connect)."""
     CANCELLED = "cancelled"
@@ -55,8 +55,6 @@ def classify(error: BaseException) -> Outcome:
         return Outcome.HANDSHAKE_INTERRUPTED
     if isinstance(error, HandshakeError):
         return Outcome.HANDSHAKE_FAILED
-    if isinstance(error, HalfOpenTimeout):
-        return Outcome.HALF_OPEN
     if isinstance(error, TimeoutError):
         return Outcome.NO_ANSWER
     code = getattr(error, "errno", None)

@@ -73,19 +73,6 @@ the refused socket's ISN, which a fresh SYN re-initialises while the entry is
 in SYN_SENT; once the peer's SYN has met the entry (SYN_SENT2) nothing does,
 and the listener's SYN-ACK falls outside the tracked window (Linux
 nf_conntrack_proto_tcp.c; the ISN clock runs at 15.6 M/s, RFC 6528)."""
-HALF_OPEN_TIMEOUT = 1.5
-"""Seconds a dial may sit half-open (SYN_RECV: the peer's SYN answered, our
-SYN-ACK unacknowledged) before it is aborted with an RST and dialled again.
-
-Under loss this is where punches stalled: the NAT in front of the half-open
-socket holds its entry in SYN_RECV, where Linux conntrack finds the peer's
-retransmitted SYNs invalid and drops them, so only our kernel's SYN-ACK
-retransmissions, at 1, 3 and 7 s, could finish the open (RFC 6298 backoff;
-measured with an ``AF_PACKET`` capture on both NATs under 20% loss). The RST
-closes our NAT's entry; the next dial's SYN opens a fresh one, and both
-sides are back in SYN_SENT, whose kernel retransmits every second
-(``tcp_syn_linear_timeouts``). 1.5 s leaves one SYN-ACK retransmission and
-a round trip of up to 500 ms its chance first."""
 NOMINATION_GRACE = 3.0
 """Seconds a responder waits for the Nomination on a stream that got its Proof,
 past the deadline if need be (at most this much past it): a lost Nomination
@@ -144,11 +131,6 @@ class PunchOptions:
 
 
 DialFn = Callable[[Endpoint, Endpoint, Iterable[Endpoint]], Awaitable[trio.SocketStream]]
-
-
-async def _dial(local: Endpoint, remote: Endpoint, own: Iterable[Endpoint]) -> trio.SocketStream:
-    """:func:`punch._reuse.dial`, given up after :data:`HALF_OPEN_TIMEOUT` half-open."""
-    return await _reuse.dial(local, remote, own, half_open_timeout=HALF_OPEN_TIMEOUT)
 
 
 @attrs.frozen
@@ -286,6 +268,7 @@ class InboundRouter:
                     _reuse.abort(stream.socket)
                     continue
                 self._pending_hellos += 1
+                _reuse.cap_retransmission_timeout(stream.socket)
                 self._nursery.start_soon(self._read_hello, stream)
 
     async def _read_hello(self, stream: trio.SocketStream) -> None:
@@ -324,11 +307,17 @@ class _CandidateState:
     attempts: int = 0
     last: BaseException | None = None
     in_flight: bool = False
+    handshaking: bool = False
+    """Connected, its handshake under way."""
     done: bool = False
 
     def failure(self) -> CandidateFailed:
         last = self.last
-        if self.in_flight or last is None:
+        if self.handshaking:
+            last = TimeoutError(
+                f"attempt {self.attempts} connected, its handshake unfinished at the deadline"
+            )
+        elif self.in_flight or last is None:
             detail = f"attempt {self.attempts} unanswered at the deadline"
             if last is not None:
                 detail += f" (before it: {_describe(last)})"
@@ -346,8 +335,7 @@ class Race:
         inbound: accepted connections for this attempt (from :class:`InboundRouter`).
         own: our other endpoints (chosen local, server-reflexive): never dialled.
         options: :class:`PunchOptions` (timeout, pacing).
-        dial: the connect function (:func:`punch._reuse.dial` with
-            :data:`HALF_OPEN_TIMEOUT`; tests swap it).
+        dial: the connect function (:func:`punch._reuse.dial`; tests swap it).
     """
 
     introduction: Introduction
@@ -355,7 +343,7 @@ class Race:
     inbound: trio.MemoryReceiveChannel[Inbound]
     own: frozenset[Endpoint] = frozenset()
     options: PunchOptions = attrs.field(factory=PunchOptions)
-    dial: DialFn = _dial
+    dial: DialFn = _reuse.dial
     _streams: set[trio.SocketStream] = attrs.field(factory=set, init=False)
     _states: list[_CandidateState] = attrs.field(factory=list, init=False)
     _inbound_errors: list[BaseException] = attrs.field(factory=list, init=False)
@@ -463,14 +451,18 @@ class Race:
                     continue
                 self._streams.add(stream)
                 log.info("%s: connected to %s from %s", self._label, state.candidate, self.local)
+                outcome = Outcome.HANDSHAKE_UNFINISHED  # until the handshake ends
+                state.handshaking = True
                 try:
                     await self._authenticate(
                         ExactReader(stream), WonBy.CONNECT, _peer(stream), None
                     )
+                    state.handshaking = False
                     won = self._winner is not None and self._winner.socket_stream is stream
                     outcome = Outcome.NOMINATED if won else Outcome.AUTHENTICATED
                     return
                 except OSError as exc:
+                    state.handshaking = False
                     outcome = exc
                     self._drop(stream)
                     state.last = exc
@@ -490,10 +482,14 @@ class Race:
         """Keep the attempt that started at ``started`` (trio time) as an :class:`Attempt`.
 
         ``outcome`` is None when the attempt was still under way as the race
-        ended: cancelled if another path won, else unanswered at the deadline.
+        ended (:attr:`Outcome.HANDSHAKE_UNFINISHED` once it had connected): cancelled
+        if another path won, else unanswered (or unfinished) at the deadline.
         """
-        if outcome is None:
-            outcome = Outcome.CANCELLED if self._winner is not None else Outcome.NO_ANSWER
+        under_way = outcome is None or outcome is Outcome.HANDSHAKE_UNFINISHED
+        if under_way and self._winner is not None:
+            outcome = Outcome.CANCELLED
+        elif outcome is None:
+            outcome = Outcome.NO_ANSWER
         begin, end = started - self._started, trio.current_time() - self._started
         if isinstance(outcome, BaseException):
             attempt = Attempt.failed(state.candidate, state.attempts, begin, end, outcome)
@@ -607,6 +603,7 @@ class Race:
 
     def _peer_stream(self, reader: ExactReader, won_by: WonBy, remote: Endpoint) -> PeerStream:
         stream = reader.stream
+        _reuse.restore_retransmission_timeout(stream.socket)
         return PeerStream(
             socket_stream=stream,
             peer_name=self.introduction.peer_name,
