@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,6 +21,7 @@ from punch import (
     Role,
     SelfDialError,
     WonBy,
+    _reuse,
     open_host,
 )
 from punch._race import PunchOptions, Race
@@ -46,6 +48,14 @@ async def _race_pair(paths: tuple[str, ...]) -> tuple[PeerStream, PeerStream]:
     return results[Role.INITIATOR], results[Role.RESPONDER]
 
 
+def _rto_max_ms(stream: PeerStream) -> int | None:
+    """``TCP_RTO_MAX_MS`` of the stream's socket, None on a kernel without it (< 6.15)."""
+    try:
+        return int(stream.socket.getsockopt(socket.IPPROTO_TCP, _reuse.TCP_RTO_MAX_MS))
+    except OSError:
+        return None
+
+
 async def _assert_same_connection(initiator: PeerStream, responder: PeerStream) -> None:
     assert (initiator.local, initiator.remote) == (responder.remote, responder.local)
     assert initiator.socket.getsockname()[:2] == responder.socket.getpeername()[:2]
@@ -61,6 +71,8 @@ async def test_both_sides_keep_the_same_connection(paths: tuple[str, ...]) -> No
         initiator, responder = await _race_pair(paths)
         assert (initiator.role, responder.role) == (Role.INITIATOR, Role.RESPONDER)
         assert initiator.attempt_id == responder.attempt_id
+        for kept in (initiator, responder):  # the punch's 1 s retransmission cap is lifted
+            assert _rto_max_ms(kept) in (None, _reuse._system_rto_max_ms())
         await _assert_same_connection(initiator, responder)
         await initiator.aclose()
         await responder.aclose()
