@@ -512,6 +512,8 @@ async def _connect_control(
     hostname: str,
 ) -> ControlChannel:
     sock = _reuse.bind_reusable(local)
+    # Register, Introductions and keepalives are few and small, and a punch waits on them
+    _reuse.cap_retransmission_timeout(sock)
     stream: trio.abc.Stream
     try:
         with trio.fail_after(timeout):

@@ -74,10 +74,10 @@ in SYN_SENT; once the peer's SYN has met the entry (SYN_SENT2) nothing does,
 and the listener's SYN-ACK falls outside the tracked window (Linux
 nf_conntrack_proto_tcp.c; the ISN clock runs at 15.6 M/s, RFC 6528)."""
 NOMINATION_GRACE = 3.0
-"""Seconds a responder waits for the Nomination on a stream that got its Proof,
-past the deadline if need be (at most this much past it): a lost Nomination
-comes again one retransmission timeout later (RFC 6298: 1 s, or 3 s after a
-retransmitted SYN)."""
+"""Seconds past its deadline a responder keeps waiting while a stream that got
+our Proof lacks only the Nomination: a lost Nomination comes again a
+retransmission timeout later (at most 1 s later while the punch lasts, see
+:func:`punch._reuse.cap_retransmission_timeout`)."""
 HELLO_TIMEOUT = 5.0
 """Seconds an accepted connection gets to send its Hello before it is dropped."""
 MAX_PENDING_HELLOS = 64
@@ -353,6 +353,7 @@ class Race:
     _started: float = attrs.field(default=0.0, init=False)
     _scope: trio.CancelScope | None = attrs.field(default=None, init=False)
     _deadline: trio.CancelScope | None = attrs.field(default=None, init=False)
+    _waiting_for_nomination: int = attrs.field(default=0, init=False)
 
     @property
     def _label(self) -> str:
@@ -572,10 +573,16 @@ class Race:
         await reader.send(shake.hello())  # at once, both roles: no wait for the peer's
         if peer_hello is not None:
             await reader.send(shake.receive(peer_hello))
-        while shake.expecting:
-            if shake.stage is Stage.NOMINATION:
-                self._await_nomination()
-            await reader.send(shake.receive(await reader.exactly(shake.expecting)))
+        waiting = False
+        try:
+            while shake.expecting:
+                if shake.stage is Stage.NOMINATION and not waiting:
+                    waiting = True
+                    self._awaiting_nomination(+1)
+                await reader.send(shake.receive(await reader.exactly(shake.expecting)))
+        finally:
+            if waiting:
+                self._awaiting_nomination(-1)
         log.info("%s: authenticated %s (won by %s)", self._label, remote, won_by.value)
         if intro.role is Role.INITIATOR:
             async with self._nominating:  # exactly one stream is ever nominated
@@ -588,18 +595,20 @@ class Race:
                 raise HandshakeError("a second nomination after one was accepted")
             self._win(reader, won_by, remote)
 
-    def _await_nomination(self) -> None:
-        """Responder: a stream now lacks only the Nomination, so the race stays open
-        :data:`NOMINATION_GRACE` s more for it, never past ``timeout`` + that grace.
+    def _awaiting_nomination(self, change: int) -> None:
+        """Responder: count the streams that lack only the Nomination; while any does,
+        the race's deadline is ``timeout`` + :data:`NOMINATION_GRACE`, else ``timeout``.
 
         The initiator nominates without waiting for an answer; under loss its
         Nomination arrives a retransmission timeout later, and a responder that
         gave up at its deadline would reset a stream the initiator already uses.
         """
         assert self._deadline is not None
-        latest = self._started + self.options.timeout + NOMINATION_GRACE
-        wanted = trio.current_time() + NOMINATION_GRACE
-        self._deadline.deadline = min(latest, max(self._deadline.deadline, wanted))
+        self._waiting_for_nomination += change
+        deadline = self._started + self.options.timeout
+        if self._waiting_for_nomination:
+            deadline += NOMINATION_GRACE
+        self._deadline.deadline = deadline
 
     def _peer_stream(self, reader: ExactReader, won_by: WonBy, remote: Endpoint) -> PeerStream:
         stream = reader.stream

@@ -107,7 +107,8 @@ DEFAULT_RTO_MAX_MS = 120_000
 
 
 def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
-    """Retransmit at least every second while a punch lasts (``TCP_RTO_MAX_MS`` 1000).
+    """Retransmit at least every second while a punch lasts (``TCP_RTO_MAX_MS`` 1000);
+    also for the life of a control connection, whose few small frames a punch waits on.
 
     Under loss a punch rests on retransmissions: our SYNs, the SYN-ACK of a
     simultaneous open, the handshake's few small messages. Linux backs them off

@@ -290,6 +290,8 @@ class RendezvousServer:
             except OSError as exc:  # reset before we looked: nothing to serve
                 log.debug("a connection was gone before it was served: %s", exc)
                 return
+            # an Introduction lost on the way is part of the punch's cost: resent each second
+            _reuse.cap_retransmission_timeout(stream.socket)
             try:
                 await self._handle(stream, observed)
             except Exception:  # one connection's bug must never take the server down
