@@ -129,8 +129,9 @@ class SweepResult:
     problems: tuple[str, ...]
     attempts_per_second: int
     causes: tuple[str, ...] = ()
-    """Per failed trial, why (:func:`failure_cause`); a loss cell lists them instead
-    of counting each as a problem."""
+    """Per failed trial, why (:func:`failure_cause`); a loss cell lists them, and what
+    went wrong after a trial connected (the line exchange not done in 30 s under
+    loss), instead of counting each as a problem."""
 
     @property
     def connected(self) -> int:
@@ -237,7 +238,9 @@ def run_cell(cell: SweepCell, trials: int) -> SweepResult:
             attempts = max(attempts, trial.attempts_per_second)
             if not trial.connected:
                 causes.append(failure_cause(alice, bob))
-            if not (cell.loss_percent and not trial.connected):
+            if cell.loss_percent:  # the verdict is the share connected in time; the rest is told
+                causes += [f"connected, then {p}" for p in trial.problems if trial.connected]
+            else:
                 problems += [f"trial {i}: {p}" for p in trial.problems]
             earlier = bob if cell.late == "initiator" and cell.late_ms else alice
             connected = earlier.event("connected") if trial.connected else None
