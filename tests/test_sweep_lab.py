@@ -19,8 +19,8 @@ LIMITS = {
     "cone-icmp x cone-icmp, 0 ms, initiator +300 ms": (
         "below 25 ms one way, the early peer's SYNs are refused by ICMP and its NAT "
         "keeps the dead socket's ISN; the late SYN then meets only our listener, whose "
-        "SYN-ACK is in conntrack's window only within 4.2 ms of our last SYN (README, "
-        "Timing sweep)"
+        "SYN-ACK is past what conntrack tracks for us, so the entry stays SYN_SENT2 and "
+        "our later packets are invalid (README, Timing sweep)"
     ),
     "cone-rst x cone-rst, 0 ms, responder +50 ms": (
         "with RSTs both ways and no delay, the SYNs must cross within microseconds; "
