@@ -195,14 +195,12 @@ def failure_cause(alice: PeerRun, bob: PeerRun) -> str:
         return "responder missed the nomination"
     if connected["bob"] and not connected["alice"]:
         return "initiator gave up on a nominated stream"
+    outcomes = []
     for run in (alice, bob):
         error = run.event("error") or {}
         if "attempts" not in error:
             return f"{run.name}: {error.get('error', 'no status')[:60]}"
-    outcomes = []
-    for run in (alice, bob):
-        attempts = (run.event("error") or {})["attempts"]
-        srflx = [a["outcome"] for a in attempts if a["candidate"].startswith("srflx")]
+        srflx = [a["outcome"] for a in error["attempts"] if a["candidate"].startswith("srflx")]
         outcomes.append(f"{run.name} {'/'.join(dict.fromkeys(srflx)) or 'none'}")
     return "srflx attempts: " + ", ".join(outcomes)
 
@@ -239,7 +237,8 @@ def run_cell(cell: SweepCell, trials: int) -> SweepResult:
             if not trial.connected:
                 causes.append(failure_cause(alice, bob))
             if cell.loss_percent:  # the verdict is the share connected in time; the rest is told
-                causes += [f"connected, then {p}" for p in trial.problems if trial.connected]
+                if trial.connected:
+                    causes += [f"connected, then {p}" for p in trial.problems]
             else:
                 problems += [f"trial {i}: {p}" for p in trial.problems]
             earlier = bob if cell.late == "initiator" and cell.late_ms else alice

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,13 +15,21 @@ from punch._control import ControlChannel
 from punch._handshake import NOMINATION_SIZE, Handshake, Stage
 from punch._protocol import Introduction, Register, RendezvousConnection, Side
 from punch._race import InboundRouter, Race
-from punch._reuse import bind_reusable
+from punch._reuse import TCP_RTO_MAX_MS, bind_reusable
 from punch._stream import ExactReader
 
 
 def open_fds() -> int:
     """How many file descriptors this process holds now."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def rto_max_ms(sock: trio.socket.SocketType) -> int | None:
+    """``TCP_RTO_MAX_MS`` of ``sock``, None on a kernel without it (before Linux 6.15)."""
+    try:
+        return int(sock.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS))
+    except OSError:
+        return None
 
 
 def introductions(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,7 +25,7 @@ from punch import (
     open_host,
 )
 from punch._race import PunchOptions, Race
-from tests.helpers import introductions, open_fds, play_peer, race_side, run_race
+from tests.helpers import introductions, open_fds, play_peer, race_side, rto_max_ms, run_race
 
 ANY = Endpoint("0.0.0.0", 0)
 LOOPBACK = Endpoint("127.0.0.1", 0)
@@ -49,14 +48,6 @@ async def _race_pair(paths: tuple[str, ...]) -> tuple[PeerStream, PeerStream]:
     return results[Role.INITIATOR], results[Role.RESPONDER]
 
 
-def _rto_max_ms(stream: PeerStream) -> int | None:
-    """``TCP_RTO_MAX_MS`` of the stream's socket, None on a kernel without it (< 6.15)."""
-    try:
-        return int(stream.socket.getsockopt(socket.IPPROTO_TCP, _reuse.TCP_RTO_MAX_MS))
-    except OSError:
-        return None
-
-
 async def _assert_same_connection(initiator: PeerStream, responder: PeerStream) -> None:
     assert (initiator.local, initiator.remote) == (responder.remote, responder.local)
     assert initiator.socket.getsockname()[:2] == responder.socket.getpeername()[:2]
@@ -73,7 +64,7 @@ async def test_both_sides_keep_the_same_connection(paths: tuple[str, ...]) -> No
         assert (initiator.role, responder.role) == (Role.INITIATOR, Role.RESPONDER)
         assert initiator.attempt_id == responder.attempt_id
         for kept in (initiator, responder):  # the punch's 1 s retransmission cap is lifted
-            assert _rto_max_ms(kept) in (None, _reuse._system_rto_max_ms())
+            assert rto_max_ms(kept.socket) in (None, _reuse._system_rto_max_ms())
         await _assert_same_connection(initiator, responder)
         await initiator.aclose()
         await responder.aclose()

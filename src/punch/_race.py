@@ -452,7 +452,6 @@ class Race:
                     continue
                 self._streams.add(stream)
                 log.info("%s: connected to %s from %s", self._label, state.candidate, self.local)
-                outcome = Outcome.HANDSHAKE_UNFINISHED  # until the handshake ends
                 state.handshaking = True
                 try:
                     await self._authenticate(
@@ -483,14 +482,13 @@ class Race:
         """Keep the attempt that started at ``started`` (trio time) as an :class:`Attempt`.
 
         ``outcome`` is None when the attempt was still under way as the race
-        ended (:attr:`Outcome.HANDSHAKE_UNFINISHED` once it had connected): cancelled
-        if another path won, else unanswered (or unfinished) at the deadline.
+        ended: cancelled if another path won, else unanswered at the deadline, or
+        unfinished if it had connected and was mid-handshake.
         """
-        under_way = outcome is None or outcome is Outcome.HANDSHAKE_UNFINISHED
-        if under_way and self._winner is not None:
+        if outcome is None and self._winner is not None:
             outcome = Outcome.CANCELLED
         elif outcome is None:
-            outcome = Outcome.NO_ANSWER
+            outcome = Outcome.HANDSHAKE_UNFINISHED if state.handshaking else Outcome.NO_ANSWER
         begin, end = started - self._started, trio.current_time() - self._started
         if isinstance(outcome, BaseException):
             attempt = Attempt.failed(state.candidate, state.attempts, begin, end, outcome)
