@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from punch import Identity
+from punch._host import signed_register
 from punch._protocol import _HEADER as HEADER
 from punch._protocol import (
+    Challenge,
     ConnectRequest,
     Introduction,
     Keepalive,
-    Register,
     Registered,
     decode_body,
     encode_frame,
@@ -34,6 +36,8 @@ KEEPALIVE_EVERY = 10.0
 BATCH = 1000
 """Connections opened, then registered, per step (below the listen backlog)."""
 REPLY_TIMEOUT = 30.0
+IDENTITY = Identity.generate()
+"""One key signs every idle peer's Register (a name per connection, one key for all)."""
 SERVER_ARGS = ["--max-peers", "1000000", "--introductions-per-minute", "100000000", "--quiet"]
 
 
@@ -115,13 +119,17 @@ def register(
 ) -> list[socket.socket]:
     """Connect and register ``names`` (one connection each), all replies read."""
     socks = []
-    for name in names:
+    for _ in names:
         sock = socket.socket()
         sock.settimeout(REPLY_TIMEOUT)
         sock.bind((next(where), 0))
         sock.connect(address)
-        sock.sendall(encode_frame(Register(name)))
         socks.append(sock)
+    for sock, name in zip(socks, names, strict=True):
+        challenge = decode_body(read_frame(sock))
+        if not isinstance(challenge, Challenge):
+            raise RuntimeError(f"expected a Challenge, got {challenge}")
+        sock.sendall(encode_frame(signed_register(IDENTITY, challenge, name)))
     for sock in socks:
         reply = decode_body(read_frame(sock))
         if not isinstance(reply, Registered):

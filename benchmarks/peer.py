@@ -33,6 +33,8 @@ CHUNK = 1 << 18
 LONG = 600.0
 """Seconds: a deadline no benchmark phase comes near; everything is bounded by it."""
 LONG_PUNCH = PunchOptions(timeout=LONG)
+_CERTIFICATE = punch.Identity.generate().certificate
+"""Fills the introductions of the direct trials, whose race runs no TLS."""
 
 
 def direct_introduction(secret: bytes, trial: int, role: Role, to: Endpoint | None) -> Introduction:
@@ -41,7 +43,7 @@ def direct_introduction(secret: bytes, trial: int, role: Role, to: Endpoint | No
     candidates = (Candidate(CandidateType.HOST, to),) if to is not None else ()
     peer = "bob" if role is Role.INITIATOR else "alice"
     request_id = 1 if role is Role.INITIATOR else None
-    return Introduction(peer, role, attempt_id, secret, candidates, request_id)
+    return Introduction(peer, role, attempt_id, secret, candidates, _CERTIFICATE, request_id)
 
 
 async def send_bytes(stream: trio.abc.Stream, count: int) -> None:

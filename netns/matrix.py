@@ -260,6 +260,7 @@ def run_cell(cell: Cell, trials: int) -> CellResult:
             assert stray is not None
             ns, ip = stray
             argv = [*PUNCH, "listen", "--name", "stray", "--rendezvous", address, "--json", "-v"]
+            argv += ["--identity", str(pair.workdir / "stray.pem")]
             process = pair.start(
                 "stray", lab.exec_prefix(ns), [*argv, "--local", f"{ip}:{OVERLAP_PORT}"]
             )

@@ -125,6 +125,7 @@ class PairRun:
         """Start ``punch COMMAND --name NAME`` (JSON status) with one line on stdin; for
         ``listen`` and ``receive``, return once it has registered."""
         argv = [*PUNCH, *command, "--name", name, "--rendezvous", address, "--json", *args]
+        argv += ["--identity", str(self.workdir / f"{name}.pem")]  # a key of its own, made now
         process = self.start(name, prefix, argv, f"hello from {name}\n".encode())
         if command[0] in ("listen", "receive"):
             wait_for(self.workdir / f"{name}.err", lambda t: '"registered"' in t, process, name)

@@ -17,3 +17,9 @@ settings.load_profile("punch")
 def slow_autojump_clock() -> trio.testing.MockClock:
     """Virtual time that jumps only after 50 ms of real idleness, so loopback I/O lands first."""
     return trio.testing.MockClock(autojump_threshold=0.05)
+
+
+@pytest.fixture(autouse=True)
+def _config_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI keeps its key under ``$XDG_CONFIG_HOME``: a test directory, never the user's."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))

@@ -13,7 +13,9 @@ import trio
 from punch import Candidate, CandidateType, Endpoint, PeerStream, Role
 from punch._control import ControlChannel
 from punch._handshake import NOMINATION_SIZE, Handshake, Stage
-from punch._protocol import Introduction, Register, RendezvousConnection, Side
+from punch._host import signed_register
+from punch._identity import Identity
+from punch._protocol import Challenge, Introduction, RendezvousConnection, Side
 from punch._race import InboundRouter, Race
 from punch._reuse import TCP_RTO_MAX_MS, bind_reusable
 from punch._stream import ExactReader
@@ -32,13 +34,17 @@ def rto_max_ms(sock: trio.socket.SocketType) -> int | None:
         return None
 
 
+IDENTITY = Identity.generate()
+"""One key for the tests' hand-made peers (its certificate fills introductions)."""
+
+
 def introductions(
     initiator_candidates: tuple[Endpoint, ...], responder_candidates: tuple[Endpoint, ...]
 ) -> tuple[Introduction, Introduction]:
     """Matching introductions, as the rendezvous would send them to both peers.
 
     ``initiator_candidates`` are where the initiator can be reached (sent to the
-    responder), and the other way round.
+    responder), and the other way round. Both carry :data:`IDENTITY`'s certificate.
     """
     attempt, secret = secrets.token_bytes(16), secrets.token_bytes(32)
 
@@ -47,10 +53,21 @@ def introductions(
 
     return (
         Introduction(
-            "responder", Role.INITIATOR, attempt, secret, candidates(responder_candidates), 1
+            "responder",
+            Role.INITIATOR,
+            attempt,
+            secret,
+            candidates(responder_candidates),
+            IDENTITY.certificate,
+            1,
         ),
         Introduction(
-            "initiator", Role.RESPONDER, attempt, secret, candidates(initiator_candidates)
+            "initiator",
+            Role.RESPONDER,
+            attempt,
+            secret,
+            candidates(initiator_candidates),
+            IDENTITY.certificate,
         ),
     )
 
@@ -132,7 +149,25 @@ async def raw_client(
 
 
 async def register(
-    channel: ControlChannel, name: str, *candidates: Endpoint, token: str | None = None
+    channel: ControlChannel,
+    name: str,
+    *candidates: Endpoint,
+    token: str | None = None,
+    identity: Identity = IDENTITY,
 ) -> object:
-    await channel.send(Register(name, candidates, token))
+    """Read the server's Challenge, send a signed Register, return the server's answer."""
+    await send_register(channel, name, *candidates, token=token, identity=identity)
     return await channel.receive()
+
+
+async def send_register(
+    channel: ControlChannel,
+    name: str,
+    *candidates: Endpoint,
+    token: str | None = None,
+    identity: Identity = IDENTITY,
+) -> None:
+    """Read the server's Challenge and send a Register signed over it."""
+    challenge = await channel.receive()
+    assert isinstance(challenge, Challenge), challenge
+    await channel.send(signed_register(identity, challenge, name, candidates, token))

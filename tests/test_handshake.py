@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from punch import HandshakeError, Role
+from punch import HandshakeError, PeerVerificationError, Role
 from punch._handshake import (
     HELLO_SIZE,
     NOMINATION_SIZE,
@@ -134,7 +134,7 @@ def test_messages_out_of_turn_are_errors() -> None:
     run(initiator, responder)
     with pytest.raises(HandshakeError, match="expected 0"):
         responder.receive(b"N")  # nothing is due once nominated
-    with pytest.raises(HandshakeError, match="expected 38"):
+    with pytest.raises(HandshakeError, match=f"expected {HELLO_SIZE}"):
         pair()[0].receive(b"short")
 
 
@@ -151,8 +151,9 @@ def test_garbage_instead_of_a_nomination() -> None:
         b"",
         b"PNCH",
         b"XXXX" + bytes(HELLO_SIZE - 4),
-        b"PNCH" + bytes([VERSION + 1, 1]) + bytes(32),
-        b"PNCH" + bytes([VERSION, 7]) + bytes(32),
+        b"PNCH" + bytes([VERSION + 1, 1]) + bytes(33),
+        b"PNCH" + bytes([VERSION, 7]) + bytes(33),
+        b"PNCH" + bytes([VERSION, 1]) + bytes(32) + b"\x80",  # a flag we do not know
     ],
 )
 def test_bad_hellos(data: bytes) -> None:
@@ -175,3 +176,40 @@ def test_arbitrary_nomination_bytes_never_nominate(data: bytes) -> None:
     responder.receive(initiator.hello())
     with pytest.raises(HandshakeError):
         responder.receive(data)
+
+
+@pytest.mark.parametrize("initiator_encrypts", [True, False])
+def test_sides_that_disagree_on_encryption_refuse_each_other(initiator_encrypts: bool) -> None:
+    attempt, secret = secrets.token_bytes(16), secrets.token_bytes(32)
+    initiator = Handshake(Role.INITIATOR, attempt, secret, encrypt=initiator_encrypts)
+    responder = Handshake(Role.RESPONDER, attempt, secret, encrypt=not initiator_encrypts)
+    with pytest.raises(PeerVerificationError, match="refused"):
+        responder.receive(initiator.hello())
+    with pytest.raises(PeerVerificationError, match="refused"):
+        initiator.receive(responder.hello())
+
+
+def test_a_downgrade_on_the_path_is_refused() -> None:
+    """Someone on the path clears the TLS flag of both Hellos: each side sees a
+    peer that wants plaintext, and neither gives up TLS."""
+    initiator, responder = pair()
+    hello_i, hello_r = bytearray(initiator.hello()), bytearray(responder.hello())
+    hello_i[-1] = hello_r[-1] = 0
+    with pytest.raises(PeerVerificationError, match="wants plaintext"):
+        responder.receive(bytes(hello_i))
+    with pytest.raises(PeerVerificationError, match="wants plaintext"):
+        initiator.receive(bytes(hello_r))
+
+
+def test_plaintext_sides_agree_and_their_macs_differ_from_encrypting_ones() -> None:
+    attempt, secret = secrets.token_bytes(16), secrets.token_bytes(32)
+    nonces = secrets.token_bytes(16), secrets.token_bytes(16)
+    proofs = []
+    for encrypt in (False, True):
+        initiator = Handshake(Role.INITIATOR, attempt, secret, nonces[0], encrypt=encrypt)
+        responder = Handshake(Role.RESPONDER, attempt, secret, nonces[1], encrypt=encrypt)
+        proofs.append(responder.receive(initiator.hello()))
+        initiator.receive(responder.hello())
+        initiator.receive(proofs[-1])
+        assert initiator.stage is Stage.AUTHENTICATED
+    assert proofs[0] != proofs[1]  # the MAC covers the flags: a Proof does not cross over

@@ -16,8 +16,14 @@ import punch._server
 from punch import Endpoint, RendezvousError, ReuseUnavailable, Role, WonBy
 from punch._control import ControlChannel
 from punch._host import BACKOFF_FIRST, BACKOFF_MAX, backoff
-from punch._protocol import Error, Register, RendezvousConnection, Side, decode_body
-from tests.helpers import open_fds
+from punch._protocol import (
+    PROTOCOL_VERSION,
+    Challenge,
+    Error,
+    RendezvousConnection,
+    Side,
+)
+from tests.helpers import open_fds, register
 
 
 @pytest.fixture
@@ -159,14 +165,15 @@ async def test_a_malformed_frame_closes_only_that_connection(rendezvous: Endpoin
     ):
         for garbage in (
             b"GET / HTTP/1.1\r\n\r\n",
-            struct.pack("!cBH", b"P", 1, 5000),
-            b"P\x01\x00\x02{}",
+            struct.pack("!cBH", b"P", PROTOCOL_VERSION, 5000),
+            struct.pack("!cBH", b"P", PROTOCOL_VERSION, 2) + b"{}",
         ):
             async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as raw:
                 await raw.send_all(garbage)
                 with trio.fail_after(5):
                     reply = await _read_all(raw)
-                error = decode_body(reply[4:])
+                challenge, error = RendezvousConnection(Side.CLIENT).receive_data(reply)
+                assert isinstance(challenge, Challenge)
                 assert isinstance(error, Error)
                 assert error.code in {"protocol-error", "frame-too-large"}
         # the server and every other peer carry on
@@ -199,7 +206,9 @@ async def test_registration_must_come_in_time(nursery: trio.Nursery) -> None:
     async with await trio.open_tcp_stream(server.ip, server.port) as idle:
         with trio.fail_after(5):
             reply = await _read_all(idle)  # sends nothing; is told why and closed
-    assert decode_body(reply[4:]) == Error("registration-timeout", "no Register in time")
+    challenge, error = RendezvousConnection(Side.CLIENT).receive_data(reply)
+    assert isinstance(challenge, Challenge)
+    assert error == Error("registration-timeout", "no Register in time")
 
 
 async def _serve(
@@ -304,8 +313,7 @@ async def test_a_peer_that_never_punches_gives_punch_failed_naming_each_candidat
     # "bob" registers by hand and then does nothing: every SYN to him is refused.
     async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as raw:
         bob = ControlChannel(raw, raw.socket, RendezvousConnection(Side.CLIENT))
-        await bob.send(Register("bob", (Endpoint("127.0.0.2", 9),)))
-        registered = await bob.receive()
+        registered = await register(bob, "bob", Endpoint("127.0.0.2", 9))
         async with punch.open_host("alice", rendezvous=rendezvous, timeout=0.5) as alice:
             with pytest.raises(punch.PunchFailed) as info:
                 await alice.connect("bob")
@@ -331,8 +339,7 @@ async def test_accept_raises_an_inbound_punch_that_failed(rendezvous: Endpoint) 
         # "alice" asks for bob by hand and then never punches back
         async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as raw:
             alice = ControlChannel(raw, raw.socket, RendezvousConnection(Side.CLIENT))
-            await alice.send(Register("alice"))
-            await alice.receive()
+            await register(alice, "alice")
             await alice.send(punch._protocol.ConnectRequest("bob", 1))
             with trio.fail_after(5), pytest.raises(punch.PunchFailed, match="alice"):
                 await bob.accept()
@@ -357,8 +364,7 @@ async def test_a_host_listens_only_while_a_punch_is_pending(rendezvous: Endpoint
         assert not await _answers(bob.local)  # registered and idle
         async with await trio.open_tcp_stream(rendezvous.ip, rendezvous.port) as raw:
             alice = ControlChannel(raw, raw.socket, RendezvousConnection(Side.CLIENT))
-            await alice.send(Register("alice"))
-            await alice.receive()
+            await register(alice, "alice")
             await alice.send(punch._protocol.ConnectRequest("bob", 1))
             assert isinstance(await alice.receive(), punch._protocol.Introduction)
             await trio.testing.wait_all_tasks_blocked(0.01)  # bob has read his half too

@@ -20,8 +20,9 @@ from netns.scenario import PairRun
 
 import punch
 from punch import Endpoint
-from punch._protocol import ConnectRequest, Register, RendezvousConnection, Side
-from tests.helpers import raw_client, register
+from punch._host import signed_register
+from punch._protocol import Challenge, ConnectRequest, RendezvousConnection, Side, encode_frame
+from tests.helpers import IDENTITY, raw_client, register
 
 ROUNDS = 50
 """Hostile connections per lifecycle: the crash of issue 13 took 24 resets."""
@@ -48,8 +49,17 @@ def _connect(rendezvous: Endpoint) -> socket.socket:
     return socket.create_connection(rendezvous.sockaddr(), timeout=5)
 
 
-def _register_frame(name: str) -> bytes:
-    return RendezvousConnection(Side.CLIENT).send(Register(name))
+def _register_frame(sock: socket.socket, name: str) -> bytes:
+    """Read the server's Challenge from ``sock``: the signed Register frame answering it."""
+    connection = RendezvousConnection(Side.CLIENT)
+    messages: list[object] = []
+    while not messages:
+        data = sock.recv(4096)
+        assert data, "the rendezvous closed before its Challenge"
+        messages = list(connection.receive_data(data))
+    challenge = messages[0]
+    assert isinstance(challenge, Challenge)
+    return connection.send(signed_register(IDENTITY, challenge, name))
 
 
 async def _still_serves(
@@ -95,7 +105,7 @@ async def test_reset_after_register_frees_the_name(
     rendezvous, process = rendezvous_process
     for _ in range(ROUNDS):
         sock = _connect(rendezvous)
-        sock.sendall(_register_frame("squatted"))
+        sock.sendall(_register_frame(sock, "squatted"))
         _reset(sock)
     await _name_is_free_soon(rendezvous, process, "squatted")
 
@@ -104,7 +114,7 @@ async def test_reset_mid_frame_ends_only_that_connection(
     rendezvous_process: tuple[Endpoint, subprocess.Popen[bytes]],
 ) -> None:
     rendezvous, process = rendezvous_process
-    frame = _register_frame("half")
+    frame = encode_frame(signed_register(IDENTITY, Challenge(bytes(32)), "half"))
     for cut in (1, 3, 4, len(frame) // 2, len(frame) - 1):
         for _ in range(ROUNDS // 5):
             sock = _connect(rendezvous)
@@ -122,7 +132,7 @@ async def test_a_half_closed_peer_leaves_and_its_name_is_freed(
     try:
         for i in range(ROUNDS // 5):
             sock = _connect(rendezvous)
-            sock.sendall(_register_frame(f"half-open-{i}"))
+            sock.sendall(_register_frame(sock, f"half-open-{i}"))
             sock.shutdown(socket.SHUT_WR)  # half-open from here: we never read
             held.append(sock)
         await _name_is_free_soon(rendezvous, process, "half-open-0")

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from punch import Candidate, CandidateType, Endpoint, LocalProtocolError, RemoteProtocolError, Role
 from punch._protocol import (
     MAX_FRAME,
+    PROTOCOL_VERSION,
+    Challenge,
     ConnectRequest,
     Error,
     Introduction,
@@ -23,6 +25,25 @@ from punch._protocol import (
     check_name,
     encode_frame,
 )
+from tests.helpers import IDENTITY
+
+CERT = IDENTITY.certificate
+SIG = bytes(64)  # the protocol checks sizes; the server checks signatures
+
+
+def reg(name: str, candidates: tuple[Endpoint, ...] = (), token: str | None = None) -> Register:
+    return Register(name, CERT, SIG, candidates, token)
+
+
+def challenged(side: Side) -> RendezvousConnection:
+    """A connection past the server's Challenge (sent or received), as every real one is."""
+    connection = RendezvousConnection(side)
+    if side is Side.CLIENT:
+        connection.receive_data(encode_frame(Challenge(bytes(32))))
+    else:
+        connection.send(Challenge(bytes(32)))
+    return connection
+
 
 INTRO = Introduction(
     peer_name="bob",
@@ -34,13 +55,14 @@ INTRO = Introduction(
         Candidate(CandidateType.HOST, Endpoint("10.0.2.2", 40000)),
         Candidate(CandidateType.HOST, Endpoint("2001:db8::1", 40000)),
     ),
+    certificate=CERT,
     request_id=7,
 )
 
 
 def registered_pair() -> tuple[RendezvousConnection, RendezvousConnection]:
-    client, server = RendezvousConnection(Side.CLIENT), RendezvousConnection(Side.SERVER)
-    server.receive_data(client.send(Register("alice", (Endpoint("10.0.1.2", 4000),))))
+    client, server = challenged(Side.CLIENT), challenged(Side.SERVER)
+    server.receive_data(client.send(reg("alice", (Endpoint("10.0.1.2", 4000),))))
     client.receive_data(server.send(Registered(Endpoint("203.0.113.11", 4000))))
     return client, server
 
@@ -51,7 +73,7 @@ def registered_pair() -> tuple[RendezvousConnection, RendezvousConnection]:
         ConnectRequest("bob", 0),
         ConnectRequest("b.o_b-1", 2**32 - 1),
         INTRO,
-        Introduction("carol", Role.RESPONDER, b"\x01" * 16, b"\x02" * 32, ()),
+        Introduction("carol", Role.RESPONDER, b"\x01" * 16, b"\x02" * 32, (), CERT),
         Error("unknown-peer", "'bob' is not registered", 3),
         Error("name-taken", "ünïcödé text", None),
     ],
@@ -67,8 +89,8 @@ def test_every_message_round_trips_byte_by_byte(message: Message) -> None:
 
 
 def test_register_and_registered_round_trip() -> None:
-    client, server = RendezvousConnection(Side.CLIENT), RendezvousConnection(Side.SERVER)
-    register = Register("alice", (Endpoint("10.0.1.2", 4000), Endpoint("::1", 4000)))
+    client, server = challenged(Side.CLIENT), challenged(Side.SERVER)
+    register = reg("alice", (Endpoint("10.0.1.2", 4000), Endpoint("::1", 4000)))
     assert server.receive_data(client.send(register)) == [register]
     registered = Registered(Endpoint("203.0.113.11", 4000), idle_timeout=10.0)
     assert client.receive_data(server.send(registered)) == [registered]
@@ -83,30 +105,33 @@ def test_several_frames_in_one_read() -> None:
 
 
 def test_4097_byte_frame_is_refused_from_its_header() -> None:
-    server = RendezvousConnection(Side.SERVER)
-    header = struct.pack("!cBH", b"P", 1, MAX_FRAME + 1 - 4)
+    server = challenged(Side.SERVER)
+    header = struct.pack("!cBH", b"P", PROTOCOL_VERSION, MAX_FRAME + 1 - 4)
     with pytest.raises(RemoteProtocolError) as info:
         server.receive_data(header)  # the body never needs to arrive
     assert info.value.code == "frame-too-large"
 
 
 def test_4096_byte_frame_is_read_in_full_before_judging_its_body() -> None:
-    server = RendezvousConnection(Side.SERVER)
+    server = challenged(Side.SERVER)
     body = b" " * (MAX_FRAME - 4)
-    assert server.receive_data(struct.pack("!cBH", b"P", 1, len(body)) + body[:-1]) == []
+    assert (
+        server.receive_data(struct.pack("!cBH", b"P", PROTOCOL_VERSION, len(body)) + body[:-1])
+        == []
+    )
     with pytest.raises(RemoteProtocolError, match="malformed"):
         server.receive_data(body[-1:])
 
 
 def test_other_version_is_refused() -> None:
     with pytest.raises(RemoteProtocolError) as info:
-        RendezvousConnection(Side.SERVER).receive_data(b"P\x02\x00\x00")
+        challenged(Side.SERVER).receive_data(b"P\x01\x00\x00")  # version 1: before keys
     assert info.value.code == "bad-version"
 
 
 def _frame(obj: object) -> bytes:
     body = json.dumps(obj).encode() if not isinstance(obj, bytes) else obj
-    return struct.pack("!cBH", b"P", 1, len(body)) + body
+    return struct.pack("!cBH", b"P", PROTOCOL_VERSION, len(body)) + body
 
 
 @pytest.mark.parametrize(
@@ -131,7 +156,7 @@ def _frame(obj: object) -> bytes:
 )
 def test_malformed_bodies_raise_remote_protocol_error(body: object) -> None:
     with pytest.raises(RemoteProtocolError):
-        RendezvousConnection(Side.SERVER).receive_data(_frame(body))
+        challenged(Side.SERVER).receive_data(_frame(body))
 
 
 OBSERVED = {"ip": "203.0.113.11", "port": 4000}
@@ -148,62 +173,60 @@ OBSERVED = {"ip": "203.0.113.11", "port": 4000}
     ],
 )
 def test_a_registered_without_a_sane_idle_timeout_is_refused(body: object) -> None:
-    client = RendezvousConnection(Side.CLIENT)
-    client.send(Register("alice"))
+    client = challenged(Side.CLIENT)
+    client.send(reg("alice"))
     with pytest.raises(RemoteProtocolError):
         client.receive_data(_frame(body))
 
 
 def test_broken_connection_stays_broken() -> None:
-    server = RendezvousConnection(Side.SERVER)
+    server = challenged(Side.SERVER)
     with pytest.raises(RemoteProtocolError):
         server.receive_data(b"GET / HTTP/1.1\r\n")
     with pytest.raises(RemoteProtocolError):
-        server.receive_data(encode_frame(Register("alice")))
+        server.receive_data(encode_frame(reg("alice")))
 
 
 def test_end_of_stream_mid_frame_is_an_error_and_clean_end_is_not() -> None:
-    server = RendezvousConnection(Side.SERVER)
+    server = challenged(Side.SERVER)
     assert server.receive_data(b"") == []
-    server.receive_data(encode_frame(Register("alice"))[:5])
+    server.receive_data(encode_frame(reg("alice"))[:5])
     with pytest.raises(RemoteProtocolError, match="middle of a frame"):
         server.receive_data(b"")
 
 
 def test_order_is_enforced_on_receive() -> None:
     with pytest.raises(RemoteProtocolError, match="before registration"):
-        RendezvousConnection(Side.SERVER).receive_data(encode_frame(ConnectRequest("bob", 1)))
+        challenged(Side.SERVER).receive_data(encode_frame(ConnectRequest("bob", 1)))
     with pytest.raises(RemoteProtocolError, match="not for a server"):
-        RendezvousConnection(Side.SERVER).receive_data(
-            encode_frame(Registered(Endpoint("1.2.3.4", 1)))
-        )
+        challenged(Side.SERVER).receive_data(encode_frame(Registered(Endpoint("1.2.3.4", 1))))
     client, server = registered_pair()
     with pytest.raises(RemoteProtocolError, match="only once"):
-        server.receive_data(encode_frame(Register("alice")))
+        server.receive_data(encode_frame(reg("alice")))
     with pytest.raises(RemoteProtocolError, match="Registered must answer"):
         client.receive_data(encode_frame(Registered(Endpoint("1.2.3.4", 1))))
 
 
 def test_order_is_enforced_on_send() -> None:
-    client = RendezvousConnection(Side.CLIENT)
+    client = challenged(Side.CLIENT)
     with pytest.raises(LocalProtocolError, match="may not send Registered"):
         client.send(Registered(Endpoint("1.2.3.4", 1)))
     with pytest.raises(LocalProtocolError, match="before registration"):
         client.send(ConnectRequest("bob", 1))
-    client.send(Register("alice"))
+    client.send(reg("alice"))
     with pytest.raises(LocalProtocolError, match="only once"):
-        client.send(Register("alice"))
+        client.send(reg("alice"))
     with pytest.raises(LocalProtocolError, match="before registration"):
-        RendezvousConnection(Side.SERVER).send(INTRO)
+        challenged(Side.SERVER).send(INTRO)
 
 
 def test_message_fields_are_checked_at_construction() -> None:
     with pytest.raises(ValueError, match="1-64"):
-        Register("no spaces")
+        reg("no spaces")
     with pytest.raises(ValueError, match="at most 8"):
-        Register("alice", (Endpoint("10.0.0.1", 1),) * 9)
+        reg("alice", (Endpoint("10.0.0.1", 1),) * 9)
     with pytest.raises(ValueError, match="32 bytes"):
-        Introduction("bob", Role.INITIATOR, b"\x00" * 16, b"short", ())
+        Introduction("bob", Role.INITIATOR, b"\x00" * 16, b"short", (), CERT)
     with pytest.raises(ValueError, match="request_id"):
         ConnectRequest("bob", -1)
     assert check_name("A.b_c-9") == "A.b_c-9"
@@ -257,3 +280,30 @@ def test_arbitrary_json_frames_raise_only_remote_protocol_error(
             RendezvousConnection(side).receive_data(_frame({**fields, "type": kind}))
         except RemoteProtocolError:
             pass
+
+
+def test_the_challenge_comes_first_and_once() -> None:
+    with pytest.raises(LocalProtocolError, match="before the server's Challenge"):
+        RendezvousConnection(Side.CLIENT).send(reg("alice"))
+    with pytest.raises(RemoteProtocolError, match="before the server's Challenge"):
+        RendezvousConnection(Side.SERVER).receive_data(encode_frame(reg("alice")))
+    client = challenged(Side.CLIENT)
+    assert client.challenge == bytes(32)
+    with pytest.raises(RemoteProtocolError, match="only once"):
+        client.receive_data(encode_frame(Challenge(bytes(32))))
+    with pytest.raises(ValueError, match="32 bytes"):
+        Challenge(b"short")
+
+
+def test_a_register_carries_a_bounded_certificate_and_an_exact_signature() -> None:
+    with pytest.raises(ValueError, match="certificate"):
+        Register("alice", b"", SIG)
+    with pytest.raises(ValueError, match="certificate"):
+        Register("alice", b"x" * 513, SIG)
+    with pytest.raises(ValueError, match="64 bytes"):
+        Register("alice", CERT, b"short")
+    wire = json.loads(encode_frame(reg("alice"))[4:])
+    assert bytes.fromhex(wire["certificate"]) == CERT
+    wire["certificate"] = wire["certificate"].upper()  # hex is lowercase, strictly
+    with pytest.raises(RemoteProtocolError, match="lowercase hex"):
+        challenged(Side.SERVER).receive_data(_frame(wire))

@@ -374,9 +374,8 @@ async def test_connect_refuses_a_bad_timeout(punch_rendezvous: Endpoint) -> None
 async def test_a_stranger_fails_the_handshake_and_the_race_goes_on() -> None:
     async with race_side(LOOPBACK) as (local, router):
         intro_i, intro_r = introductions((), ())
-        stranger_intro = type(intro_i)(
-            intro_i.peer_name, Role.INITIATOR, intro_i.attempt_id, b"\x00" * 32, (), 1
-        )  # knows the attempt id (it is in every Hello) but not the secret
+        # knows the attempt id (it is in every Hello) but not the secret
+        stranger_intro = attrs.evolve(intro_i, secret=b"\x00" * 32)
         router.open_route(intro_r.attempt_id)  # as Host does on receiving the introduction
         result: list[PeerStream] = []
         stranger = await trio.open_tcp_stream(local.ip, local.port)

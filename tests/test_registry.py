@@ -33,18 +33,19 @@ from hypothesis import strategies as st
 
 from punch import Endpoint, Role
 from punch._control import ControlChannel
+from punch._host import signed_register
 from punch._protocol import (
+    Challenge,
     ConnectRequest,
     Error,
     Introduction,
     Keepalive,
     Message,
-    Register,
     Registered,
 )
 from punch._reuse import abort
 from punch._server import RendezvousServer, ServerLimits
-from tests.helpers import raw_client
+from tests.helpers import IDENTITY, raw_client
 
 LIMITS = ServerLimits(introductions_per_minute=10_000)  # rate limits have their own tests
 CLIENTS = 4
@@ -74,6 +75,7 @@ class Client:
     heard: float  # when the server last received a frame from it
     name: str | None = None
     candidate: Endpoint | None = None  # its one host candidate, unique per registration
+    challenge: Challenge | None = None  # the server's first frame, read when it came
 
     def readable(self) -> bool:
         fd = self.channel.socket.fileno()
@@ -114,7 +116,11 @@ class Registry:
             )
             now = trio.current_time()
             observed = Endpoint.from_sockaddr(channel.socket.getsockname())
-            self.clients[index] = Client(channel, observed, now, now)
+            self.clients[index] = client = Client(channel, observed, now, now)
+            await self.settle()  # the server has accepted and sent its Challenge
+            challenge = await client.receive()
+            assert isinstance(challenge, Challenge), challenge
+            client.challenge = challenge
         return self.clients[index]
 
     def names(self, *first: str) -> list[str]:
@@ -132,7 +138,8 @@ class Registry:
         me = await self.open(index)
         await self.settle()  # the server has accepted before we speak
         candidate = Endpoint(f"10.0.{index}.{next(self.serial) % 250 + 1}", 4000 + index)
-        await me.channel.send(Register(wanted, (candidate,)))
+        assert me.challenge is not None
+        await me.channel.send(signed_register(IDENTITY, me.challenge, wanted, (candidate,)))
         await self.settle()
         if self.holder(wanted) is not None:
             await me.expect_refusal("name-taken")

@@ -20,12 +20,14 @@ from hypothesis import strategies as st
 import punch
 from punch import Endpoint
 from punch._control import ControlChannel
+from punch._host import signed_register
 from punch._protocol import (
+    PROTOCOL_VERSION,
+    Challenge,
     ConnectRequest,
     Error,
     Introduction,
     Keepalive,
-    Register,
     Registered,
 )
 from punch._reuse import abort
@@ -36,7 +38,7 @@ from punch._server import (
     serve_rendezvous,
     source_key,
 )
-from tests.helpers import raw_client, register
+from tests.helpers import IDENTITY, raw_client, register, send_register
 
 STRICT = ServerLimits(exempt=())  # loopback counted like any other source
 
@@ -65,8 +67,11 @@ async def _append(into: list[punch.PeerStream], result: Awaitable[punch.PeerStre
 
 
 async def refused_with(channel: ControlChannel) -> str:
-    """The code of the Error that ends this connection; asserts the close follows."""
+    """The code of the Error that ends this connection (after the Challenge, if it
+    was not read yet); asserts the close follows."""
     message = await channel.receive()
+    if isinstance(message, Challenge):
+        message = await channel.receive()
     assert isinstance(message, Error), message
     assert await channel.receive() is None  # closed after the error
     return message.code
@@ -129,8 +134,10 @@ async def test_a_reply_that_meets_a_reset_leaves_no_name_behind() -> None:
         rendezvous = Endpoint.from_sockaddr(listeners[0].socket.getsockname())
         for _ in range(3):
             async with raw_client(rendezvous) as client:
-                await trio.testing.wait_all_tasks_blocked()  # its handler waits for a frame
-                await client.stream.send_all(client.connection.send(Register("squatter")))
+                challenge = await client.receive()  # its handler waits for a frame
+                assert isinstance(challenge, Challenge)
+                register = signed_register(IDENTITY, challenge, "squatter")
+                await client.stream.send_all(client.connection.send(register))
                 abort(client.socket)  # the Register and an RST arrive together
                 await trio.testing.wait_all_tasks_blocked()  # the handler has finished
             assert registry.peers == {}
@@ -183,7 +190,7 @@ async def test_the_peer_cap_answers_server_full() -> None:
         ):
             assert isinstance(await register(a, "a"), Registered)
             assert isinstance(await register(b, "b"), Registered)
-            await c.send(Register("c"))
+            await send_register(c, "c")
             assert await refused_with(c) == "server-full"
 
 
@@ -196,7 +203,7 @@ async def test_registrations_per_ip_are_rate_limited(
             async with raw_client(rendezvous) as peer:
                 assert isinstance(await register(peer, f"p{i}"), Registered)
         async with raw_client(rendezvous) as fourth:
-            await fourth.send(Register("p3"))
+            await send_register(fourth, "p3")
             assert await refused_with(fourth) == "rate-limited"
         await trio.sleep(60)
         async with raw_client(rendezvous) as later:
@@ -221,7 +228,7 @@ async def test_a_token_is_required_when_set() -> None:
     async with server(ServerLimits(token="s3cret")) as rendezvous:
         for token in (None, "wrong", "s3cre"):
             async with raw_client(rendezvous) as peer:
-                await peer.send(Register("p", (), token))
+                await send_register(peer, "p", token=token)
                 assert await refused_with(peer) == "unauthorized"
         async with raw_client(rendezvous) as peer:
             assert isinstance(await register(peer, "p", token="s3cret"), Registered)
@@ -234,14 +241,15 @@ async def test_a_token_is_required_when_set() -> None:
 
 
 async def test_an_oversized_frame_is_refused_from_its_header() -> None:
-    async with server(ServerLimits(max_frame=1024)) as rendezvous, raw_client(rendezvous) as peer:
-        await peer.stream.send_all(struct.pack("!cBH", b"P", 1, 1021))  # 1025 bytes in all
+    async with server(ServerLimits(max_frame=2048)) as rendezvous, raw_client(rendezvous) as peer:
+        header = struct.pack("!cBH", b"P", PROTOCOL_VERSION, 2045)  # 2049 bytes in all
+        await peer.stream.send_all(header)
         assert await refused_with(peer) == "frame-too-large"
 
 
 async def test_a_multicast_host_candidate_is_refused() -> None:
     async with server() as rendezvous, raw_client(rendezvous) as peer:
-        await peer.send(Register("p", (Endpoint("224.0.0.1", 5000),)))
+        await send_register(peer, "p", Endpoint("224.0.0.1", 5000))
         assert await refused_with(peer) == "bad-candidate"
 
 
@@ -324,7 +332,9 @@ async def test_tls_on_the_control_channel(ca: trustme.CA) -> None:
     chunks=st.lists(
         st.one_of(
             st.binary(max_size=600),
-            st.builds(lambda n: struct.pack("!cBH", b"P", 1, n), st.integers(0, 65535)),
+            st.builds(
+                lambda n: struct.pack("!cBH", b"P", PROTOCOL_VERSION, n), st.integers(0, 65535)
+            ),
         ),
         max_size=6,
     )

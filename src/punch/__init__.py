@@ -3,7 +3,8 @@
 Each peer listens and dials from one local ip:port; a rendezvous server
 introduces two peers and tells each the other's candidates; a trio nursery
 races accept against paced connects; the first stream to pass the
-HMAC handshake and be nominated by the initiator wins::
+HMAC handshake and be nominated by the initiator wins, and TLS 1.3 with each
+peer's registered Ed25519 key (:class:`Identity`) encrypts it::
 
     stream = await punch.connect("bob", rendezvous="203.0.113.10:7000", name="alice")
 """
@@ -18,6 +19,8 @@ from ._errors import CandidateFailed as CandidateFailed
 from ._errors import HandshakeError as HandshakeError
 from ._errors import HandshakeInterrupted as HandshakeInterrupted
 from ._errors import LocalProtocolError as LocalProtocolError
+from ._errors import NameTaken as NameTaken
+from ._errors import PeerVerificationError as PeerVerificationError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import PunchError as PunchError
 from ._errors import PunchFailed as PunchFailed
@@ -28,6 +31,8 @@ from ._errors import SelfDialError as SelfDialError
 from ._host import Host as Host
 from ._host import connect as connect
 from ._host import open_host as open_host
+from ._identity import Identity as Identity
+from ._identity import peer_id as peer_id
 from ._outcome import Attempt as Attempt
 from ._outcome import Outcome as Outcome
 from ._race import PunchOptions as PunchOptions
@@ -48,9 +53,12 @@ __all__ = [
     "HandshakeError",
     "HandshakeInterrupted",
     "Host",
+    "Identity",
     "LocalProtocolError",
+    "NameTaken",
     "Outcome",
     "PeerStream",
+    "PeerVerificationError",
     "ProtocolError",
     "PunchError",
     "PunchFailed",
@@ -64,6 +72,7 @@ __all__ = [
     "WonBy",
     "connect",
     "open_host",
+    "peer_id",
     "reuse_available",
     "serve_rendezvous",
 ]

@@ -6,6 +6,7 @@ import argparse
 import functools
 import ipaddress
 import logging
+import os
 import resource
 import secrets
 import signal
@@ -22,12 +23,14 @@ from . import _commands
 from ._commands import Reporter
 from ._endpoint import Endpoint
 from ._errors import (
+    PeerVerificationError,
     PunchFailed,
     RendezvousError,
     ReuseUnavailable,
     SelfDialError,
 )
 from ._host import Host, open_host
+from ._identity import Identity, check_peer_id
 from ._protocol import MAX_TOKEN
 from ._race import DEFAULT_TIMEOUT
 from ._server import LOOPBACK, ServerLimits, serve_rendezvous
@@ -53,7 +56,8 @@ EXIT_CODES = f"""exit codes:
   {EXIT_UNKNOWN_PEER}    the peer is not registered at the rendezvous (chat: did not turn up)
   {EXIT_PUNCH_FAILED}    the punch failed on every candidate (or only our own endpoint was offered)
   {EXIT_REUSE}    this OS cannot share one TCP port (SO_REUSEADDR + SO_REUSEPORT)
-  {EXIT_HANDSHAKE}    a path answered but failed authentication, and no other path worked
+  {EXIT_HANDSHAKE}    a path answered but failed authentication, and no other path worked,
+       or the peer's key is not the one it registered or the one --peer-id names
   {EXIT_TRANSFER}    send/receive: the file was refused, or arrived corrupt or cut short
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)"""
 
@@ -98,6 +102,19 @@ class Options:
     force: bool = False
     max_size: int = DEFAULT_MAX_SIZE
     wait: float = CHAT_WAIT
+    identity: Identity | None = None
+    """Loaded from ``--identity`` (default :func:`default_identity_path`), created if missing."""
+    peer_id: str | None = None
+    """``--peer-id``: the peer must prove this key."""
+    encrypt: bool = True
+    """Off with ``--no-encrypt``."""
+
+
+def default_identity_path() -> Path:
+    """Where the CLI keeps its key: ``$XDG_CONFIG_HOME/punch/identity.pem``
+    (``~/.config/punch/identity.pem`` without it; XDG Base Directory spec)."""
+    config = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config, "punch", "identity.pem")
 
 
 Acquire = Callable[[Host, Options, Reporter], Awaitable[PeerStream]]
@@ -166,7 +183,7 @@ async def _accept(host: Host, options: Options, report: Reporter) -> PeerStream:
 
 async def _connect(host: Host, options: Options, report: Reporter) -> PeerStream:
     assert options.peer is not None  # a required argument of every dialling command
-    return await host.connect(options.peer)
+    return await host.connect(options.peer, peer_id=options.peer_id)
 
 
 async def _chat_stream(host: Host, options: Options, report: Reporter) -> PeerStream:
@@ -299,6 +316,8 @@ def _connected_fields(stream: PeerStream) -> dict[str, Any]:
         "local": str(stream.local),
         "remote": str(stream.remote),
         "connect_time": round(stream.connect_time, 6),
+        "peer_id": stream.peer_id,
+        "encrypted": stream.encrypted,
         "attempts": [a.as_json() for a in stream.attempts],
     }
 
@@ -316,21 +335,33 @@ async def _session(options: Options, report: Reporter) -> None:
         token=options.token,
         rendezvous_ssl_context=options.ssl_context,
         rendezvous_hostname=host_name,
+        identity=options.identity,
+        encrypt=options.encrypt,
     ) as host:
         report(
             "registered",
             f"registered {host.name!r} at {server}: "
-            f"server-reflexive {host.observed}, host {host.host_candidate}",
+            f"server-reflexive {host.observed}, host {host.host_candidate}, "
+            f"peer ID {host.identity.peer_id}",
             name=host.name,
+            peer_id=host.identity.peer_id,
             rendezvous=str(server),
             observed=str(host.observed),
             host=str(host.host_candidate),
         )
         stream = await command.acquire(host, options, report)
+    if options.peer_id is not None and stream.peer_id != options.peer_id:
+        await trio.aclose_forcefully(stream)
+        raise PeerVerificationError(
+            f"{stream.peer_name!r} proved peer ID {stream.peer_id}, not {options.peer_id}",
+            expected=options.peer_id,
+            presented=stream.peer_id,
+        )
+    security = f"TLS 1.3, peer ID {stream.peer_id}" if stream.encrypted else "plaintext"
     report(
         "connected",
         f"connected to {stream.peer_name!r} ({stream.role.value}, won by {stream.won_by.value}): "
-        f"{stream.local} -> {stream.remote} in {stream.connect_time * 1000:.1f} ms",
+        f"{stream.local} -> {stream.remote} in {stream.connect_time * 1000:.1f} ms, {security}",
         **_connected_fields(stream),
     )
     await command.use(stream, options, report)
@@ -339,6 +370,8 @@ async def _session(options: Options, report: Reporter) -> None:
 
 def _failure(exc: BaseException) -> tuple[int, str]:
     """The exit code and the one line that tell a person what went wrong."""
+    if isinstance(exc, PeerVerificationError):
+        return EXIT_HANDSHAKE, f"peer verification failed: {exc}"
     if isinstance(exc, RendezvousError):
         code = EXIT_UNKNOWN_PEER if exc.code == "unknown-peer" else EXIT_RENDEZVOUS
         return code, f"rendezvous: {exc}"
@@ -410,6 +443,26 @@ def _subcommand(commands: Any, name: str) -> argparse.ArgumentParser:
         "--tls-ca", type=Path, metavar="FILE", help="like --tls, trusting the CA(s) in FILE (PEM)"
     )
     sub.add_argument(
+        "--identity",
+        dest="identity_file",
+        type=Path,
+        metavar="FILE",
+        help="our Ed25519 key (PEM), created 0600 if missing "
+        "(default $XDG_CONFIG_HOME/punch/identity.pem, else ~/.config/punch/identity.pem)",
+    )
+    sub.add_argument(
+        "--peer-id",
+        type=_peer_id,
+        metavar="ID",
+        help="the peer must prove this key (its peer ID, printed when it registers)",
+    )
+    sub.add_argument(
+        "--no-encrypt",
+        dest="encrypt",
+        action="store_false",
+        help="no TLS on the punched stream (both peers must say so; no --peer-id then)",
+    )
+    sub.add_argument(
         "--json", action="store_true", help="status (and -v steps) as JSON lines on stderr"
     )
     sub.add_argument(
@@ -436,6 +489,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     _rendezvous_arguments(rendezvous)
     return parser
+
+
+def _peer_id(text: str) -> str:
+    try:
+        return check_peer_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _identity(parser: argparse.ArgumentParser, path: Path | None) -> Identity:
+    path = path or default_identity_path()
+    try:
+        return Identity.load_or_create(path)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--identity {path}: {exc}")
 
 
 def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Options:
@@ -470,8 +538,11 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optio
         ssl_context=context,
         json=args.json,
         verbose=args.verbose,
+        identity=_identity(parser, args.identity_file),
         **specific,
     )
+    if args.peer_id is not None and not args.encrypt:
+        parser.error("--peer-id needs encryption: only TLS proves a peer's key")
     problem = COMMANDS[args.command].check(options)
     if problem is not None:
         parser.error(problem)
@@ -574,6 +645,13 @@ def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="peers must present the token in FILE [unauthorized]",
+    )
+    parser.add_argument(
+        "--persist-names",
+        type=Path,
+        metavar="FILE",
+        help="bind each name to the key that first registered it, for good "
+        "(trust on first use; JSON lines, appended); default: only while its holder is connected",
     )
     tls = parser.add_argument_group("TLS", "serve the control channel over TLS (RFC 8445 §19.2)")
     tls.add_argument("--tls-cert", type=Path, metavar="FILE", help="certificate chain (PEM)")
@@ -698,6 +776,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     limits=limits,
                     ssl_context=context,
                     stop=stop,
+                    persist_names=args.persist_names,
                 )
                 print(await nursery.start(serve), flush=True)
                 async for signum in signals:
@@ -713,6 +792,9 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except OSError as exc:
         print(f"punch-rendezvous: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValueError as exc:  # a --persist-names file that is not ours
+        print(f"punch-rendezvous: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 

@@ -70,6 +70,29 @@ class HandshakeInterrupted(HandshakeError):
     """
 
 
+class PeerVerificationError(HandshakeError):
+    """The peer's key is not the one expected: the punched stream was closed.
+
+    Raised when the peer's TLS certificate does not carry the key it
+    registered at the rendezvous (a rendezvous, or someone on its path, swapped
+    keys), when its key's peer ID is not the one the application pinned
+    (``connect(peer, peer_id=...)``: the rendezvous introduced another host),
+    when the peer refused our certificate, and when one side would encrypt and
+    the other would not (a downgrade to plaintext is refused).
+
+    Attributes:
+        expected: the peer ID we required, or ``None``.
+        presented: the peer ID the peer's certificate carries, or ``None``.
+    """
+
+    def __init__(
+        self, message: str, *, expected: str | None = None, presented: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.expected = expected
+        self.presented = presented
+
+
 class RendezvousError(PunchError, OSError):
     """The rendezvous server refused a request or could not be reached.
 
@@ -85,6 +108,15 @@ class RendezvousError(PunchError, OSError):
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
+
+
+class NameTaken(RendezvousError):
+    """The name we registered belongs to another key (code ``name-taken``).
+
+    A rendezvous binds each name to the key that registered it: while that
+    holder is connected, and, on a server run with ``--persist-names``, for
+    good (trust on first use). Registering it with another key is refused.
+    """
 
 
 class PunchFailed(PunchError, OSError):

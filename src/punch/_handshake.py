@@ -8,12 +8,16 @@ moves bytes and keeps time, and tests drive it with bytes alone.
 
 Wire (all fixed size, so each read is exact)::
 
-    Hello      = b"PNCH" | version u8 | role u8 | attempt_id[16] | nonce[16]  (38 bytes)
+    Hello      = b"PNCH" | version u8 | role u8 | attempt_id[16] | nonce[16]
+                 | flags u8                                                 (39 bytes)
     Proof      = HMAC-SHA256(secret, transcript(responder))                 (32 bytes)
     Nomination = b"N" | HMAC-SHA256(secret, transcript(initiator))          (33 bytes)
 
-    transcript(sender) = b"punch-handshake-v2" | attempt_id
-                         | initiator_nonce | responder_nonce | sender_role
+    transcript(sender) = b"punch-handshake-v3" | attempt_id
+                         | initiator_nonce | responder_nonce
+                         | initiator_flags | responder_flags | sender_role
+
+    flags: bit 0 set = this side will run TLS 1.3 after the nomination.
 
 Each side sends its Hello the moment its TCP connection is up, without
 waiting for the peer's. The responder answers the initiator's Hello with its
@@ -31,8 +35,16 @@ of this attempt does not verify on another (the responder's Proof binds the
 initiator's nonce of this connection, the Nomination binds the responder's);
 and it covers the sender's role, so a MAC reflected back at its author fails,
 as does a Hello claiming our own role. Our own nonce coming back means a TCP
-self-connect or a reflector. What it does not stop: an on-path attacker
-splicing two connections (until the stream is encrypted, issue 14).
+self-connect or a reflector.
+
+Downgrade: both sides must agree on encryption. A Hello whose flag differs from
+ours is refused at once (:class:`PeerVerificationError`): a side that encrypts
+never gives its application a plaintext stream, and a side that does not never
+hands TLS records to its application as data. Both MACs cover both flags, so a
+flag changed on the path fails the Proof or the Nomination as well. What the
+MACs do not stop: an on-path attacker splicing two connections, or the
+rendezvous (which knows the secret) posing as the peer; TLS with the peer's
+registered key, and a pinned peer ID, stop those (``_secure.py``).
 """
 
 from __future__ import annotations
@@ -46,12 +58,13 @@ import struct
 import attrs
 
 from ._endpoint import Role
-from ._errors import HandshakeError
+from ._errors import HandshakeError, PeerVerificationError
 from ._protocol import ATTEMPT_ID_BYTES
 
-VERSION = 2
+VERSION = 3
 NONCE_BYTES = 16
-_HELLO = struct.Struct(f"!4sBB{ATTEMPT_ID_BYTES}s{NONCE_BYTES}s")
+_HELLO = struct.Struct(f"!4sBB{ATTEMPT_ID_BYTES}s{NONCE_BYTES}sB")
+_ENCRYPT = 0x01
 _MAGIC = b"PNCH"
 _ROLE_BYTE = {Role.INITIATOR: 1, Role.RESPONDER: 2}
 _BYTE_ROLE = {v: k for k, v in _ROLE_BYTE.items()}
@@ -68,6 +81,7 @@ class Hello:
     role: Role
     attempt_id: bytes
     nonce: bytes
+    encrypt: bool
 
 
 def parse_hello(data: bytes) -> Hello:
@@ -78,14 +92,16 @@ def parse_hello(data: bytes) -> Hello:
     """
     if len(data) != HELLO_SIZE:
         raise HandshakeError(f"hello must be {HELLO_SIZE} bytes, got {len(data)}")
-    magic, version, role, attempt_id, nonce = _HELLO.unpack(data)
+    magic, version, role, attempt_id, nonce, flags = _HELLO.unpack(data)
     if magic != _MAGIC:
         raise HandshakeError("not a punch handshake")
     if version != VERSION:
         raise HandshakeError(f"handshake version {version}, expected {VERSION}")
     if role not in _BYTE_ROLE:
         raise HandshakeError(f"unknown role byte {role}")
-    return Hello(_BYTE_ROLE[role], attempt_id, nonce)
+    if flags & ~_ENCRYPT:
+        raise HandshakeError(f"unknown flags {flags:#04x}")
+    return Hello(_BYTE_ROLE[role], attempt_id, nonce, bool(flags & _ENCRYPT))
 
 
 class Stage(enum.Enum):
@@ -122,6 +138,7 @@ class Handshake:
         attempt_id: the introduction's attempt id (16 bytes).
         secret: the introduction's secret (32 bytes).
         nonce: 16 fresh random bytes (default: :func:`secrets.token_bytes`).
+        encrypt: we will run TLS after the nomination, and require the peer to.
 
     Use: send :meth:`hello` at once; then, while :attr:`expecting` is not 0,
     read exactly that many bytes, pass them to :meth:`receive` and send what it
@@ -134,6 +151,7 @@ class Handshake:
     attempt_id: bytes = attrs.field(repr=lambda b: b.hex())
     secret: bytes = attrs.field(repr=lambda _: "<secret>")
     nonce: bytes = attrs.field(factory=lambda: secrets.token_bytes(NONCE_BYTES))
+    encrypt: bool = True
     peer_nonce: bytes | None = attrs.field(default=None, init=False)
     stage: Stage = attrs.field(default=Stage.HELLO, init=False)
 
@@ -144,7 +162,13 @@ class Handshake:
 
     def hello(self) -> bytes:
         """Our Hello, :data:`HELLO_SIZE` bytes: send it as soon as the stream is up."""
-        return _HELLO.pack(_MAGIC, VERSION, _ROLE_BYTE[self.role], self.attempt_id, self.nonce)
+        return _HELLO.pack(
+            _MAGIC, VERSION, _ROLE_BYTE[self.role], self.attempt_id, self.nonce, self._flags
+        )
+
+    @property
+    def _flags(self) -> int:
+        return _ENCRYPT if self.encrypt else 0
 
     def receive(self, message: bytes) -> bytes:
         """Take the peer's next message (exactly :attr:`expecting` bytes).
@@ -157,6 +181,8 @@ class Handshake:
                 reflection), another attempt's id, a role that is not the
                 opposite of ours, a MAC that does not prove the secret, or a
                 message when none is due.
+            PeerVerificationError: (a :class:`HandshakeError`) the peer's Hello
+                does not agree on encryption: a downgrade, refused.
         """
         if len(message) != self.expecting or not self.expecting:
             raise HandshakeError(
@@ -196,6 +222,9 @@ class Handshake:
             raise HandshakeError("hello is for another punch attempt")
         if hello.role is not self.role.other:
             raise HandshakeError(f"peer claims role {hello.role.value}, we are {self.role.value}")
+        if hello.encrypt is not self.encrypt:
+            ours, theirs = ("TLS", "plaintext") if self.encrypt else ("plaintext", "TLS")
+            raise PeerVerificationError(f"peer wants {theirs}, we require {ours}: refused")
         self.peer_nonce = hello.nonce
 
     def _mac(self, sender: Role) -> bytes:
@@ -204,7 +233,9 @@ class Handshake:
             nonces = self.nonce + self.peer_nonce
         else:
             nonces = self.peer_nonce + self.nonce
-        transcript = b"punch-handshake-v2" + self.attempt_id + nonces + bytes([_ROLE_BYTE[sender]])
+        # flags: the peer's equal ours, or its Hello was refused
+        flags = bytes([self._flags, self._flags, _ROLE_BYTE[sender]])
+        transcript = b"punch-handshake-v3" + self.attempt_id + nonces + flags
         return hmac.digest(self.secret, transcript, "sha256")
 
     def _verify(self, mac: bytes, sender: Role, what: str) -> None:

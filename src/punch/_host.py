@@ -12,11 +12,13 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-from . import _reuse
+from . import _reuse, _secure
 from ._control import ControlChannel
 from ._endpoint import Endpoint, as_endpoint
-from ._errors import PunchFailed, RemoteProtocolError, RendezvousError, ReuseUnavailable
+from ._errors import NameTaken, PunchFailed, RemoteProtocolError, RendezvousError, ReuseUnavailable
+from ._identity import Identity, check_peer_id
 from ._protocol import (
+    Challenge,
     ConnectRequest,
     Error,
     Introduction,
@@ -26,6 +28,7 @@ from ._protocol import (
     RendezvousConnection,
     Side,
     check_name,
+    registration_transcript,
 )
 from ._race import DEFAULT_PACING, DEFAULT_TIMEOUT, InboundRouter, PunchOptions, Race
 from ._stream import PeerStream
@@ -66,6 +69,7 @@ class _Registration:
     """How to reach the rendezvous and register: once, and again after it was lost."""
 
     name: str
+    identity: Identity
     local: Endpoint
     server: Endpoint
     timeout: float
@@ -85,8 +89,7 @@ class _Registration:
         )
         try:
             host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
-            register = Register(self.name, (host_candidate,), self.token)
-            registered = await _register(channel, register, self.timeout)
+            registered = await _register(channel, self, (host_candidate,))
         except BaseException:
             _reuse.abort(channel.socket)
             raise
@@ -101,14 +104,16 @@ class Host:
 
     Attributes:
         name: our registered name.
+        identity: our :class:`~punch.Identity` (its key is registered with the name).
         local: our bound endpoint (the port every socket shares).
         host_candidate: the local endpoint the OS chose to reach the rendezvous.
         observed: our server-reflexive endpoint, as the rendezvous saw it
             (after a reconnect, as it sees us now).
-        options: the validated :class:`PunchOptions` (timeout, pacing).
+        options: the validated :class:`PunchOptions` (timeout, pacing, encrypt).
     """
 
     name: str
+    identity: Identity
     local: Endpoint
     host_candidate: Endpoint
     observed: Endpoint
@@ -142,19 +147,29 @@ class Host:
         """Every endpoint that is us: never dialled (self-dial guard)."""
         return frozenset({self.local, self.host_candidate, self.observed})
 
-    async def connect(self, peer: str, *, timeout: float | None = None) -> PeerStream:
+    async def connect(
+        self, peer: str, *, timeout: float | None = None, peer_id: str | None = None
+    ) -> PeerStream:
         """Punch a direct connection to ``peer``, as the initiator.
 
         Args:
             peer: the peer's registered name (1-64 of ``[A-Za-z0-9._-]``).
-            timeout: seconds (> 0) for the introduction, and again for the
-                punch itself; default ``options.timeout``.
+            timeout: seconds (> 0) for the introduction, again for the punch
+                itself, and again for TLS; default ``options.timeout``.
+            peer_id: the peer ID ``peer`` must prove (32 of ``[a-z2-7]``, its
+                :attr:`punch.Identity.peer_id`): then a rendezvous that lies
+                about the peer's key cannot stand in for it. Needs encryption.
 
         Returns:
-            the authenticated :class:`PeerStream` both sides keep.
+            the authenticated :class:`PeerStream` both sides keep, TLS-encrypted
+            unless ``options.encrypt`` is off.
 
         Raises:
-            TypeError, ValueError: a bad ``peer`` or ``timeout``.
+            TypeError, ValueError: a bad ``peer``, ``timeout`` or ``peer_id``,
+                or ``peer_id`` on a host that does not encrypt.
+            PeerVerificationError: the introduced key is not ``peer_id``'s,
+                the peer's TLS certificate is not the key it registered, or the
+                peer does not agree on encryption.
             RendezvousError: ``unknown-peer``, ``same-peer``, ``timeout`` (no
                 answer in time), or ``closed`` (the control connection is gone).
             SelfDialError: every candidate of ``peer`` is one of our own endpoints.
@@ -162,6 +177,10 @@ class Host:
                 each candidate's error.
         """
         check_name(peer)
+        if peer_id is not None:
+            check_peer_id(peer_id)
+            if not self.options.encrypt:
+                raise ValueError("peer_id needs encrypt=True: only TLS proves a peer's key")
         options = self.options if timeout is None else attrs.evolve(self.options, timeout=timeout)
         timeout = options.timeout
         if self._closed is not None:
@@ -186,7 +205,7 @@ class Host:
             if isinstance(reply, Error):
                 raise RendezvousError(reply.code, reply.text)
             # the punch has its own deadline, outside the wait for the introduction
-            return await self._race(reply, options)
+            return await self._race(reply, options, peer_id)
         finally:
             del self._waiters[request_id]
             try:  # an introduction we will not act on: close its route
@@ -221,10 +240,14 @@ class Host:
             raise outcome
         return outcome
 
-    async def _race(self, introduction: Introduction, options: PunchOptions) -> PeerStream:
-        """Run the race; the route was opened by :meth:`_dispatch` and closes here."""
+    async def _race(
+        self, introduction: Introduction, options: PunchOptions, expected: str | None = None
+    ) -> PeerStream:
+        """Run the race, then TLS; the route was opened by :meth:`_dispatch` and closes here."""
         inbound = self._router.open_route(introduction.attempt_id)
         try:
+            if options.encrypt:  # a lying rendezvous is caught before any SYN
+                _secure.introduced_peer_id(introduction, expected)
             race = Race(
                 introduction,
                 self.local,
@@ -232,7 +255,7 @@ class Host:
                 own=self.own_endpoints,
                 options=options,
             )
-            return await race.run()
+            stream = await race.run()
         except PunchFailed as exc:
             if self.observed.port == self.local.port:
                 raise
@@ -247,6 +270,9 @@ class Host:
             ) from exc.__cause__
         finally:
             self._router.close_route(introduction.attempt_id)
+        if options.encrypt:
+            await _secure.encrypt(stream, self.identity, introduction, expected, options.timeout)
+        return stream
 
     async def _respond(self, introduction: Introduction) -> None:
         outcome: PeerStream | OSError
@@ -387,6 +413,8 @@ async def open_host(
     token: str | None = None,
     rendezvous_ssl_context: ssl.SSLContext | None = None,
     rendezvous_hostname: str | None = None,
+    identity: Identity | None = None,
+    encrypt: bool = True,
 ) -> AsyncIterator[Host]:
     """Bind one port, register ``name`` at the rendezvous, and keep both open.
 
@@ -413,6 +441,11 @@ async def open_host(
             introductions carry the punch secrets (RFC 8445 §19.2).
         rendezvous_hostname: the name its certificate must show (default the
             rendezvous IP).
+        identity: our :class:`~punch.Identity`; its key is registered with
+            ``name`` (signed over the server's challenge) and proven to peers in
+            TLS. Default: a new one for this host (peers then cannot pin us).
+        encrypt: TLS 1.3 on every punched stream (default True); see
+            :class:`PunchOptions`.
 
     Yields:
         the registered :class:`Host`. It listens on its port only while a
@@ -430,13 +463,20 @@ async def open_host(
             before any socket is opened.
         ReuseUnavailable: the OS cannot share one port (see :func:`reuse_available`).
         OSError: ``local`` cannot be bound.
+        NameTaken: (a :class:`RendezvousError`, ``name-taken``) ``name`` is
+            bound to another key: held by a connected peer, or, on a server
+            with ``--persist-names``, registered with another key before.
         RendezvousError: ``unreachable`` (TLS failures included),
-            ``name-taken``, ``unauthorized``, ``server-full``, ``rate-limited``,
+            ``unauthorized``, ``server-full``, ``rate-limited``,
             ``bad-candidate``, ``timeout``, ``closed`` or ``protocol-error``
             while registering.
     """
     check_name(name)
-    options = PunchOptions(timeout=timeout, pacing=pacing)
+    options = PunchOptions(timeout=timeout, pacing=pacing, encrypt=encrypt)
+    if identity is None:
+        identity = Identity.generate()
+    elif not isinstance(identity, Identity):
+        raise TypeError(f"identity must be a punch.Identity, not {identity!r}")
     timeout = options.timeout
     server = as_endpoint(rendezvous, "rendezvous")
     if local is None:
@@ -452,6 +492,7 @@ async def open_host(
         bound = Endpoint.from_sockaddr(probe.getsockname())
         registration = _Registration(
             name,
+            identity,
             bound,
             server,
             timeout,
@@ -475,6 +516,7 @@ async def open_host(
                 router = InboundRouter(bound)
                 host = Host(
                     name,
+                    identity,
                     bound,
                     host_candidate,
                     registered.observed,
@@ -534,19 +576,53 @@ async def _connect_control(
     return ControlChannel(stream, sock, RendezvousConnection(Side.CLIENT))
 
 
-async def _register(channel: ControlChannel, register: Register, timeout: float) -> Registered:
+def signed_register(
+    identity: Identity,
+    challenge: Challenge,
+    name: str,
+    candidates: tuple[Endpoint, ...] = (),
+    token: str | None = None,
+) -> Register:
+    """The Register that answers ``challenge``: ``name`` and our certificate, signed by our key."""
+    signature = identity.sign(registration_transcript(challenge.nonce, name))
+    return Register(name, identity.certificate, signature, candidates, token)
+
+
+async def _register(
+    channel: ControlChannel, registration: _Registration, candidates: tuple[Endpoint, ...]
+) -> Registered:
+    """Wait for the server's Challenge, send our signed Register, return its answer.
+
+    Raises:
+        NameTaken: the name is bound to another key.
+        RendezvousError: any other refusal, a timeout, garbage or a lost connection.
+    """
     try:
-        await channel.send(register)
-        with trio.fail_after(timeout):
-            reply = await channel.receive()
+        with trio.fail_after(registration.timeout):
+            challenge = await channel.receive()
+            if isinstance(challenge, Challenge):
+                register = signed_register(
+                    registration.identity,
+                    challenge,
+                    registration.name,
+                    candidates,
+                    registration.token,
+                )
+                await channel.send(register)
+                reply = await channel.receive()
+            else:
+                reply = challenge
     except trio.TooSlowError:
-        raise RendezvousError("timeout", f"no answer to Register within {timeout:g} s") from None
+        raise RendezvousError(
+            "timeout", f"no registration within {registration.timeout:g} s"
+        ) from None
     except RemoteProtocolError as exc:
         raise RendezvousError("protocol-error", f"rendezvous sent garbage: {exc}") from exc
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise RendezvousError("closed", f"control connection lost: {exc}") from exc
     if isinstance(reply, Error):
-        raise RendezvousError(reply.code, reply.text)
+        error = NameTaken if reply.code == "name-taken" else RendezvousError
+        raise error(reply.code, reply.text)
     if not isinstance(reply, Registered):
         raise RendezvousError("closed", "the rendezvous closed the connection while registering")
     return reply
@@ -559,6 +635,9 @@ async def connect(
     name: str,
     timeout: float = DEFAULT_TIMEOUT,
     local: Endpoint | tuple[str, int] | str | None = None,
+    identity: Identity | None = None,
+    peer_id: str | None = None,
+    encrypt: bool = True,
 ) -> PeerStream:
     """Register as ``name``, punch a direct TCP connection to ``peer``, and return it.
 
@@ -571,6 +650,9 @@ async def connect(
         name: our name (1-64 of ``[A-Za-z0-9._-]``), held while connecting.
         timeout: seconds (> 0; default 10.0) for the introduction and the punch.
         local: the endpoint to bind, as :func:`open_host` takes it.
+        identity: our :class:`~punch.Identity` (default: a new one).
+        peer_id: the peer ID ``peer`` must prove, as :meth:`Host.connect`.
+        encrypt: TLS 1.3 on the stream (default True).
 
     Returns:
         the authenticated :class:`PeerStream`; we are its initiator.
@@ -580,8 +662,15 @@ async def connect(
     """
     stream = None
     try:
-        async with open_host(name, rendezvous=rendezvous, local=local, timeout=timeout) as host:
-            stream = await host.connect(peer)
+        async with open_host(
+            name,
+            rendezvous=rendezvous,
+            local=local,
+            timeout=timeout,
+            identity=identity,
+            encrypt=encrypt,
+        ) as host:
+            stream = await host.connect(peer, peer_id=peer_id)
     except BaseException:
         if stream is not None:  # cancelled while the host closed: the stream is nobody's
             _reuse.abort(stream.socket)

@@ -12,10 +12,15 @@ range, or a frame sent out of order raises :class:`RemoteProtocolError`.
 
 Order (client = a punch host, server = the rendezvous):
 
-- client → server: ``Register`` once, first; then any number of ``ConnectRequest``
-  and ``Keepalive`` once ``Registered`` has arrived.
-- server → client: ``Registered`` once, answering ``Register``; then
-  ``Introduction``; ``Error`` at any time.
+- server → client: ``Challenge`` once, first, as soon as the connection is up;
+  ``Registered`` once, answering ``Register``; then ``Introduction``; ``Error``
+  at any time.
+- client → server: ``Register`` once, after the ``Challenge``, signed over it
+  with the client's key (the name is bound to that key); then any number of
+  ``ConnectRequest`` and ``Keepalive`` once ``Registered`` has arrived.
+
+Bytes (attempt ids, secrets, nonces, certificates, signatures) travel as
+lowercase hex strings.
 """
 
 from __future__ import annotations
@@ -31,19 +36,23 @@ import attrs
 
 from ._endpoint import Candidate, CandidateType, Endpoint, Role
 from ._errors import LocalProtocolError, RemoteProtocolError
+from ._identity import MAX_CERTIFICATE, SIGNATURE_BYTES
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2 since issue 14: the server's Challenge, signed Registers, keys in introductions."""
 MAX_FRAME = 4096
 """Largest frame in bytes, header included."""
 _HEADER = struct.Struct("!cBH")
 _MAGIC = b"P"
 MAX_BODY = MAX_FRAME - _HEADER.size
-MIN_FRAME = 1024
-"""The smallest ``max_frame`` allowed: a Register with 8 IPv6 candidates and a token fits."""
+MIN_FRAME = 2048
+"""The smallest ``max_frame`` allowed: a Register with 8 IPv6 candidates, a token,
+a certificate and a signature fits."""
 MAX_CANDIDATES = 8
 """Most host candidates a peer may register (RFC 8445 §19 asks for a bound)."""
 SECRET_BYTES = 32
 ATTEMPT_ID_BYTES = 16
+CHALLENGE_BYTES = 32
 MAX_REQUEST_ID = 2**32 - 1
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CODE_RE = re.compile(r"[a-z][a-z-]{0,31}")
@@ -97,6 +106,27 @@ def _bounded_tuple(kind: type, most: int) -> Callable[[object, object, tuple[Any
     return check
 
 
+def _certificate(_: object, attribute: Any, value: bytes) -> None:
+    if not isinstance(value, bytes) or not 0 < len(value) <= MAX_CERTIFICATE:
+        raise ValueError(f"{attribute.name} must be 1-{MAX_CERTIFICATE} bytes of DER")
+
+
+def registration_transcript(challenge: bytes, name: str) -> bytes:
+    """What a Register's signature signs: a context string, the server's challenge, the name.
+
+    The challenge is fresh per connection, so a recorded Register cannot be
+    replayed to take the name elsewhere (or later).
+    """
+    return b"punch-register-v2\x00" + challenge + name.encode()
+
+
+@attrs.frozen
+class Challenge:
+    """server → client, first: 32 fresh random bytes the Register must sign."""
+
+    nonce: bytes = attrs.field(validator=_exact_bytes(CHALLENGE_BYTES), repr=lambda b: b.hex())
+
+
 def _token(_: object, __: object, value: str | None) -> None:
     if value is not None and (not isinstance(value, str) or not 0 < len(value) <= MAX_TOKEN):
         raise ValueError(f"token must be 1-{MAX_TOKEN} characters")
@@ -104,15 +134,22 @@ def _token(_: object, __: object, value: str | None) -> None:
 
 @attrs.frozen
 class Register:
-    """client → server: take ``name`` and offer these host candidates.
+    """client → server: take ``name`` for our key, and offer these host candidates.
 
     Args:
         name: 1-64 characters of ``[A-Za-z0-9._-]``.
+        certificate: our self-signed Ed25519 certificate, DER (at most
+            :data:`~punch._identity.MAX_CERTIFICATE` bytes); peers get it in
+            their introductions and accept only it in TLS.
+        signature: 64 bytes, Ed25519 over :func:`registration_transcript`
+            of the server's Challenge and ``name``.
         candidates: at most :data:`MAX_CANDIDATES` host endpoints.
         token: the server's access token, if it requires one (1-256 characters).
     """
 
     name: str = attrs.field(validator=_name)
+    certificate: bytes = attrs.field(validator=_certificate, repr=False)
+    signature: bytes = attrs.field(validator=_exact_bytes(SIGNATURE_BYTES), repr=False)
     candidates: tuple[Endpoint, ...] = attrs.field(
         default=(), validator=_bounded_tuple(Endpoint, MAX_CANDIDATES)
     )
@@ -175,6 +212,8 @@ class Introduction:
         attempt_id: 16 random bytes naming the attempt.
         secret: 32 random bytes (256 bits), single use, keys the handshake MAC.
         candidates: the other peer's candidates (server-reflexive first).
+        certificate: the other peer's registered certificate (DER): the only
+            one our TLS accepts from it.
         request_id: the requester's ``ConnectRequest.request_id``; ``None``
             in the responder's copy.
     """
@@ -188,6 +227,7 @@ class Introduction:
     candidates: tuple[Candidate, ...] = attrs.field(
         validator=_bounded_tuple(Candidate, MAX_CANDIDATES + 1)
     )
+    certificate: bytes = attrs.field(validator=_certificate, repr=False)
     request_id: int | None = attrs.field(default=None, validator=_optional_request_id)
 
 
@@ -210,7 +250,9 @@ class Error:
             raise ValueError(f"text must be a str of at most {MAX_ERROR_TEXT} characters")
 
 
-Message: TypeAlias = Register | Registered | ConnectRequest | Keepalive | Introduction | Error
+Message: TypeAlias = (
+    Challenge | Register | Registered | ConnectRequest | Keepalive | Introduction | Error
+)
 
 # --- wire form: one encoder and one strict decoder per type -------------------
 
@@ -224,10 +266,14 @@ def _candidate_to_wire(c: Candidate) -> dict[str, Any]:
 
 
 def _to_wire(m: Message) -> dict[str, Any]:
+    if isinstance(m, Challenge):
+        return {"type": "challenge", "nonce": m.nonce.hex()}
     if isinstance(m, Register):
         return {
             "type": "register",
             "name": m.name,
+            "certificate": m.certificate.hex(),
+            "signature": m.signature.hex(),
             "candidates": [_endpoint_to_wire(e) for e in m.candidates],
             "token": m.token,
         }
@@ -249,6 +295,7 @@ def _to_wire(m: Message) -> dict[str, Any]:
             "attempt_id": m.attempt_id.hex(),
             "secret": m.secret.hex(),
             "candidates": [_candidate_to_wire(c) for c in m.candidates],
+            "certificate": m.certificate.hex(),
             "request_id": m.request_id,
         }
     if isinstance(m, Error):
@@ -301,15 +348,27 @@ def _list(f: _Fields, key: str, item: Callable[[object], Any]) -> tuple[Any, ...
 
 
 _OPTIONAL_INT = (int, type(None))
+_HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
+
+
+def _hex(f: _Fields, key: str) -> bytes:
+    text = f.get(key, str)
+    if not _HEX_RE.fullmatch(text):
+        raise RemoteProtocolError(f"frame: field {key!r} is not lowercase hex")
+    return bytes.fromhex(text)
 
 
 def _from_wire(obj: object) -> Message:
     f = _Fields(obj, "frame")
     kind = f.get("type", str)
     message: Message
-    if kind == "register":
+    if kind == "challenge":
+        message = Challenge(_hex(f, "nonce"))
+    elif kind == "register":
         message = Register(
             f.get("name", str),
+            _hex(f, "certificate"),
+            _hex(f, "signature"),
             _list(f, "candidates", _endpoint_from_wire),
             f.get("token", (str, type(None))),
         )
@@ -325,9 +384,10 @@ def _from_wire(obj: object) -> Message:
         message = Introduction(
             peer_name=f.get("peer_name", str),
             role=Role(f.get("role", str)),
-            attempt_id=bytes.fromhex(f.get("attempt_id", str)),
-            secret=bytes.fromhex(f.get("secret", str)),
+            attempt_id=_hex(f, "attempt_id"),
+            secret=_hex(f, "secret"),
             candidates=_list(f, "candidates", _candidate_from_wire),
+            certificate=_hex(f, "certificate"),
             request_id=f.get("request_id", _OPTIONAL_INT),
         )
     elif kind == "error":
@@ -392,6 +452,7 @@ class Side(enum.Enum):
 
 
 _SENT_BY = {
+    Challenge: Side.SERVER,
     Register: Side.CLIENT,
     ConnectRequest: Side.CLIENT,
     Keepalive: Side.CLIENT,
@@ -423,7 +484,13 @@ class RendezvousConnection:
         self._buffer = bytearray()
         self._registered = False  # Register sent/received and Registered answered
         self._register_seen = False
+        self._challenge: bytes | None = None
         self._broken: RemoteProtocolError | None = None
+
+    @property
+    def challenge(self) -> bytes | None:
+        """The Challenge's nonce once sent (server) or received (client); else ``None``."""
+        return self._challenge
 
     @property
     def registered(self) -> bool:
@@ -495,9 +562,15 @@ class RendezvousConnection:
         return messages
 
     def _check_order(self, message: Message, error: type[Exception]) -> None:
-        if isinstance(message, Register):
+        if isinstance(message, Challenge):
+            if self._challenge is not None:
+                raise error("Challenge may be sent only once")
+            self._challenge = message.nonce
+        elif isinstance(message, Register):
             if self._register_seen:
                 raise error("Register may be sent only once")
+            if self._challenge is None:
+                raise error("Register before the server's Challenge")
             self._register_seen = True
         elif isinstance(message, Registered):
             if not self._register_seen or self._registered:

@@ -118,6 +118,10 @@ class PunchOptions:
         pacing: seconds (float, finite, >= :data:`MIN_PACING`, 0.05) between
             the starts of two connect attempts to one candidate (RFC 8445 §14);
             default :data:`DEFAULT_PACING` (0.1 s).
+        encrypt: run TLS 1.3 with the peer's registered key after the
+            nomination, and require the peer to (default True); False gives
+            the plaintext stream to applications that bring their own
+            security. Both peers must agree: a mismatch is refused.
 
     Raises:
         TypeError: a value that is not a real number (``True`` included).
@@ -128,6 +132,7 @@ class PunchOptions:
     pacing: float = attrs.field(
         default=DEFAULT_PACING, validator=_seconds(MIN_PACING, inclusive=True)
     )
+    encrypt: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
 
 
 DialFn = Callable[[Endpoint, Endpoint, Iterable[Endpoint]], Awaitable[trio.SocketStream]]
@@ -567,7 +572,7 @@ class Race:
         ``peer_hello``: the Hello the router already read from an accepted stream.
         """
         intro = self.introduction
-        shake = Handshake(intro.role, intro.attempt_id, intro.secret)
+        shake = Handshake(intro.role, intro.attempt_id, intro.secret, encrypt=self.options.encrypt)
         await reader.send(shake.hello())  # at once, both roles: no wait for the peer's
         if peer_hello is not None:
             await reader.send(shake.receive(peer_hello))

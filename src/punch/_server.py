@@ -10,12 +10,15 @@ from __future__ import annotations
 import collections
 import hmac
 import ipaddress
+import json
 import logging
 import math
+import os
 import secrets
 import ssl
 from collections.abc import Hashable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -24,14 +27,17 @@ import trio
 from . import _reuse
 from ._control import ControlChannel
 from ._endpoint import Candidate, CandidateType, Endpoint, Role
-from ._errors import LocalProtocolError, RemoteProtocolError
+from ._errors import LocalProtocolError, PeerVerificationError, RemoteProtocolError
+from ._identity import certificate_key, check_peer_id, peer_id, verify_signature
 from ._protocol import (
     ATTEMPT_ID_BYTES,
+    CHALLENGE_BYTES,
     DEFAULT_IDLE_TIMEOUT,
     MAX_ERROR_TEXT,
     MAX_FRAME,
     MIN_FRAME,
     SECRET_BYTES,
+    Challenge,
     ConnectRequest,
     Error,
     Introduction,
@@ -41,6 +47,8 @@ from ._protocol import (
     RendezvousConnection,
     Side,
     check_idle_timeout,
+    check_name,
+    registration_transcript,
 )
 
 log = logging.getLogger("punch.server")
@@ -199,6 +207,8 @@ class _Peer:
     observed: Endpoint
     host_candidates: tuple[Endpoint, ...]
     channel: ControlChannel
+    certificate: bytes
+    peer_id: str
 
     @property
     def candidates(self) -> tuple[Candidate, ...]:
@@ -253,6 +263,61 @@ class WarningThrottle:
 
 
 @attrs.define(eq=False)
+class NameBindings:
+    """Which key each name was first registered with (trust on first use), on disk.
+
+    An append-only file of JSON lines, ``{"name": ..., "peer_id": ...}``, one
+    per name's first registration; loading keeps the first line per name and
+    skips a torn last line (a crash mid-write). Appending costs one short write,
+    whatever the number of names.
+
+    Args:
+        path: the file; created on the first binding.
+
+    Raises (on construction):
+        OSError: the file exists and cannot be read.
+        ValueError: a line other than the last is not a binding.
+    """
+
+    path: Path
+    bound: dict[str, str] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        for number, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+                name, key = check_name(entry["name"]), check_peer_id(entry["peer_id"])
+            except (ValueError, TypeError, KeyError) as exc:
+                if number == len(lines):
+                    log.warning("%s: skipping a torn last line: %s", self.path, exc)
+                    break
+                raise ValueError(f"{self.path}:{number}: not a name binding: {exc}") from exc
+            self.bound.setdefault(name, key)
+        log.info("%s: %d name(s) bound to keys", self.path, len(self.bound))
+
+    def bind(self, name: str, key: str) -> None:
+        """Record ``name``'s key if it has none yet (one appended line, flushed to disk).
+
+        A write that fails is logged at ERROR; the binding then holds until restart.
+        """
+        if name in self.bound:
+            return
+        self.bound[name] = key
+        line = json.dumps({"name": name, "peer_id": key}) + "\n"
+        try:
+            with self.path.open("a") as file:
+                file.write(line)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as exc:  # the registration stands; the binding lives until restart
+            log.error("%s: cannot record %r's key: %s", self.path, name, exc)
+
+
+@attrs.define(eq=False)
 class RendezvousServer:
     """The registry behind :func:`serve_rendezvous`; one instance per listening server.
 
@@ -261,11 +326,15 @@ class RendezvousServer:
         ssl_context: wrap every control connection in TLS with this context.
         on_loopback: the server listens on a loopback address (then loopback
             host candidates are fine from anyone).
+        bindings: keep each name bound to its first key for good
+            (:class:`NameBindings`); without, a name is bound only while its
+            holder is connected.
     """
 
     limits: ServerLimits = attrs.field(factory=ServerLimits)
     ssl_context: ssl.SSLContext | None = None
     on_loopback: bool = False
+    bindings: NameBindings | None = None
     peers: dict[str, _Peer] = attrs.field(factory=dict, init=False)
     connections: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _registrations: RateLimit = attrs.field(init=False)
@@ -320,6 +389,7 @@ class RendezvousServer:
                 if self.ssl_context is not None:
                     channel.stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
                     await channel.stream.do_handshake()
+                await channel.send(Challenge(secrets.token_bytes(CHALLENGE_BYTES)))
                 # In the registry from here: the finally below removes it, however
                 # the reply fails (a reset, the registration timeout).
                 peer = await self._register(channel, observed)
@@ -361,19 +431,29 @@ class RendezvousServer:
         if message is None:
             return None
         assert isinstance(message, Register)  # the protocol state machine ensures it
-        self._admit(message, observed)
-        peer = _Peer(message.name, observed, message.candidates, channel)
+        assert channel.connection.challenge is not None  # sent before any Register is read
+        key = self._admit(message, observed, channel.connection.challenge)
+        peer = _Peer(message.name, observed, message.candidates, channel, message.certificate, key)
+        if self.bindings is not None:
+            self.bindings.bind(peer.name, peer.peer_id)
         self.peers[peer.name] = peer
         log.info(
-            "%s: registered %r, host candidates %s",
+            "%s: registered %r (peer ID %s), host candidates %s",
             observed,
             peer.name,
+            peer.peer_id,
             ", ".join(map(str, peer.host_candidates)) or "none",
         )
         return peer
 
-    def _admit(self, message: Register, observed: Endpoint) -> None:
-        """Raise :class:`_Refused` unless this Register may take its name."""
+    def _admit(self, message: Register, observed: Endpoint, challenge: bytes) -> str:
+        """The peer ID of the Register's key; raise :class:`_Refused` unless it may take its name.
+
+        The certificate must be a self-signed Ed25519 one, and the signature
+        must sign this connection's challenge and the name with its key
+        (``bad-signature``); the name must be free (``name-taken``): not held
+        by a connected peer, and, with :attr:`bindings`, never bound to another key.
+        """
         limits = self.limits
         exempt = limits.is_exempt(observed.address)
         source = source_key(observed.address)
@@ -391,8 +471,21 @@ class RendezvousServer:
             and hmac.compare_digest(message.token.encode(), expected.encode())
         ):
             raise _Refused(Error("unauthorized", "this server needs its access token"))
+        try:
+            key = certificate_key(message.certificate)
+        except PeerVerificationError as exc:
+            raise _Refused(Error("bad-signature", str(exc)[:MAX_ERROR_TEXT])) from exc
+        transcript = registration_transcript(challenge, message.name)
+        if not verify_signature(key, message.signature, transcript):
+            raise _Refused(Error("bad-signature", "the Register is not signed by its key"))
+        presented = peer_id(key)
         if message.name in self.peers:
             raise _Refused(Error("name-taken", f"{message.name!r} is held by a connected peer"))
+        bound = self.bindings.bound.get(message.name) if self.bindings is not None else None
+        if bound is not None and bound != presented:
+            raise _Refused(
+                Error("name-taken", f"{message.name!r} is bound to another key (peer ID {bound})")
+            )
         if len(self.peers) >= limits.max_peers:
             raise _Refused(Error("server-full", f"{limits.max_peers} peers are registered"))
         allow_loopback = self.on_loopback or observed.address.is_loopback
@@ -400,6 +493,7 @@ class RendezvousServer:
             problem = candidate_problem(endpoint, allow_loopback)
             if problem is not None:
                 raise _Refused(Error("bad-candidate", f"host candidate {endpoint} is {problem}"))
+        return presented
 
     async def _serve(self, peer: _Peer) -> None:
         idle = self.limits.idle_timeout
@@ -437,10 +531,21 @@ class RendezvousServer:
         attempt_id = secrets.token_bytes(ATTEMPT_ID_BYTES)
         secret = secrets.token_bytes(SECRET_BYTES)
         to_requester = Introduction(
-            target.name, Role.INITIATOR, attempt_id, secret, target.candidates, request.request_id
+            target.name,
+            Role.INITIATOR,
+            attempt_id,
+            secret,
+            target.candidates,
+            target.certificate,
+            request.request_id,
         )
         to_target = Introduction(
-            requester.name, Role.RESPONDER, attempt_id, secret, requester.candidates
+            requester.name,
+            Role.RESPONDER,
+            attempt_id,
+            secret,
+            requester.candidates,
+            requester.certificate,
         )
         log.info(
             "introducing %r (%s) to %r (%s), attempt %s",
@@ -512,6 +617,7 @@ async def serve_rendezvous(
     ssl_context: ssl.SSLContext | None = None,
     stop: trio.Event | None = None,
     registration_timeout: float | None = None,
+    persist_names: str | os.PathLike[str] | None = None,
     task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a rendezvous server until cancelled, or until ``stop`` is set.
@@ -531,17 +637,24 @@ async def serve_rendezvous(
             registered peer ``shutting-down`` (at most :data:`SHUTDOWN_GRACE`
             seconds), close every connection, return.
         registration_timeout: shorthand for ``limits.registration_timeout``.
+        persist_names: a file (:class:`NameBindings`) that keeps each name
+            bound to the key that first registered it, across disconnects and
+            restarts (trust on first use); default: names are bound only while
+            their holder is connected.
         task_status: receives the bound :class:`Endpoint` once listening.
 
     Raises:
-        TypeError, ValueError: a bad argument.
-        OSError: the listening socket could not be opened (``EADDRINUSE``…).
+        TypeError, ValueError: a bad argument, or a ``persist_names`` file
+            with a malformed line.
+        OSError: the listening socket could not be opened (``EADDRINUSE``…),
+            or ``persist_names`` cannot be read.
     """
     bind = Endpoint(host, port)  # validates both
     limits = limits or ServerLimits()
     if registration_timeout is not None:
         limits = attrs.evolve(limits, registration_timeout=registration_timeout)
-    server = RendezvousServer(limits, ssl_context, bind.address.is_loopback)
+    bindings = NameBindings(Path(persist_names)) if persist_names is not None else None
+    server = RendezvousServer(limits, ssl_context, bind.address.is_loopback, bindings)
     listeners = await trio.open_tcp_listeners(bind.port, host=bind.ip)
     bound = Endpoint.from_sockaddr(listeners[0].socket.getsockname())
     log.info("rendezvous listening on %s%s", bound, " (TLS)" if ssl_context else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import ssl
 
 import attrs
 import trio
@@ -10,6 +11,7 @@ import trio
 from ._endpoint import Endpoint, Role
 from ._errors import HandshakeInterrupted
 from ._outcome import Attempt
+from ._tls import TLSStream
 
 _RECEIVE_SIZE = 65536
 
@@ -72,11 +74,14 @@ class ExactReader:
 
 @attrs.define(eq=False)
 class PeerStream(trio.abc.HalfCloseableStream):
-    """A direct, authenticated TCP connection to a peer.
+    """A direct, authenticated TCP connection to a peer, encrypted by TLS 1.3 by default.
 
-    A plain kernel TCP socket underneath (no relay, no framing added): the
-    methods are those of :class:`trio.SocketStream`, and raise what it raises
+    A kernel TCP socket underneath (no relay): the methods are those of
+    :class:`trio.SocketStream`, and raise what it raises
     (:class:`trio.BrokenResourceError`, :class:`trio.ClosedResourceError`).
+    On an encrypted stream (:attr:`encrypted`) they read and write TLS
+    application data, and :meth:`send_eof` sends TLS ``close_notify`` and a
+    FIN: TLS 1.3 half-closes like TCP (RFC 8446 §6.1).
 
     Attributes:
         peer_name: the peer's registered name.
@@ -92,6 +97,10 @@ class PeerStream(trio.abc.HalfCloseableStream):
             (:class:`~punch.Attempt`: candidate, number, start and end in
             seconds from the introduction, outcome, error); the winning one,
             if we won by connect, has the outcome ``NOMINATED``.
+        peer_id: the peer's peer ID (:attr:`punch.Identity.peer_id`), proven
+            by its TLS certificate; ``None`` on a plaintext stream.
+        tls_time: seconds the TLS handshake took after nomination (0.0 on a
+            plaintext stream); :attr:`connect_time` includes it.
     """
 
     socket_stream: trio.SocketStream
@@ -104,20 +113,53 @@ class PeerStream(trio.abc.HalfCloseableStream):
     connect_time: float
     _pending: bytearray = attrs.field(factory=bytearray, converter=bytearray, alias="pending")
     attempts: tuple[Attempt, ...] = ()
+    peer_id: str | None = None
+    tls_time: float = 0.0
+    _tls: TLSStream | None = attrs.field(default=None, init=False)
 
     @property
     def socket(self) -> trio.socket.SocketType:
         """The underlying trio socket (for ``getsockopt`` and the like)."""
         return self.socket_stream.socket
 
+    @property
+    def encrypted(self) -> bool:
+        """True once TLS protects the stream."""
+        return self._tls is not None
+
+    async def start_tls(self, context: ssl.SSLContext, *, server_side: bool) -> TLSStream:
+        """Run the TLS handshake over this stream; from then on every byte is TLS's.
+
+        Bytes the punch handshake read past its end are TLS records, and go first.
+
+        Returns:
+            the :class:`~punch._tls.TLSStream` (for its ``ssl_object``).
+
+        Raises:
+            trio.BrokenResourceError: as :meth:`punch._tls.TLSStream.do_handshake`.
+        """
+        tls = TLSStream(
+            self.socket_stream, context, server_side=server_side, pending=bytes(self._pending)
+        )
+        self._pending.clear()
+        await tls.do_handshake()
+        self._tls = tls
+        return tls
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.socket_stream.send_all(data)
+        if self._tls is not None:
+            await self._tls.send_all(data)
+        else:
+            await self.socket_stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.socket_stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self.socket_stream.send_eof()
+        if self._tls is not None:
+            await self._tls.send_eof()
+        else:
+            await self.socket_stream.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Up to ``max_bytes`` bytes (default: what is there); ``b""`` at end of stream.
@@ -131,6 +173,8 @@ class PeerStream(trio.abc.HalfCloseableStream):
         """
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
+        if self._tls is not None:
+            return await self._tls.receive_some(max_bytes)
         if self._pending:
             size = len(self._pending) if max_bytes is None else max_bytes
             out = bytes(self._pending[:size])
@@ -140,4 +184,7 @@ class PeerStream(trio.abc.HalfCloseableStream):
         return await self.socket_stream.receive_some(max_bytes)
 
     async def aclose(self) -> None:
-        await self.socket_stream.aclose()
+        if self._tls is not None:
+            await self._tls.aclose()
+        else:
+            await self.socket_stream.aclose()
