@@ -14,7 +14,7 @@ import attrs
 import pytest
 from netns.scenario import PUNCH, PairRun, run_on_loopback, wait_for
 
-from punch import Endpoint, PunchFailed, _cli
+from punch import Endpoint, Identity, PunchFailed, _cli
 from punch._commands import Progress, Reporter
 from punch.transfer import FileHeader
 
@@ -64,6 +64,43 @@ def test_json_with_vv_gives_every_step_as_json(pair: PairRun) -> None:
     assert all(e["candidate"].startswith(("srflx ", "host ")) for e in attempts)
 
 
+def test_a_pinned_peer_id_is_proven_over_tls(pair: PairRun) -> None:
+    bob_id = Identity.load_or_create(pair.workdir / "bob.pem")  # bob's --identity file
+    alice, bob, _ = pair.run(
+        rendezvous_prefix=[],
+        rendezvous_listen="127.0.0.1:0",
+        listener_prefix=[],
+        connector_prefix=[],
+        connector_args=("--peer-id", bob_id.peer_id),
+    )
+    assert (alice.returncode, bob.returncode) == (0, 0), (alice.stderr, bob.stderr)
+    assert bob.received == b"hello from alice\n"
+    a, b = alice.event("connected"), bob.event("connected")
+    assert a is not None
+    assert b is not None
+    assert (a["encrypted"], a["peer_id"]) == (True, bob_id.peer_id)
+    assert b["peer_id"] == Identity.load(pair.workdir / "alice.pem").peer_id
+    registered = bob.event("registered")
+    assert registered is not None
+    assert registered["peer_id"] == bob_id.peer_id  # what bob tells alice to pin
+
+
+def test_a_wrong_peer_id_is_refused_before_the_punch(pair: PairRun) -> None:
+    alice, bob, _ = pair.run(
+        rendezvous_prefix=[],
+        rendezvous_listen="127.0.0.1:0",
+        listener_prefix=[],
+        connector_prefix=[],
+        listener_args=("--timeout", "1"),
+        connector_args=("--peer-id", Identity.generate().peer_id),
+    )
+    assert alice.returncode == _cli.EXIT_HANDSHAKE, alice.stderr
+    error = alice.event("error")
+    assert error is not None
+    assert "not the pinned" in error["error"]
+    assert bob.returncode == _cli.EXIT_PUNCH_FAILED  # nobody punched back
+
+
 def test_unknown_peer_exit_code_and_one_line(
     rendezvous_process: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -91,6 +128,8 @@ def test_unreachable_rendezvous_exit_code(capsys: pytest.CaptureFixture[str]) ->
         ["receive", "--name", "bob", "--rendezvous", "127.0.0.1:7000", "--out", "/nonexistent"],
         ["chat", "--name", "bob", "--rendezvous", "127.0.0.1:7000"],  # no PEER
         ["listen", "--name", "alice", "--rendezvous", "127.0.0.1:7000", "--timeout", "0"],
+        ["connect", "bob", "--rendezvous", "127.0.0.1:7000", "--peer-id", "not-an-id"],
+        ["connect", "bob", "--rendezvous", "127.0.0.1:7000", "--peer-id", "a" * 32, "--no-encrypt"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str]) -> None:
