@@ -22,6 +22,7 @@ from netns.scenario import PUNCH, PairRun, wait_for
 PEER = [sys.executable, "-m", "benchmarks.peer"]
 DIRECT_PORT = 7100
 RAW_PORT = 7200
+TLS_PORT = 7300
 PHASE_TIMEOUT = 300.0
 """Seconds alice gets for all her phases before she is killed (bounds every run)."""
 FIRST_BYTE_TIMEOUT = 20.0
@@ -44,7 +45,7 @@ def _lab_pair(
         topology = build_two_nats(lab, profile, profile)
         a, b = topology.sites
         assert b.nat_ns is not None
-        for port in (DIRECT_PORT, RAW_PORT):
+        for port in (DIRECT_PORT, RAW_PORT, TLS_PORT):
             lab.forward(b.nat_ns, port, b.peer_ip)
         if delay:
             lab.delay(delay)
@@ -64,6 +65,7 @@ def _lab_pair(
             bob = pair.start("bob", lab.exec_prefix(b.peer_ns), [*PEER, "bob", *common])
             wait_for(pair.workdir / "bob.out", lambda t: "ready" in t, bob, "benchmark bob")
             extra = [f"--direct={b.public_ip}:{DIRECT_PORT}", f"--raw={b.public_ip}:{RAW_PORT}"]
+            extra += [f"--tls={b.public_ip}:{TLS_PORT}"]
             if rounds:
                 extra += ["--rounds", str(rounds), "--bytes", str(count)]
             alice = pair.start(

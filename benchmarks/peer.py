@@ -1,9 +1,12 @@
 """One benchmark peer, run inside a lab namespace: ``python -m benchmarks.peer alice|bob``.
 
-``bob`` serves until killed: punched streams (as registered peer ``bob``),
-a port-forwarded direct listener that runs the same handshake (the baseline),
-and a raw TCP listener (the throughput baseline). ``alice`` drives the phases
-one after another and prints one JSON document of figures on stdout.
+``bob`` serves until killed: punched streams (as registered peer ``bob``, TLS;
+and ``bob-plain``, without), a port-forwarded direct listener that runs the
+same handshake and TLS (the baseline), a raw TCP listener and a raw TCP
+listener under ``trio.SSLStream`` with the same TLS settings (the throughput
+baselines). Both sides derive the baselines' keys from the shared secret.
+``alice`` drives the phases one after another and prints one JSON document of
+figures on stdout.
 
 Per stream, alice's first byte says what she wants: ``?`` (bob answers one
 JSON line about his side of the connection, then the stream closes) or ``T``
@@ -17,24 +20,31 @@ import argparse
 import hashlib
 import json
 import logging
+import ssl
 import time
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import punch
 from punch import Candidate, CandidateType, Endpoint, Role
 from punch._outcome import max_attempts_per_second
 from punch._protocol import Introduction
 from punch._race import InboundRouter, PunchOptions, Race
+from punch._secure import encrypt
 
 CHUNK = 1 << 18
 """Bytes per send/receive call in the throughput rounds (256 KiB)."""
 LONG = 600.0
 """Seconds: a deadline no benchmark phase comes near; everything is bounded by it."""
 LONG_PUNCH = PunchOptions(timeout=LONG)
-_CERTIFICATE = punch.Identity.generate().certificate
-"""Fills the introductions of the direct trials, whose race runs no TLS."""
+
+
+def identity(secret: bytes, role: Role) -> punch.Identity:
+    """The baselines' key of ``role``: both sides derive both from the shared secret."""
+    seed = hashlib.sha256(secret + role.value.encode()).digest()
+    return punch.Identity(Ed25519PrivateKey.from_private_bytes(seed))
 
 
 def direct_introduction(secret: bytes, trial: int, role: Role, to: Endpoint | None) -> Introduction:
@@ -43,7 +53,33 @@ def direct_introduction(secret: bytes, trial: int, role: Role, to: Endpoint | No
     candidates = (Candidate(CandidateType.HOST, to),) if to is not None else ()
     peer = "bob" if role is Role.INITIATOR else "alice"
     request_id = 1 if role is Role.INITIATOR else None
-    return Introduction(peer, role, attempt_id, secret, candidates, _CERTIFICATE, request_id)
+    certificate = identity(secret, role.other).certificate
+    return Introduction(peer, role, attempt_id, secret, candidates, certificate, request_id)
+
+
+def tls_context(secret: bytes, role: Role) -> ssl.SSLContext:
+    """The TLS settings of a punched stream, for the ``trio.SSLStream`` baseline."""
+    ours, theirs = identity(secret, role), identity(secret, role.other)
+    return ours.tls_context(theirs.certificate, server_side=role is Role.RESPONDER)
+
+
+async def direct_stream(
+    secret: bytes, trial: int, role: Role, to: Endpoint | None, local: Endpoint, inbound: Any
+) -> punch.PeerStream:
+    """One direct baseline: the same race handshake, then the same TLS, as a punch."""
+    intro = direct_introduction(secret, trial, role, to)
+    stream = await Race(intro, local, inbound, options=LONG_PUNCH).run()
+    await encrypt(stream, identity(secret, role), intro, None, LONG)
+    return stream
+
+
+def about(stream: punch.PeerStream) -> dict[str, Any]:
+    return {
+        "connect_time": stream.connect_time,
+        "tls_time": stream.tls_time,
+        "won_by": stream.won_by.value,
+        "attempts_per_s": max_attempts_per_second(stream.attempts),
+    }
 
 
 async def send_bytes(stream: trio.abc.Stream, count: int) -> None:
@@ -103,41 +139,43 @@ async def bob(args: argparse.Namespace) -> None:
     secret = bytes.fromhex(args.secret)
     async with (
         punch.open_host("bob", rendezvous=args.rendezvous, timeout=LONG) as host,
+        punch.open_host("bob-plain", rendezvous=args.rendezvous, encrypt=False) as plain,
         trio.open_nursery() as nursery,
     ):
 
-        async def punched() -> None:
+        async def punched(host: punch.Host) -> None:
             while True:
                 try:
                     stream = await host.accept()
                 except punch.PunchFailed:
                     continue  # alice records it
-                about = {
-                    "connect_time": stream.connect_time,
-                    "won_by": stream.won_by.value,
-                    "attempts_per_s": max_attempts_per_second(stream.attempts),
-                }
-                nursery.start_soon(serve_stream, stream, about)
+                nursery.start_soon(serve_stream, stream, about(stream))
 
         async def direct(router: InboundRouter, trial: int) -> None:
             intro = direct_introduction(secret, trial, Role.RESPONDER, None)
             local = Endpoint("0.0.0.0", args.direct_port)
-            race = Race(intro, local, router.open_route(intro.attempt_id), options=LONG_PUNCH)
             try:
-                stream = await race.run()
+                inbound = router.open_route(intro.attempt_id)
+                stream = await direct_stream(secret, trial, Role.RESPONDER, None, local, inbound)
             finally:
                 router.close_route(intro.attempt_id)
-            await serve_stream(stream, {"connect_time": stream.connect_time})
+            await serve_stream(stream, about(stream))
 
         async def raw(stream: trio.SocketStream) -> None:
             await serve_stream(stream, {})
+
+        async def raw_tls(stream: trio.SocketStream) -> None:
+            context = tls_context(secret, Role.RESPONDER)
+            await serve_stream(trio.SSLStream(stream, context, server_side=True), {})
 
         router = InboundRouter(Endpoint("0.0.0.0", args.direct_port))
         await nursery.start(router.serve)
         for trial in range(args.trials):
             nursery.start_soon(direct, router, trial)
-        nursery.start_soon(punched)
+        nursery.start_soon(punched, host)
+        nursery.start_soon(punched, plain)
         nursery.start_soon(trio.serve_tcp, raw, args.raw_port)
+        nursery.start_soon(trio.serve_tcp, raw_tls, args.tls_port)
         print("ready", flush=True)
 
 
@@ -181,30 +219,32 @@ async def alice(args: argparse.Namespace) -> None:
             cpu = time.process_time() - cpu
             async with stream:
                 theirs = await ask(stream)
-            ours = {
-                "connect_time": stream.connect_time,
-                "won_by": stream.won_by.value,
-                "attempts_per_s": max_attempts_per_second(stream.attempts),
-            }
-            report["punch"].append({"alice": ours, "bob": theirs, "cpu": cpu})
+            report["punch"].append({"alice": about(stream), "bob": theirs, "cpu": cpu})
     if args.direct is not None:
         to = Endpoint.parse(args.direct)
         for trial in range(args.trials):
-            intro = direct_introduction(secret, trial, Role.INITIATOR, to)
             send, inbound = trio.open_memory_channel[Any](0)
             send.close()  # the baseline dials only
-            stream = await Race(intro, Endpoint("0.0.0.0", 0), inbound, options=LONG_PUNCH).run()
+            local = Endpoint("0.0.0.0", 0)
+            stream = await direct_stream(secret, trial, Role.INITIATOR, to, local, inbound)
             async with stream:
                 theirs = await ask(stream)
-            report["direct"].append({"alice": {"connect_time": stream.connect_time}, "bob": theirs})
+            report["direct"].append({"alice": about(stream), "bob": theirs})
     if args.rounds:
-        async with punch.open_host("alice-t", rendezvous=args.rendezvous) as host:
-            async with await host.connect("bob") as stream:
-                punched = await throughput(stream, args.rounds, args.bytes)
+        report["throughput"] = {"bytes": args.bytes}
+        for flow, peer, encrypted in (("punched", "bob", True), ("plain", "bob-plain", False)):
+            async with punch.open_host(
+                f"alice-{flow}", rendezvous=args.rendezvous, encrypt=encrypted
+            ) as host:
+                async with await host.connect(peer) as stream:
+                    report["throughput"][flow] = await throughput(stream, args.rounds, args.bytes)
         to = Endpoint.parse(args.raw)
         async with await trio.open_tcp_stream(to.ip, to.port) as stream:
-            raw = await throughput(stream, args.rounds, args.bytes)
-        report["throughput"] = {"bytes": args.bytes, "punched": punched, "raw": raw}
+            report["throughput"]["raw"] = await throughput(stream, args.rounds, args.bytes)
+        to = Endpoint.parse(args.tls)
+        context = tls_context(secret, Role.INITIATOR)
+        async with trio.SSLStream(await trio.open_tcp_stream(to.ip, to.port), context) as stream:
+            report["throughput"]["sslstream"] = await throughput(stream, args.rounds, args.bytes)
     print(json.dumps(report), flush=True)
 
 
@@ -216,8 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--secret", required=True, help="hex, 32 bytes: the direct baseline's")
     parser.add_argument("--direct-port", type=int, default=7100)
     parser.add_argument("--raw-port", type=int, default=7200)
+    parser.add_argument("--tls-port", type=int, default=7300)
     parser.add_argument("--direct", help="alice: bob's forwarded ip:port for the baseline")
     parser.add_argument("--raw", help="alice: bob's forwarded ip:port for raw TCP")
+    parser.add_argument("--tls", help="alice: bob's forwarded ip:port for raw TCP + TLS")
     parser.add_argument("--rounds", type=int, default=0, help="alice: throughput rounds")
     parser.add_argument("--bytes", type=int, default=1 << 30, help="per round, each way")
     parser.add_argument("--log", action="store_true", help="timestamped DEBUG log on stderr")

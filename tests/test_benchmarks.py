@@ -36,10 +36,12 @@ def test_quick_benchmark_run_measures_everything(tmp_path: Path) -> None:
     assert summary["time_to_stream"]["connected"] == summary["time_to_stream"]["trials"] == 5
     assert summary["worst_timing"]["trials"] == 3  # cone-rst x cone-rst: not every one connects
     assert summary["worst_timing"]["attempts_per_s_max"] <= 20
-    assert all(summary["throughput"][d]["ratio"] > 0 for d in ("up", "down"))
+    flows = ("punched", "sslstream", "plain", "raw")
+    assert all(summary["throughput"][d][f] > 0 for d in ("up", "down") for f in flows)
     assert [p["peers"] for p in summary["capacity"]["points"]] == [1_000, 2_000]
     assert summary["capacity"]["introductions_per_s"] > 0
     assert summary["cpu_per_punch"] > 0
     for row in summary["round_trips"]:  # 10 and 50 ms between the sites
         assert row["connected"] == row["trials"] == 3
         assert row["initiator"] > row["round_trip"]  # at least TCP's own round trip
+        assert row["initiator_tls"] > row["round_trip"] / 2  # TLS has a flight each way
