@@ -159,6 +159,22 @@ async def test_a_rendezvous_that_introduces_a_third_host_is_caught_by_a_pin() ->
             assert impostor.peer_id == carol_id.peer_id != bob_id.peer_id
         with pytest.raises(PeerVerificationError, match="not the pinned"):
             await alice.connect("bob", peer_id=bob_id.peer_id)
+        # carol's key is now one alice's TLS knows; announced as bob's key, carol is
+        # still refused: only the introduced certificate itself will do
+        server.peers["bob"] = attrs.evolve(server.peers["carol"], certificate=bob_id.certificate)
+        server.peers["bob"].name = "bob"
+        accepted.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_accept, carol, accepted)
+            with pytest.raises(PeerVerificationError, match="not the one it registered"):
+                await alice.connect("bob")
+        # TLS 1.3's server is done before the client checks: carol holds a stream
+        # that alice has already reset
+        refused = accepted[0]
+        assert isinstance(refused, PeerStream)
+        async with refused:
+            with pytest.raises(trio.BrokenResourceError):
+                await refused.receive_some()
 
 
 async def test_a_name_is_bound_to_its_key_while_held_and_with_persistence_for_good(

@@ -37,6 +37,8 @@ PEER_ID_LENGTH = 32
 _PEER_ID_RE = re.compile(f"[a-z2-7]{{{PEER_ID_LENGTH}}}")
 MAX_CERTIFICATE = 512
 """Bytes (DER) a peer's certificate may take; ours take 209."""
+TRUSTED_PER_CONTEXT = 1024
+"""Peer certificates one cached TLS context trusts before it is built anew."""
 _SUBJECT = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "punch peer")])
 # Fixed fields make the certificate a pure function of the key: the same key
 # always gives the same certificate (Ed25519 signatures are deterministic).
@@ -122,6 +124,9 @@ class Identity:
     public_key: bytes = attrs.field(init=False)
     peer_id: str = attrs.field(init=False)
     certificate: bytes = attrs.field(init=False)
+    _contexts: dict[bool, tuple[ssl.SSLContext, set[bytes]]] = attrs.field(
+        factory=dict, init=False, eq=False
+    )
 
     def __attrs_post_init__(self) -> None:
         raw = self._private_key.public_key().public_bytes(
@@ -211,11 +216,16 @@ class Identity:
         return self._private_key.sign(data)
 
     def tls_context(self, peer_certificate: bytes, *, server_side: bool) -> ssl.SSLContext:
-        """A TLS 1.3-only context that presents our certificate and trusts only the peer's.
+        """A TLS 1.3-only context that presents our certificate and trusts the peer's.
 
         Both sides require a certificate (the responder asks the initiator for
-        one); the peer's self-signed certificate is the only trust anchor, so
-        OpenSSL refuses any other. No hostname (peers have none), no session
+        one), and OpenSSL accepts only self-signed certificates it was given
+        as trust anchors: the peer's, and those of peers introduced to us
+        before (one context per side is kept and reused, so a punch does not
+        pay the 2 ms of building one; it is built anew after
+        :data:`TRUSTED_PER_CONTEXT` peers). The caller must therefore check
+        that the certificate the peer presented is exactly ``peer_certificate``
+        (``_secure.encrypt`` does). No hostname (peers have none), no session
         tickets (a punched stream is never resumed).
 
         Args:
@@ -223,6 +233,16 @@ class Identity:
                 introduction).
             server_side: we are the TLS server (the responder).
         """
+        cached = self._contexts.get(server_side)
+        if cached is None or len(cached[1]) >= TRUSTED_PER_CONTEXT:
+            cached = self._contexts[server_side] = (self._new_context(server_side), set())
+        context, trusted = cached
+        if peer_certificate not in trusted:
+            context.load_verify_locations(cadata=peer_certificate)
+            trusted.add(peer_certificate)
+        return context
+
+    def _new_context(self, server_side: bool) -> ssl.SSLContext:
         context = ssl.SSLContext(
             ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT
         )
@@ -231,7 +251,6 @@ class Identity:
         context.verify_mode = ssl.CERT_REQUIRED
         if server_side:
             context.num_tickets = 0
-        context.load_verify_locations(cadata=peer_certificate)
         pem = (
             self._private_key.private_bytes(
                 serialization.Encoding.PEM,

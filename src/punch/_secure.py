@@ -73,8 +73,10 @@ async def encrypt(
             tls = await stream.start_tls(context, server_side=server_side)
         if scope.cancelled_caught:
             raise HandshakeInterrupted(f"no TLS handshake within {timeout:g} s")
+        # OpenSSL also trusts peers introduced to us before (Identity.tls_context): exactly
+        # the introduced certificate, or nothing
         if tls.ssl_object.getpeercert(binary_form=True) != introduction.certificate:
-            raise PeerVerificationError(  # OpenSSL trusts only it: never expected here
+            raise PeerVerificationError(
                 "the peer's TLS certificate is not the one it registered",
                 expected=expected,
                 presented=presented,
