@@ -115,3 +115,22 @@ async def test_max_bytes_is_checked() -> None:
     async with tls_pair() as (client, _):
         with pytest.raises(ValueError, match="max_bytes"):
             await client.receive_some(0)
+
+
+async def test_one_context_serves_several_peers_each_with_its_own_certificate() -> None:
+    """A host's cached context trusts every peer introduced so far (each by its own
+    name); a handshake with each of them verifies."""
+    me = Identity.generate()
+    peers = [Identity.generate() for _ in range(3)]
+    for peer in peers:
+        me.tls_context(peer.certificate, server_side=False)
+    for peer in peers:
+        a, b = await _socket_pair()
+        client = TLSStream(
+            a, me.tls_context(peer.certificate, server_side=False), server_side=False
+        )
+        server = TLSStream(b, peer.tls_context(me.certificate, server_side=True), server_side=True)
+        async with client, server, trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        assert client.ssl_object.getpeercert(binary_form=True) == peer.certificate

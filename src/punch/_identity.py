@@ -39,7 +39,6 @@ MAX_CERTIFICATE = 512
 """Bytes (DER) a peer's certificate may take; ours take 209."""
 TRUSTED_PER_CONTEXT = 1024
 """Peer certificates one cached TLS context trusts before it is built anew."""
-_SUBJECT = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "punch peer")])
 # Fixed fields make the certificate a pure function of the key: the same key
 # always gives the same certificate (Ed25519 signatures are deterministic).
 _NOT_BEFORE = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
@@ -132,10 +131,13 @@ class Identity:
         raw = self._private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
+        # Subject and issuer name the peer ID: OpenSSL finds trust anchors by name,
+        # so a context trusting several peers must see a distinct name for each
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, peer_id(raw))])
         cert = (
             x509.CertificateBuilder()
-            .subject_name(_SUBJECT)
-            .issuer_name(_SUBJECT)
+            .subject_name(subject)
+            .issuer_name(subject)
             .public_key(self._private_key.public_key())
             .serial_number(1)
             .not_valid_before(_NOT_BEFORE)
