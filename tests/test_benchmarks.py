@@ -30,7 +30,8 @@ def test_quick_benchmark_run_measures_everything(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| time to authenticated stream" in done.stdout
+    assert "| time to encrypted stream" in done.stdout
+    assert "| TLS 1.3 after that punch" in done.stdout
     summary = json.loads(out.read_text())["summary"]
     assert summary["time_to_stream"]["ratio"] > 0
     assert summary["time_to_stream"]["connected"] == summary["time_to_stream"]["trials"] == 5

@@ -41,6 +41,19 @@ async def _accept(host: punch.Host, into: list[PeerStream | OSError]) -> None:
         into.append(exc)
 
 
+async def punched_pair(
+    initiator: punch.Host, responder: punch.Host, peer_id: str | None = None
+) -> tuple[PeerStream, PeerStream]:
+    """``initiator`` connects to ``responder``, which accepts: both streams."""
+    accepted: list[PeerStream | OSError] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_accept, responder, accepted)
+        stream = await initiator.connect(responder.name, peer_id=peer_id)
+    theirs = accepted[0]
+    assert isinstance(theirs, PeerStream)
+    return stream, theirs
+
+
 async def test_streams_are_tls_13_and_prove_each_peer_id() -> None:
     alice_id, bob_id = Identity.generate(), Identity.generate()
     async with (
@@ -48,12 +61,7 @@ async def test_streams_are_tls_13_and_prove_each_peer_id() -> None:
         punch.open_host("alice", rendezvous=rendezvous, identity=alice_id) as alice,
         punch.open_host("bob", rendezvous=rendezvous, identity=bob_id) as bob,
     ):
-        accepted: list[PeerStream | OSError] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_accept, bob, accepted)
-            stream = await alice.connect("bob", peer_id=bob_id.peer_id)
-        theirs = accepted[0]
-        assert isinstance(theirs, PeerStream)
+        stream, theirs = await punched_pair(alice, bob, bob_id.peer_id)
         async with stream, theirs:
             assert stream.encrypted
             assert theirs.encrypted
@@ -72,12 +80,7 @@ async def test_plaintext_when_both_ask_for_it() -> None:
         punch.open_host("alice", rendezvous=rendezvous, encrypt=False) as alice,
         punch.open_host("bob", rendezvous=rendezvous, encrypt=False) as bob,
     ):
-        accepted: list[PeerStream | OSError] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_accept, bob, accepted)
-            stream = await alice.connect("bob")
-        theirs = accepted[0]
-        assert isinstance(theirs, PeerStream)
+        stream, theirs = await punched_pair(alice, bob)
         async with stream, theirs:
             assert not stream.encrypted
             assert not theirs.encrypted

@@ -246,7 +246,7 @@ class Host:
         """Run the race, then TLS; the route was opened by :meth:`_dispatch` and closes here."""
         inbound = self._router.open_route(introduction.attempt_id)
         try:
-            if options.encrypt:  # a lying rendezvous is caught before any SYN
+            if expected is not None:  # a lying rendezvous is caught before any SYN
                 _secure.introduced_peer_id(introduction, expected)
             race = Race(
                 introduction,
