@@ -45,6 +45,10 @@ _NOT_BEFORE = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 _NOT_AFTER = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
 
 
+def _raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def peer_id(public_key: bytes) -> str:
     """The peer ID of a 32-byte raw Ed25519 public key (see the module docstring).
 
@@ -96,7 +100,7 @@ def certificate_key(der: bytes) -> bytes:
         cert.verify_directly_issued_by(cert)
     except (ValueError, TypeError, InvalidSignature) as exc:
         raise PeerVerificationError(f"not a self-signed Ed25519 certificate: {exc}") from exc
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return _raw(key)
 
 
 def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
@@ -128,12 +132,11 @@ class Identity:
     )
 
     def __attrs_post_init__(self) -> None:
-        raw = self._private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        raw = _raw(self._private_key.public_key())
+        printable = peer_id(raw)
         # Subject and issuer name the peer ID: OpenSSL finds trust anchors by name,
         # so a context trusting several peers must see a distinct name for each
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, peer_id(raw))])
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, printable)])
         cert = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -145,7 +148,7 @@ class Identity:
             .sign(self._private_key, None)
         )
         object.__setattr__(self, "public_key", raw)
-        object.__setattr__(self, "peer_id", peer_id(raw))
+        object.__setattr__(self, "peer_id", printable)
         object.__setattr__(self, "certificate", cert.public_bytes(serialization.Encoding.DER))
 
     def __repr__(self) -> str:
@@ -183,11 +186,7 @@ class Identity:
             OSError: the directory cannot be written.
         """
         target = Path(path)
-        pem = self._private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        pem = self._private_pem()
         fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=".identity-")
         try:  # mkstemp creates it 0600 (tempfile docs)
             with os.fdopen(fd, "wb") as file:
@@ -212,6 +211,14 @@ class Identity:
         identity = cls.generate()
         identity.save(target)
         return identity
+
+    def _private_pem(self) -> bytes:
+        """The private key as unencrypted PEM PKCS #8 (RFC 5958)."""
+        return self._private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def sign(self, data: bytes) -> bytes:
         """The 64-byte Ed25519 signature of ``data``."""
@@ -253,14 +260,7 @@ class Identity:
         context.verify_mode = ssl.CERT_REQUIRED
         if server_side:
             context.num_tickets = 0
-        pem = (
-            self._private_key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            + ssl.DER_cert_to_PEM_cert(self.certificate).encode()
-        )
+        pem = self._private_pem() + ssl.DER_cert_to_PEM_cert(self.certificate).encode()
         # load_cert_chain reads only files: a private 0700 directory, gone at once
         with tempfile.TemporaryDirectory(prefix="punch-tls-") as directory:
             chain = Path(directory, "chain.pem")
