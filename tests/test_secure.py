@@ -218,6 +218,8 @@ def test_a_torn_last_line_is_skipped_and_a_bad_middle_line_is_an_error(tmp_path:
     path = tmp_path / "names.jsonl"
     path.write_text(f'{{"name": "a", "peer_id": "{key}"}}\n{{"name": "b", "pe')
     assert NameBindings(path).bound == {"a": key}
+    NameBindings(path).bind("c", key)  # appends after the cut, not onto the torn line
+    assert NameBindings(path).bound == {"a": key, "c": key}
     path.write_text(f'garbage\n{{"name": "a", "peer_id": "{key}"}}\n')
     with pytest.raises(ValueError, match=":1: not a name binding"):
         NameBindings(path)

@@ -268,7 +268,7 @@ class NameBindings:
 
     An append-only file of JSON lines, ``{"name": ..., "peer_id": ...}``, one
     per name's first registration; loading keeps the first line per name and
-    skips a torn last line (a crash mid-write). Appending costs one short write,
+    cuts off a torn last line (a crash mid-write), so the next line appends cleanly. Appending costs one short write,
     whatever the number of names.
 
     Args:
@@ -292,8 +292,10 @@ class NameBindings:
                 entry = json.loads(line)
                 name, key = check_name(entry["name"]), check_peer_id(entry["peer_id"])
             except (ValueError, TypeError, KeyError) as exc:
-                if number == len(lines):
-                    log.warning("%s: skipping a torn last line: %s", self.path, exc)
+                if number == len(lines):  # cut it off, or the next append would extend it
+                    log.warning("%s: dropping a torn last line: %s", self.path, exc)
+                    with self.path.open("r+") as file:
+                        file.truncate(sum(len(kept) + 1 for kept in lines[:-1]))
                     break
                 raise ValueError(f"{self.path}:{number}: not a name binding: {exc}") from exc
             self.bound.setdefault(name, key)
