@@ -268,8 +268,8 @@ class NameBindings:
 
     An append-only file of JSON lines, ``{"name": ..., "peer_id": ...}``, one
     per name's first registration; loading keeps the first line per name and
-    cuts off a torn last line (a crash mid-write), so the next line appends cleanly. Appending costs one short write,
-    whatever the number of names.
+    cuts off a torn last line (a crash mid-write), so the next line appends
+    cleanly. Appending costs one short write, whatever the number of names.
 
     Args:
         path: the file; created on the first binding.
