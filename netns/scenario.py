@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import attrs
 from netns.lab import RENDEZVOUS_PORT, Lab, Topology
 
 PUNCH = [sys.executable, "-m", "punch"]
+RENDEZVOUS = [*PUNCH, "rendezvous"]
 STARTUP_TIMEOUT = 15.0
 """Seconds the rendezvous gets to print its address, and a listener to register."""
 POLL_INTERVAL = 0.02
@@ -107,17 +108,25 @@ class PairRun:
             stderr,
         )
 
-    def start_rendezvous(self, prefix: list[str], listen: str, *args: str) -> str:
-        """Start ``punch rendezvous`` (more flags in ``args``); return the address it printed."""
-        argv = [*PUNCH, "rendezvous", "--listen", listen, *args]
+    def start_rendezvous(
+        self, prefix: list[str], listen: str, *args: str, program: Sequence[str] = RENDEZVOUS
+    ) -> str:
+        """Start ``punch rendezvous`` (more flags in ``args``); return the address it printed.
+
+        ``program`` replaces ``punch rendezvous`` (the lab's lying one: :mod:`netns.liar`).
+        """
+        argv = [*program, "--listen", listen, *args]
         server = self.start("rendezvous", prefix, argv)
         path = self.workdir / "rendezvous.out"
         return wait_for(path, lambda t: t.endswith("\n"), server, "rendezvous").strip()
 
-    def start_lab_rendezvous(self, lab: Lab, topology: Topology, *args: str) -> str:
+    def start_lab_rendezvous(
+        self, lab: Lab, topology: Topology, *args: str, program: Sequence[str] = RENDEZVOUS
+    ) -> str:
         """:meth:`start_rendezvous` on the lab's rendezvous host, at its well-known port."""
         listen = f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}"
-        return self.start_rendezvous(lab.exec_prefix(topology.rendezvous_ns), listen, *args)
+        prefix = lab.exec_prefix(topology.rendezvous_ns)
+        return self.start_rendezvous(prefix, listen, *args, program=program)
 
     def start_peer(
         self, name: str, prefix: list[str], command: list[str], address: str, *args: str

@@ -24,6 +24,7 @@ from punch import (
     _reuse,
     open_host,
 )
+from punch._handshake import Handshake
 from punch._race import PunchOptions, Race
 from tests.helpers import introductions, open_fds, play_peer, race_side, rto_max_ms, run_race
 
@@ -106,6 +107,33 @@ async def test_responder_holds_every_authenticated_stream_until_the_nomination()
         assert kept.won_by is WonBy.ACCEPT
         assert early == b"early bytes"  # not lost to the handshake reader
         await kept.aclose()
+
+
+async def test_a_hello_for_an_expired_attempt_is_reset_while_a_live_one_is_routed() -> None:
+    """Once an attempt's punch has ended (its route closed), its genuine Hello,
+    late or replayed, finds nothing: the connection is reset, no other attempt sees it."""
+    async with race_side(LOOPBACK) as (local, router):
+        expired_i, expired_r = introductions((), ())
+        live_i, live_r = introductions((), ())
+        router.open_route(expired_r.attempt_id)
+        live = router.open_route(live_r.attempt_id)
+        router.close_route(expired_r.attempt_id)  # that punch ended; the listener stays for live
+        hello = Handshake(Role.INITIATOR, expired_i.attempt_id, expired_i.secret).hello()
+        with trio.fail_after(5):
+            async with await trio.open_tcp_stream(local.ip, local.port) as late:
+                await late.send_all(hello)
+                with pytest.raises(trio.BrokenResourceError):  # an RST, not a FIN
+                    await late.receive_some(1)
+            async with await trio.open_tcp_stream(local.ip, local.port) as current:
+                await current.send_all(
+                    Handshake(Role.INITIATOR, live_i.attempt_id, live_i.secret).hello()
+                )
+                inbound = await live.receive()
+        assert inbound.hello.attempt_id == live_r.attempt_id
+        await inbound.reader.stream.aclose()
+        with pytest.raises(trio.WouldBlock):
+            live.receive_nowait()  # the expired attempt's connection never came here
+        router.close_route(live_r.attempt_id)
 
 
 async def test_initiator_nominates_one_stream_and_closes_the_rest() -> None:

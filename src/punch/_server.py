@@ -530,24 +530,8 @@ class RendezvousServer:
             await requester.channel.send(error)
             return
         assert target is not None
-        attempt_id = secrets.token_bytes(ATTEMPT_ID_BYTES)
-        secret = secrets.token_bytes(SECRET_BYTES)
-        to_requester = Introduction(
-            target.name,
-            Role.INITIATOR,
-            attempt_id,
-            secret,
-            target.candidates,
-            target.certificate,
-            request.request_id,
-        )
-        to_target = Introduction(
-            requester.name,
-            Role.RESPONDER,
-            attempt_id,
-            secret,
-            requester.candidates,
-            requester.certificate,
+        (requester, to_requester), (target, to_target) = self.introductions(
+            requester, target, request.request_id
         )
         log.info(
             "introducing %r (%s) to %r (%s), attempt %s",
@@ -555,7 +539,7 @@ class RendezvousServer:
             requester.observed,
             target.name,
             target.observed,
-            attempt_id.hex()[:8],
+            to_target.attempt_id.hex()[:8],
         )
         # Both at the same moment: encoded first, so neither waits on the other's JSON.
         frames = (
@@ -565,6 +549,36 @@ class RendezvousServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._deliver, requester, frames[0])
             nursery.start_soon(self._deliver, target, frames[1])
+
+    def introductions(
+        self, requester: _Peer, target: _Peer, request_id: int
+    ) -> tuple[tuple[_Peer, Introduction], tuple[_Peer, Introduction]]:
+        """The two introductions of one attempt, each with the peer it goes to.
+
+        A fresh attempt ID and secret; each side gets the other's candidates
+        and registered certificate. (The lab's lying rendezvous,
+        :mod:`netns.liar`, replaces this one method.)
+        """
+        attempt_id = secrets.token_bytes(ATTEMPT_ID_BYTES)
+        secret = secrets.token_bytes(SECRET_BYTES)
+        to_requester = Introduction(
+            target.name,
+            Role.INITIATOR,
+            attempt_id,
+            secret,
+            target.candidates,
+            target.certificate,
+            request_id,
+        )
+        to_target = Introduction(
+            requester.name,
+            Role.RESPONDER,
+            attempt_id,
+            secret,
+            requester.candidates,
+            requester.certificate,
+        )
+        return (requester, to_requester), (target, to_target)
 
     async def _deliver(self, peer: _Peer, frame: bytes) -> None:
         with trio.move_on_after(SEND_TIMEOUT) as scope:
