@@ -614,8 +614,7 @@ class Race:
         self._deadline.deadline = deadline
 
     def _peer_stream(self, reader: ExactReader, won_by: WonBy, remote: Endpoint) -> PeerStream:
-        stream = reader.stream
-        _reuse.restore_retransmission_timeout(stream.socket)
+        stream = reader.stream  # its retransmissions stay capped: see PeerStream.receive_some
         return PeerStream(
             socket_stream=stream,
             peer_name=self.introduction.peer_name,

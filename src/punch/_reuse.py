@@ -115,9 +115,11 @@ def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
     (1, 3, 7 s for a SYN-ACK; data after a retransmitted SYN starts at the 3 s
     fallback of RFC 6298 §5.7), so with 20% loss on each WAN link one lost
     message could outlast the 10 s deadline. Capped, each is tried again every
-    second at most (the initial RTO of RFC 6298 §2.1). The winner gets the
-    system's bound back (:func:`restore_retransmission_timeout`); losers are
-    aborted. Linux 6.15 and later; elsewhere nothing changes. Never raises.
+    second at most (the initial RTO of RFC 6298 §2.1). The kept stream stays
+    capped through TLS until the peer's first application bytes arrive (only
+    then has every handshake message of ours arrived), then gets the system's
+    bound back (:func:`restore_retransmission_timeout`); losers are aborted.
+    Linux 6.15 and later; elsewhere nothing changes. Never raises.
     """
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, PUNCH_RTO_MAX_MS)

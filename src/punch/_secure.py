@@ -69,11 +69,10 @@ async def encrypt(
     try:
         presented = introduced_peer_id(introduction, expected)
         context = identity.tls_context(introduction.certificate, server_side=server_side)
-        # TLS's flights are part of the punch's cost: resent each second, as the punch's were
-        _reuse.cap_retransmission_timeout(stream.socket)
+        # TLS's flights, like the punch's, are resent at least each second (the race's cap
+        # holds until the peer's first application bytes: PeerStream.receive_some)
         with trio.move_on_after(timeout) as scope:
             tls = await stream.start_tls(context, server_side=server_side)
-        _reuse.restore_retransmission_timeout(stream.socket)
         if scope.cancelled_caught:
             raise HandshakeInterrupted(f"no TLS handshake within {timeout:g} s")
         # OpenSSL also trusts peers introduced to us before (Identity.tls_context): exactly

@@ -8,6 +8,7 @@ import ssl
 import attrs
 import trio
 
+from . import _reuse
 from ._endpoint import Endpoint, Role
 from ._errors import HandshakeInterrupted
 from ._outcome import Attempt
@@ -116,6 +117,8 @@ class PeerStream(trio.abc.HalfCloseableStream):
     peer_id: str | None = None
     tls_time: float = 0.0
     _tls: TLSStream | None = attrs.field(default=None, init=False)
+    _capped: bool = attrs.field(default=True, init=False)
+    """Retransmissions still capped at a second, as through the punch."""
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -174,14 +177,21 @@ class PeerStream(trio.abc.HalfCloseableStream):
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, not {max_bytes}")
         if self._tls is not None:
-            return await self._tls.receive_some(max_bytes)
-        if self._pending:
+            data = await self._tls.receive_some(max_bytes)
+        elif self._pending:
             size = len(self._pending) if max_bytes is None else max_bytes
-            out = bytes(self._pending[:size])
+            data = bytes(self._pending[:size])
             del self._pending[:size]
             await trio.lowlevel.checkpoint()
-            return out
-        return await self.socket_stream.receive_some(max_bytes)
+        else:
+            data = await self.socket_stream.receive_some(max_bytes)
+        if data and self._capped:
+            # The peer sent application data, so it holds every handshake message we
+            # sent (its last one, our Nomination or TLS Finished, may be unacknowledged
+            # until now): from here the system's retransmission bound applies.
+            self._capped = False
+            _reuse.restore_retransmission_timeout(self.socket)
+        return data
 
     async def aclose(self) -> None:
         if self._tls is not None:
