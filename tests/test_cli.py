@@ -64,8 +64,14 @@ def test_json_with_vv_gives_every_step_as_json(pair: PairRun) -> None:
     assert all(e["candidate"].startswith(("srflx ", "host ")) for e in attempts)
 
 
-def test_a_pinned_peer_id_is_proven_over_tls(pair: PairRun) -> None:
-    bob_id = Identity.load_or_create(pair.workdir / "bob.pem")  # bob's --identity file
+def test_a_pinned_peer_id_is_proven_over_tls(
+    pair: PairRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = pair.workdir / "bob.pem"  # bob's --identity file, made by `punch id`
+    assert _cli.main(["id", "--identity", str(key)]) == _cli.EXIT_OK
+    printed = capsys.readouterr().out
+    bob_id = Identity.load(key)
+    assert printed == bob_id.peer_id + "\n"  # what bob tells alice to pin
     alice, bob, _ = pair.run(
         rendezvous_prefix=[],
         rendezvous_listen="127.0.0.1:0",
@@ -82,7 +88,7 @@ def test_a_pinned_peer_id_is_proven_over_tls(pair: PairRun) -> None:
     assert b["peer_id"] == Identity.load(pair.workdir / "alice.pem").peer_id
     registered = bob.event("registered")
     assert registered is not None
-    assert registered["peer_id"] == bob_id.peer_id  # what bob tells alice to pin
+    assert registered["peer_id"] == bob_id.peer_id  # also printed on registering
 
 
 def test_a_wrong_peer_id_is_refused_before_the_punch(pair: PairRun) -> None:
@@ -163,7 +169,7 @@ def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         _cli.main(["--help"])
     out = capsys.readouterr().out
-    for command in ("listen", "connect", "send", "receive", "chat", "rendezvous"):
+    for command in ("listen", "connect", "send", "receive", "chat", "rendezvous", "id"):
         assert f"    {command} " in out
 
 

@@ -442,14 +442,7 @@ def _subcommand(commands: Any, name: str) -> argparse.ArgumentParser:
     sub.add_argument(
         "--tls-ca", type=Path, metavar="FILE", help="like --tls, trusting the CA(s) in FILE (PEM)"
     )
-    sub.add_argument(
-        "--identity",
-        dest="identity_file",
-        type=Path,
-        metavar="FILE",
-        help="our Ed25519 key (PEM), created 0600 if missing "
-        "(default $XDG_CONFIG_HOME/punch/identity.pem, else ~/.config/punch/identity.pem)",
-    )
+    _identity_argument(sub)
     sub.add_argument(
         "--peer-id",
         type=_peer_id,
@@ -471,6 +464,17 @@ def _subcommand(commands: Any, name: str) -> argparse.ArgumentParser:
     return sub
 
 
+def _identity_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--identity",
+        dest="identity_file",
+        type=Path,
+        metavar="FILE",
+        help="our Ed25519 key (PEM), created 0600 if missing "
+        "(default $XDG_CONFIG_HOME/punch/identity.pem, else ~/.config/punch/identity.pem)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="punch",
@@ -488,6 +492,12 @@ def _parser() -> argparse.ArgumentParser:
         "accepting, tell every registered peer 'shutting-down', exit 0 within a few seconds.",
     )
     _rendezvous_arguments(rendezvous)
+    show_id = commands.add_parser(
+        "id",
+        help="print our peer ID (to give to peers for --peer-id)",
+        description="Print the peer ID of our key, creating the key if it is missing.",
+    )
+    _identity_argument(show_id)
     return parser
 
 
@@ -725,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "rendezvous":
         return _serve(parser, args)
+    if args.command == "id":
+        print(_identity(parser, args.identity_file).peer_id)
+        return EXIT_OK
     options = _options(parser, args)
     report = Reporter(options.json)
     _logging([logging.WARNING, logging.INFO, logging.DEBUG][min(options.verbose, 2)], report)
