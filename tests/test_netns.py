@@ -241,3 +241,28 @@ def test_a_waiting_listener_outlives_a_rendezvous_restart() -> None:
     assert alice_run.received == b"hello from bob\n"
     # bob's waits were 0.25-0.5, 0.5-1, 1-2 s...: back within a few of them, not 30 s
     assert back_after < 5, back_after
+
+
+def test_a_registration_does_not_wait_on_the_servers_syn_ack_backoff() -> None:
+    """Every pure ACK into the rendezvous is lost: the client's first frame (an early
+    Keepalive) carries the TCP handshake's last ACK, so the server accepts at once.
+
+    Without it, a server that speaks first never sees the handshake complete: its
+    SYN-ACK retransmissions (1, 2, 4 s apart) are answered by more pure ACKs."""
+    rule = "ip length 52 tcp flags == ack counter drop"  # 20 + 20 + 12 (timestamps): no data
+    hook = "type filter hook input priority 0"
+    text = f"table ip acklost {{\n chain c {{\n  {hook};\n  {rule}\n }}\n}}\n"
+    with Lab() as lab:
+        topology = build_two_nats(lab)
+        lab.sh(topology.rendezvous_ns, "nft", "-f", "-", stdin=text)
+        pair = PairRun()
+        try:
+            address = pair.start_lab_rendezvous(lab, topology)
+            bob = pair.start_peer(  # returns once registered, else raises
+                "bob", lab.exec_prefix(topology.sites[1].peer_ns), ["listen"], address
+            )
+            bob.kill()
+        finally:
+            pair.close()
+        dropped = lab.sh(topology.rendezvous_ns, "nft", "list", "table", "ip", "acklost")
+    assert "counter packets 0 " not in dropped, dropped  # the rule did take ACKs away

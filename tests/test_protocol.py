@@ -17,6 +17,7 @@ from punch._protocol import (
     ConnectRequest,
     Error,
     Introduction,
+    Keepalive,
     Message,
     Register,
     Registered,
@@ -205,6 +206,20 @@ def test_order_is_enforced_on_receive() -> None:
         server.receive_data(encode_frame(reg("alice")))
     with pytest.raises(RemoteProtocolError, match="Registered must answer"):
         client.receive_data(encode_frame(Registered(Endpoint("1.2.3.4", 1))))
+
+
+def test_one_keepalive_may_come_first_and_no_more_before_registration() -> None:
+    """A client speaks at once (its ACK rides on data); the server still speaks first."""
+    client, server = RendezvousConnection(Side.CLIENT), RendezvousConnection(Side.SERVER)
+    assert server.receive_data(client.send(Keepalive())) == [Keepalive()]
+    with pytest.raises(LocalProtocolError, match="one may come first"):
+        client.send(Keepalive())
+    with pytest.raises(RemoteProtocolError, match="one may come first"):
+        server.receive_data(encode_frame(Keepalive()))
+    late = challenged(Side.SERVER)
+    late.receive_data(encode_frame(reg("alice")))
+    with pytest.raises(RemoteProtocolError, match="one may come first"):
+        late.receive_data(encode_frame(Keepalive()))  # between Register and Registered
 
 
 def test_order_is_enforced_on_send() -> None:

@@ -591,7 +591,8 @@ def signed_register(
 async def _register(
     channel: ControlChannel, registration: _Registration, candidates: tuple[Endpoint, ...]
 ) -> Registered:
-    """Wait for the server's Challenge, send our signed Register, return its answer.
+    """Send a Keepalive at once, wait for the server's Challenge, send our signed
+    Register, return its answer.
 
     Raises:
         NameTaken: the name is bound to another key.
@@ -599,6 +600,7 @@ async def _register(
     """
     try:
         with trio.fail_after(registration.timeout):
+            await channel.send(Keepalive())  # data at once: see punch._protocol, "Order"
             challenge = await channel.receive()
             if isinstance(challenge, Challenge):
                 register = signed_register(

@@ -15,9 +15,18 @@ Order (client = a punch host, server = the rendezvous):
 - server → client: ``Challenge`` once, first, as soon as the connection is up;
   ``Registered`` once, answering ``Register``; then ``Introduction``; ``Error``
   at any time.
-- client → server: ``Register`` once, after the ``Challenge``, signed over it
-  with the client's key (the name is bound to that key); then any number of
-  ``ConnectRequest`` and ``Keepalive`` once ``Registered`` has arrived.
+- client → server: one ``Keepalive`` first, at once, not waiting for the
+  ``Challenge`` (optional; see below); ``Register`` once, after the
+  ``Challenge``, signed over it with the client's key (the name is bound to
+  that key); then any number of ``ConnectRequest`` and ``Keepalive`` once
+  ``Registered`` has arrived.
+
+Why the early ``Keepalive``: the server speaks first, so a client that sent
+nothing leaves the last ACK of the TCP handshake, if lost, to the server's
+SYN-ACK retransmissions, which Linux backs off (1, 2, 4 s) and
+``TCP_RTO_MAX_MS`` does not bound; a data segment is retransmitted by the
+client, at most a second apart. (The 20% loss cell of the lab lost two
+registrations in twenty to this.)
 
 Bytes (attempt ids, secrets, nonces, certificates, signatures) travel as
 lowercase hex strings.
@@ -158,7 +167,8 @@ class Register:
 
 @attrs.frozen
 class Keepalive:
-    """client → server, after registration: "still here" (RFC 7675 consent, in spirit)."""
+    """client → server, after registration: "still here" (RFC 7675 consent, in spirit);
+    also once, first, before the Challenge (see the module's Order)."""
 
 
 MIN_IDLE_TIMEOUT = 3.0
@@ -484,6 +494,7 @@ class RendezvousConnection:
         self._buffer = bytearray()
         self._registered = False  # Register sent/received and Registered answered
         self._register_seen = False
+        self._early_keepalive = False  # the one Keepalive a client may send first
         self._challenge: bytes | None = None
         self._broken: RemoteProtocolError | None = None
 
@@ -576,7 +587,9 @@ class RendezvousConnection:
             if not self._register_seen or self._registered:
                 raise error("Registered must answer the one Register")
             self._registered = True
-        elif (
-            isinstance(message, ConnectRequest | Keepalive | Introduction) and not self._registered
-        ):
+        elif isinstance(message, Keepalive) and not self._registered:
+            if self._register_seen or self._early_keepalive:
+                raise error("Keepalive before registration completed (one may come first)")
+            self._early_keepalive = True
+        elif isinstance(message, ConnectRequest | Introduction) and not self._registered:
             raise error(f"{type(message).__name__} before registration completed")

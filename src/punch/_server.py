@@ -430,6 +430,8 @@ class RendezvousServer:
         peer it must remove (issue 13: a failed reply left the name held).
         """
         message = await channel.receive()
+        if isinstance(message, Keepalive):  # a client's first frame, to carry its ACK
+            message = await channel.receive()
         if message is None:
             return None
         assert isinstance(message, Register)  # the protocol state machine ensures it
