@@ -26,7 +26,16 @@ from punch import (
 )
 from punch._handshake import Handshake
 from punch._race import PunchOptions, Race
-from tests.helpers import introductions, open_fds, play_peer, race_side, rto_max_ms, run_race
+from punch._tls import TLSStream
+from tests.helpers import (
+    IDENTITY,
+    introductions,
+    open_fds,
+    play_peer,
+    race_side,
+    rto_max_ms,
+    run_race,
+)
 
 ANY = Endpoint("0.0.0.0", 0)
 LOOPBACK = Endpoint("127.0.0.1", 0)
@@ -139,6 +148,40 @@ async def test_a_hello_for_an_expired_attempt_is_reset_while_a_live_one_is_route
         with pytest.raises(trio.WouldBlock):
             live.receive_nowait()  # the expired attempt's connection never came here
         router.close_route(live_r.attempt_id)
+
+
+async def test_the_initiator_sends_its_client_hello_with_the_nomination() -> None:
+    """One segment, one loss event: the ClientHello is readable with the Nomination,
+    and the kept stream's TLS goes on from it."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    endpoint = Endpoint.from_sockaddr(listener.socket.getsockname())
+    client = IDENTITY.tls_context(IDENTITY.certificate, server_side=False)
+    server = IDENTITY.tls_context(IDENTITY.certificate, server_side=True)
+    players = []
+
+    async def respond() -> None:
+        player = await play_peer(await listener.accept(), intro_r)
+        await player.nominated()
+        players.append(player)
+
+    async with race_side(LOOPBACK) as (local, router), listener:
+        intro_i, intro_r = introductions((), (endpoint,))
+        race = {"introduction": intro_i, "local": local, "client_tls": client}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(respond)
+            kept = await run_race(router, race)
+    [peer] = players
+    # the read that brought the Nomination brought a whole TLS handshake record too
+    record = bytes(peer.reader.buffer)
+    assert record[:1] == b"\x16"  # handshake (RFC 8446 §5.1)
+    assert len(record) == 5 + int.from_bytes(record[3:5], "big")
+    assert record[5] == 1  # ClientHello (§4)
+    theirs = TLSStream(peer.reader.stream, server, server_side=True, pending=record)
+    async with kept, theirs, trio.open_nursery() as nursery:
+        nursery.start_soon(theirs.do_handshake)
+        await kept.start_tls(client, server_side=False)
+        await kept.send_all(b"sealed")
+        assert await theirs.receive_some(6) == b"sealed"
 
 
 async def test_initiator_nominates_one_stream_and_closes_the_rest() -> None:

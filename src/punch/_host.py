@@ -254,6 +254,7 @@ class Host:
                 inbound,
                 own=self.own_endpoints,
                 options=options,
+                client_tls=_secure.client_context(self.identity, introduction, options.encrypt),
             )
             stream = await race.run()
         except PunchFailed as exc:

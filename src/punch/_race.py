@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 
 import attrs
@@ -31,6 +32,7 @@ from ._handshake import HELLO_SIZE, Handshake, Hello, Stage, parse_hello
 from ._outcome import REFUSALS, Attempt, Outcome
 from ._protocol import Introduction
 from ._stream import ExactReader, PeerStream, WonBy
+from ._tls import TLSStream
 
 log = logging.getLogger("punch.race")
 
@@ -341,6 +343,9 @@ class Race:
         own: our other endpoints (chosen local, server-reflexive): never dialled.
         options: :class:`PunchOptions` (timeout, pacing).
         dial: the connect function (:func:`punch._reuse.dial`; tests swap it).
+        client_tls: initiator with encryption: the TLS client context; its
+            ClientHello leaves in one segment with the Nomination (one loss
+            event, not two), and the stream's TLS goes on from it.
     """
 
     introduction: Introduction
@@ -349,6 +354,7 @@ class Race:
     own: frozenset[Endpoint] = frozenset()
     options: PunchOptions = attrs.field(factory=PunchOptions)
     dial: DialFn = _reuse.dial
+    client_tls: ssl.SSLContext | None = None
     _streams: set[trio.SocketStream] = attrs.field(factory=set, init=False)
     _states: list[_CandidateState] = attrs.field(factory=list, init=False)
     _inbound_errors: list[BaseException] = attrs.field(factory=list, init=False)
@@ -591,8 +597,18 @@ class Race:
             async with self._nominating:  # exactly one stream is ever nominated
                 if self._winner is not None:
                     return
-                await reader.send(shake.nominate())
-                self._win(reader, won_by, remote)
+                nomination, tls = shake.nominate(), None
+                if self.client_tls is not None:
+                    tls = TLSStream(
+                        reader.stream,
+                        self.client_tls,
+                        server_side=False,
+                        pending=bytes(reader.buffer),
+                    )
+                    reader.buffer.clear()
+                    nomination += tls.client_hello()
+                await reader.send(nomination)
+                self._win(reader, won_by, remote, tls)
         else:  # the loop above ended on a valid Nomination
             if self._winner is not None:
                 raise HandshakeError("a second nomination after one was accepted")
@@ -613,7 +629,9 @@ class Race:
             deadline += NOMINATION_GRACE
         self._deadline.deadline = deadline
 
-    def _peer_stream(self, reader: ExactReader, won_by: WonBy, remote: Endpoint) -> PeerStream:
+    def _peer_stream(
+        self, reader: ExactReader, won_by: WonBy, remote: Endpoint, tls: TLSStream | None
+    ) -> PeerStream:
         stream = reader.stream  # its retransmissions stay capped: see PeerStream.receive_some
         return PeerStream(
             socket_stream=stream,
@@ -625,12 +643,15 @@ class Race:
             attempt_id=self.introduction.attempt_id,
             connect_time=trio.current_time() - self._started,
             pending=reader.buffer,
+            started_tls=tls,
         )
 
-    def _win(self, reader: ExactReader, won_by: WonBy, remote: Endpoint) -> None:
-        """Keep this stream and cancel every other path."""
+    def _win(
+        self, reader: ExactReader, won_by: WonBy, remote: Endpoint, tls: TLSStream | None = None
+    ) -> None:
+        """Keep this stream (``tls``: its TLS, started) and cancel every other path."""
         if self._winner is None:
-            self._winner = self._peer_stream(reader, won_by, remote)
+            self._winner = self._peer_stream(reader, won_by, remote, tls)
         log.info(
             "%s: nominated %s -> %s (won by %s) after %.1f ms",
             self._label,

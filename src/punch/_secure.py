@@ -43,6 +43,22 @@ def introduced_peer_id(introduction: Introduction, expected: str | None) -> str:
     return presented
 
 
+def client_context(
+    identity: Identity, introduction: Introduction, encrypt: bool
+) -> ssl.SSLContext | None:
+    """The initiator's TLS client context, with which the race sends the ClientHello
+    alongside the Nomination; ``None`` for a responder or a plaintext punch.
+
+    Raises:
+        PeerVerificationError: the introduced certificate is not a self-signed
+            Ed25519 one.
+    """
+    if not encrypt or introduction.role is not Role.INITIATOR:
+        return None
+    introduced_peer_id(introduction, None)  # a clear error before OpenSSL parses it
+    return identity.tls_context(introduction.certificate, server_side=False)
+
+
 async def encrypt(
     stream: PeerStream,
     identity: Identity,

@@ -116,6 +116,8 @@ class PeerStream(trio.abc.HalfCloseableStream):
     attempts: tuple[Attempt, ...] = ()
     peer_id: str | None = None
     tls_time: float = 0.0
+    _started_tls: TLSStream | None = attrs.field(default=None, alias="started_tls")
+    """The initiator's TLS whose ClientHello went with the Nomination."""
     _tls: TLSStream | None = attrs.field(default=None, init=False)
     _capped: bool = attrs.field(default=True, init=False)
     """Retransmissions still capped at a second, as through the punch."""
@@ -134,6 +136,8 @@ class PeerStream(trio.abc.HalfCloseableStream):
         """Run the TLS handshake over this stream; from then on every byte is TLS's.
 
         Bytes the punch handshake read past its end are TLS records, and go first.
+        Where the race already started TLS (an initiator's ClientHello leaves with
+        its Nomination), the handshake goes on from there, with that context.
 
         Returns:
             the :class:`~punch._tls.TLSStream` (for its ``ssl_object``).
@@ -141,10 +145,10 @@ class PeerStream(trio.abc.HalfCloseableStream):
         Raises:
             trio.BrokenResourceError: as :meth:`punch._tls.TLSStream.do_handshake`.
         """
-        tls = TLSStream(
+        tls = self._started_tls or TLSStream(
             self.socket_stream, context, server_side=server_side, pending=bytes(self._pending)
         )
-        self._pending.clear()
+        self._pending.clear()  # (empty when TLS was started: the race gave it the bytes)
         await tls.do_handshake()
         self._tls = tls
         return tls

@@ -75,6 +75,21 @@ class TLSStream(trio.abc.HalfCloseableStream):
         else:
             self._incoming.write_eof()
 
+    def client_hello(self) -> bytes:
+        """The client's first flight (its ClientHello), to send now with other bytes;
+        :meth:`do_handshake` then goes on from it.
+
+        Raises:
+            trio.BrokenResourceError: OpenSSL refused to start (a bad context).
+        """
+        try:
+            self.ssl_object.do_handshake()
+        except ssl.SSLWantReadError:
+            return self._outgoing.read()
+        except ssl.SSLError as exc:
+            raise _broken(exc) from exc
+        raise AssertionError("a TLS client cannot finish without an answer")
+
     async def do_handshake(self) -> None:
         """Run the TLS handshake to its end (our side of it).
 
