@@ -266,3 +266,39 @@ def test_a_registration_does_not_wait_on_the_servers_syn_ack_backoff() -> None:
             pair.close()
         dropped = lab.sh(topology.rendezvous_ns, "nft", "list", "table", "ip", "acklost")
     assert "counter packets 0 " not in dropped, dropped  # the rule did take ACKs away
+
+
+DIAL_PAST_SYN_RETRIES = """
+import trio
+from punch import Endpoint, _reuse
+
+async def main() -> None:
+    with trio.move_on_after(8.5):  # tcp_syn_retries (6), a second apart, end at 7 s
+        try:
+            await _reuse.dial(Endpoint("10.99.0.1", 0), Endpoint("10.99.0.2", 9))
+        except OSError as exc:
+            print("gave up:", exc)
+            return
+    print("still dialling")
+
+trio.run(main)
+"""
+
+
+def test_a_capped_dial_is_not_abandoned_by_the_kernel_before_the_punch_deadline() -> None:
+    """Every SYN is lost: the kernel keeps sending them a second apart, past the 7 s at
+    which the default SYN retry count would have failed the connect with ETIMEDOUT."""
+    with Lab() as lab:
+        a, b = lab.ns("a"), lab.ns("b")
+        lab.link(a, "v0", b, "v1")
+        lab.address(a, "v0", "10.99.0.1/24")
+        lab.address(b, "v1", "10.99.0.2/24")
+        rule = "tcp flags syn counter drop"
+        hook = "type filter hook input priority 0"
+        lab.sh(
+            b, "nft", "-f", "-", stdin=f"table ip l {{\n chain c {{\n  {hook};\n  {rule}\n }}\n}}\n"
+        )
+        out = lab.sh(a, sys.executable, "-c", DIAL_PAST_SYN_RETRIES)
+        dropped = lab.sh(b, "nft", "list", "table", "ip", "l")
+    assert out.strip() == "still dialling"
+    assert int(dropped.split("packets ")[1].split()[0]) >= 9  # 0, 1, ..., 8 s

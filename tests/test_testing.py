@@ -20,8 +20,8 @@ async def test_the_pair_fixture_is_a_punched_connection(
     assert (initiator.role, responder.role) == (Role.INITIATOR, Role.RESPONDER)
     assert initiator.local == responder.remote
     # the fixture's streams are what users get by default: TLS 1.3, keys proven
-    assert initiator.encrypted and responder.encrypted
-    assert initiator.peer_id is not None and responder.peer_id is not None
+    assert (initiator.encrypted, responder.encrypted) == (True, True)
+    assert None not in (initiator.peer_id, responder.peer_id)
 
 
 async def test_many_pairs_share_one_rendezvous(punch_rendezvous: Endpoint) -> None:

@@ -104,6 +104,8 @@ PUNCH_RTO_MAX_MS = 1000
 """Milliseconds a punch socket's retransmission timeout may grow to while the punch lasts."""
 DEFAULT_RTO_MAX_MS = 120_000
 """Linux's own bound (``TCP_RTO_MAX``), where ``net.ipv4.tcp_rto_max_ms`` cannot be read."""
+PUNCH_SYN_RETRIES = 127
+"""``TCP_SYNCNT`` (tcp(7); its maximum) of a capped socket: the caller's deadline ends it."""
 
 
 def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
@@ -120,11 +122,22 @@ def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
     then has every handshake message of ours arrived), then gets the system's
     bound back (:func:`restore_retransmission_timeout`); losers are aborted.
     Linux 6.15 and later; elsewhere nothing changes. Never raises.
+
+    The SYN retry count goes up with it (:data:`PUNCH_SYN_RETRIES`): the
+    default ``tcp_syn_retries`` of 6, a second apart, abandons a SYN, or a
+    simultaneous open's SYN-ACK, after 7 s (``ETIMEDOUT``), before the punch's
+    or the registration's own deadline; in the 20% loss cell a peer's socket
+    gave up while the other side already held that connection, and a control
+    connect failed at 7 s of a 10 s timeout.
     """
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, PUNCH_RTO_MAX_MS)
     except OSError:
-        pass  # an older kernel (ENOPROTOOPT), or another OS
+        return  # an older kernel (ENOPROTOOPT), or another OS: its backoff outlasts the punch
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, PUNCH_SYN_RETRIES)
+    except (OSError, AttributeError):
+        pass
 
 
 def restore_retransmission_timeout(sock: trio.socket.SocketType) -> None:
