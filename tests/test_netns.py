@@ -268,24 +268,27 @@ def test_a_registration_does_not_wait_on_the_servers_syn_ack_backoff() -> None:
     assert "counter packets 0 " not in dropped, dropped  # the rule did take ACKs away
 
 
-DIAL_PAST_SYN_RETRIES = """
+CONNECT_PAST_SYN_RETRIES = """
 import trio
-from punch import Endpoint, _reuse
+from punch import Endpoint
+from punch._host import _connect_control
 
 async def main() -> None:
     with trio.move_on_after(8.5):  # tcp_syn_retries (6), a second apart, end at 7 s
         try:
-            await _reuse.dial(Endpoint("10.99.0.1", 0), Endpoint("10.99.0.2", 9))
+            await _connect_control(
+                Endpoint("10.99.0.1", 0), Endpoint("10.99.0.2", 7000), 10.0, None, ""
+            )
         except OSError as exc:
             print("gave up:", exc)
             return
-    print("still dialling")
+    print("still connecting")
 
 trio.run(main)
 """
 
 
-def test_a_capped_dial_is_not_abandoned_by_the_kernel_before_the_punch_deadline() -> None:
+def test_a_control_connect_is_not_abandoned_by_the_kernel_before_its_timeout() -> None:
     """Every SYN is lost: the kernel keeps sending them a second apart, past the 7 s at
     which the default SYN retry count would have failed the connect with ETIMEDOUT."""
     with Lab() as lab:
@@ -298,7 +301,7 @@ def test_a_capped_dial_is_not_abandoned_by_the_kernel_before_the_punch_deadline(
         lab.sh(
             b, "nft", "-f", "-", stdin=f"table ip l {{\n chain c {{\n  {hook};\n  {rule}\n }}\n}}\n"
         )
-        out = lab.sh(a, sys.executable, "-c", DIAL_PAST_SYN_RETRIES)
+        out = lab.sh(a, sys.executable, "-c", CONNECT_PAST_SYN_RETRIES)
         dropped = lab.sh(b, "nft", "list", "table", "ip", "l")
-    assert out.strip() == "still dialling"
+    assert out.strip() == "still connecting"
     assert int(dropped.split("packets ")[1].split()[0]) >= 9  # 0, 1, ..., 8 s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -166,7 +167,7 @@ async def test_the_initiator_sends_its_client_hello_with_the_nomination() -> Non
 
     async with race_side(LOOPBACK) as (local, router), listener:
         intro_i, intro_r = introductions((), (endpoint,))
-        race = {"introduction": intro_i, "local": local, "client_tls": client}
+        race = {"introduction": intro_i, "local": local, "client_tls": lambda: client}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(respond)
             kept = await run_race(router, race)
@@ -182,6 +183,33 @@ async def test_the_initiator_sends_its_client_hello_with_the_nomination() -> Non
         await kept.start_tls(client, server_side=False)
         await kept.send_all(b"sealed")
         assert await theirs.receive_some(6) == b"sealed"
+
+
+async def test_a_client_context_that_cannot_be_made_leaves_tls_to_after_the_race() -> None:
+    """A certificate OpenSSL cannot load: the Nomination goes alone, the stream is
+    kept, and TLS after the race refuses the certificate with its typed error."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    endpoint = Endpoint.from_sockaddr(listener.socket.getsockname())
+    players = []
+
+    def unloadable() -> ssl.SSLContext:
+        raise ssl.SSLError("not a certificate")
+
+    async def respond() -> None:
+        player = await play_peer(await listener.accept(), intro_r)
+        await player.nominated()
+        players.append(player)
+
+    async with race_side(LOOPBACK) as (local, router), listener:
+        intro_i, intro_r = introductions((), (endpoint,))
+        race = {"introduction": intro_i, "local": local, "client_tls": unloadable}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(respond)
+            kept = await run_race(router, race)
+    [peer] = players
+    assert peer.reader.buffer == b""  # no ClientHello came with the Nomination
+    await kept.aclose()
+    await peer.reader.stream.aclose()
 
 
 async def test_initiator_nominates_one_stream_and_closes_the_rest() -> None:
