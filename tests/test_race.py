@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import attrs
@@ -30,6 +30,7 @@ from punch._race import PunchOptions, Race
 from punch._tls import TLSStream
 from tests.helpers import (
     IDENTITY,
+    Player,
     introductions,
     open_fds,
     play_peer,
@@ -151,13 +152,14 @@ async def test_a_hello_for_an_expired_attempt_is_reset_while_a_live_one_is_route
         router.close_route(live_r.attempt_id)
 
 
-async def test_the_initiator_sends_its_client_hello_with_the_nomination() -> None:
-    """One segment, one loss event: the ClientHello is readable with the Nomination,
-    and the kept stream's TLS goes on from it."""
+async def _nominated_against_a_player(
+    client_tls: Callable[[], ssl.SSLContext],
+) -> tuple[PeerStream, Player]:
+    """A real initiator's race (with ``client_tls``) against a hand-played responder,
+    up to the Nomination: (the kept stream, the responder's side)."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     endpoint = Endpoint.from_sockaddr(listener.socket.getsockname())
-    client = IDENTITY.tls_context(IDENTITY.certificate, server_side=False)
-    server = IDENTITY.tls_context(IDENTITY.certificate, server_side=True)
+    intro_i, intro_r = introductions((), (endpoint,))
     players = []
 
     async def respond() -> None:
@@ -166,12 +168,19 @@ async def test_the_initiator_sends_its_client_hello_with_the_nomination() -> Non
         players.append(player)
 
     async with race_side(LOOPBACK) as (local, router), listener:
-        intro_i, intro_r = introductions((), (endpoint,))
-        race = {"introduction": intro_i, "local": local, "client_tls": lambda: client}
+        race = {"introduction": intro_i, "local": local, "client_tls": client_tls}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(respond)
             kept = await run_race(router, race)
-    [peer] = players
+    return kept, players[0]
+
+
+async def test_the_initiator_sends_its_client_hello_with_the_nomination() -> None:
+    """One segment, one loss event: the ClientHello is readable with the Nomination,
+    and the kept stream's TLS goes on from it."""
+    client = IDENTITY.tls_context(IDENTITY.certificate, server_side=False)
+    server = IDENTITY.tls_context(IDENTITY.certificate, server_side=True)
+    kept, peer = await _nominated_against_a_player(lambda: client)
     # the read that brought the Nomination brought a whole TLS handshake record too
     record = bytes(peer.reader.buffer)
     assert record[:1] == b"\x16"  # handshake (RFC 8446 §5.1)
@@ -186,27 +195,13 @@ async def test_the_initiator_sends_its_client_hello_with_the_nomination() -> Non
 
 
 async def test_a_client_context_that_cannot_be_made_leaves_tls_to_after_the_race() -> None:
-    """A certificate OpenSSL cannot load: the Nomination goes alone, the stream is
-    kept, and TLS after the race refuses the certificate with its typed error."""
-    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
-    endpoint = Endpoint.from_sockaddr(listener.socket.getsockname())
-    players = []
+    """A certificate OpenSSL cannot load: the Nomination goes alone and the stream is
+    kept; TLS after the race refuses the certificate with its typed error."""
 
     def unloadable() -> ssl.SSLContext:
         raise ssl.SSLError("not a certificate")
 
-    async def respond() -> None:
-        player = await play_peer(await listener.accept(), intro_r)
-        await player.nominated()
-        players.append(player)
-
-    async with race_side(LOOPBACK) as (local, router), listener:
-        intro_i, intro_r = introductions((), (endpoint,))
-        race = {"introduction": intro_i, "local": local, "client_tls": unloadable}
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(respond)
-            kept = await run_race(router, race)
-    [peer] = players
+    kept, peer = await _nominated_against_a_player(unloadable)
     assert peer.reader.buffer == b""  # no ClientHello came with the Nomination
     await kept.aclose()
     await peer.reader.stream.aclose()
