@@ -557,7 +557,6 @@ async def _connect_control(
     sock = _reuse.bind_reusable(local)
     # Register, Introductions and keepalives are few and small, and a punch waits on them
     _reuse.cap_retransmission_timeout(sock)
-    _reuse.keep_retrying_syn(sock)  # our timeout, not the kernel's 7 s, ends the connect
     stream: trio.abc.Stream
     try:
         with trio.fail_after(timeout):

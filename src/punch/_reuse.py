@@ -123,23 +123,24 @@ def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
     bound back (:func:`restore_retransmission_timeout`); losers are aborted.
     Linux 6.15 and later; elsewhere nothing changes. Never raises.
 
-    Capped, the default ``tcp_syn_retries`` of 6 (tcp(7)) abandons a SYN
-    after 7 s (``ETIMEDOUT``). A punch dial keeps that: the race dials again
-    with a fresh socket and ISN, which the ICMP-refusing cells of the matrix
-    rely on (with 127 retries, ``cone-icmp-admin x cone-icmp`` failed 2
-    trials of 3 on one unanswered socket). A control connection raises it:
-    :func:`keep_retrying_syn`.
+    Capped, the default ``tcp_syn_retries`` of 6 (tcp(7)) would abandon a SYN,
+    or a simultaneous open's SYN-ACK, after 7 s (``ETIMEDOUT``), before the
+    punch's or the registration's deadline; so the count goes up too
+    (:func:`keep_retrying_syn`). In the 20% loss cell a peer's half-open dial
+    gave up at 7 s while the other side held the connection (2 trials in 20
+    failed so, none with the count raised), and a registration failed at 7 s
+    of its 10.
     """
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, PUNCH_RTO_MAX_MS)
     except OSError:
-        pass  # an older kernel (ENOPROTOOPT), or another OS
+        return  # an older kernel (ENOPROTOOPT), or another OS: its backoff outlasts 7 s
+    keep_retrying_syn(sock)
 
 
 def keep_retrying_syn(sock: trio.socket.SocketType) -> None:
     """Retry the SYN up to :data:`PUNCH_SYN_RETRIES` times (``TCP_SYNCNT``), so that
-    a capped connect is ended by its caller's timeout, not by the kernel at 7 s
-    (seen in the 20% loss cell: a registration failed at 7 s of its 10 s).
+    a capped connect is ended by its caller's deadline, not by the kernel at 7 s.
     Never raises.
     """
     try:
