@@ -125,28 +125,17 @@ def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
 
     Capped, the default ``tcp_syn_retries`` of 6 (tcp(7)) would abandon a SYN,
     or a simultaneous open's SYN-ACK, after 7 s (``ETIMEDOUT``), before the
-    punch's or the registration's deadline; so the count goes up too
-    (:func:`keep_retrying_syn`). In the 20% loss cell a peer's half-open dial
-    gave up at 7 s while the other side held the connection (2 trials in 20
-    failed so, none with the count raised), and a registration failed at 7 s
-    of its 10.
+    punch's or the registration's deadline; so the count goes up too, to
+    :data:`PUNCH_SYN_RETRIES`, and the caller's deadline ends the connect. In
+    the 20% loss cell a peer's half-open dial gave up at 7 s while the other
+    side held the connection (2 trials in 20 failed so, none with the count
+    raised), and a registration failed at 7 s of its 10.
     """
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, PUNCH_RTO_MAX_MS)
-    except OSError:
-        return  # an older kernel (ENOPROTOOPT), or another OS: its backoff outlasts 7 s
-    keep_retrying_syn(sock)
-
-
-def keep_retrying_syn(sock: trio.socket.SocketType) -> None:
-    """Retry the SYN up to :data:`PUNCH_SYN_RETRIES` times (``TCP_SYNCNT``), so that
-    a capped connect is ended by its caller's deadline, not by the kernel at 7 s.
-    Never raises.
-    """
-    try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, PUNCH_SYN_RETRIES)
     except (OSError, AttributeError):
-        pass
+        pass  # an older kernel (ENOPROTOOPT), or another OS: its backoff outlasts 7 s
 
 
 def restore_retransmission_timeout(sock: trio.socket.SocketType) -> None:
