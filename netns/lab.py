@@ -3,8 +3,10 @@
 Every namespace name carries a per-run prefix, so parallel runs never collide,
 and :class:`Lab` deletes each one by name on exit, pass, fail or Ctrl-C.
 Traffic stays inside the namespaces: the WAN is a router in its own namespace,
-with addresses from the documentation range 203.0.113.0/24 (RFC 5737) and
-private LANs in 10.0.0.0/8.
+with addresses from the documentation ranges 203.0.113.0/24 (RFC 5737) and
+2001:db8::/32 (RFC 3849), private IPv4 LANs in 10.0.0.0/8, and a /64 of
+2001:db8::/32 per IPv6 site (``2001:db8:<site>::/64``), behind a stateful
+IPv6 firewall instead of a NAT.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import attrs
 RULESETS = Path(__file__).parent / "rulesets"
 DELAY_LINE = Path(__file__).parent / "delay.py"
 WAN_PREFIX = "203.0.113"
+WAN6_PREFIX = "2001:db8"
 RENDEZVOUS_IP = f"{WAN_PREFIX}.10"
+RENDEZVOUS_IP6 = f"{WAN6_PREFIX}::10"
 RENDEZVOUS_PORT = 7000  # rulesets/symmetric.nft maps this port apart
 
 
@@ -98,6 +102,12 @@ class Lab:
         _run(["ip", "netns", "add", full])
         self.namespaces.append(full)
         self.sh(full, "ip", "link", "set", "lo", "up")
+        # No IPv6 duplicate address detection on the links made next: else each
+        # link-local address stays tentative for about 2 s (RFC 4862 §5.4), and
+        # the first packets to a neighbour wait or die meanwhile (the lab's first
+        # IPv6 connect took 2 s, a punch 1 s, against 0.3 ms once it settled)
+        for conf in ("all", "default"):
+            self.sh(full, "sysctl", "-q", "-w", f"net.ipv6.conf.{conf}.accept_dad=0")
         return full
 
     def sh(self, ns: str, *argv: str, stdin: str | None = None) -> str:
@@ -131,7 +141,9 @@ class Lab:
         self.sh(ns_b, "ip", "link", "set", if_b, "up")
 
     def address(self, ns: str, ifname: str, cidr: str) -> None:
-        self.sh(ns, "ip", "addr", "add", cidr, "dev", ifname)
+        """Add ``cidr`` to ``ifname``; an IPv6 one usable at once (``nodad``)."""
+        nodad = ("nodad",) if ":" in cidr else ()
+        self.sh(ns, "ip", "addr", "add", cidr, "dev", ifname, *nodad)
 
     def loss(self, ns: str, percent: int) -> None:
         """Drop ``percent`` % of the IP packets on ``ns``'s WAN link, both directions.
@@ -141,7 +153,7 @@ class Lab:
         ARP is spared: losing it would only model a flaky first hop, not loss
         across the internet.
         """
-        rule = f"meta protocol ip numgen random mod 100 < {percent} drop"
+        rule = f"meta protocol {{ ip, ip6 }} numgen random mod 100 < {percent} drop"
         for where, device in ((ns, "wan0"), (self.prefix + "wan", self.wan_ports[ns])):
             hook = f'type filter hook ingress device "{device}" priority 0'
             self._table(where, "netdev punchloss", hook, rule)
@@ -180,8 +192,10 @@ class Lab:
         """
         wan = self.prefix + "wan"
         self._delay_line("dly0", seconds)
-        self.sh(wan, "ip", "route", "add", "default", "dev", "dly0", "table", "100")
-        self.sh(wan, "ip", "rule", "add", "not", "iif", "dly0", "table", "100", "priority", "100")
+        for family in ("-4", "-6"):
+            self.sh(wan, "ip", family, "route", "add", "default", "dev", "dly0", "table", "100")
+            rule = ("rule", "add", "not", "iif", "dly0", "table", "100", "priority", "100")
+            self.sh(wan, "ip", family, *rule)
 
     def hold_back(self, source_ns: str, destination_ip: str, seconds: float) -> None:
         """Hold what the WAN router forwards from ``source_ns`` to ``destination_ip``
@@ -234,6 +248,11 @@ class Lab:
         )
         self.sh(ns, "nft", "-f", str(RULESETS / f"{profile}.nft"))
 
+    def firewall6(self, ns: str, profile: str) -> None:
+        """Make ``ns`` an IPv6 router and load ``rulesets/<profile>.nft`` (``fw6-*``) into it."""
+        self.sh(ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
+        self.sh(ns, "nft", "-f", str(RULESETS / f"{profile}.nft"))
+
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     sys.exit(128 + signum)
@@ -241,13 +260,16 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 @attrs.frozen
 class Site:
-    """One peer behind one NAT router."""
+    """One peer behind one NAT router (and, with IPv6, behind its IPv6 firewall)."""
 
     name: str
     peer_ns: str
-    peer_ip: str
+    peer_ip: str | None
+    """The peer's IPv4 address; None at an IPv6-only site."""
     nat_ns: str | None
     public_ip: str
+    peer_ip6: str | None = None
+    """The peer's global IPv6 address (no NAT: it is public); None without IPv6."""
 
 
 @attrs.frozen
@@ -255,10 +277,31 @@ class Topology:
     rendezvous_ns: str
     rendezvous_ip: str
     sites: tuple[Site, ...]
+    rendezvous_ip6: str = RENDEZVOUS_IP6
 
 
 PROFILES = ("public", "cone", "cone-rst", "cone-icmp", "cone-icmp-admin", "symmetric")
 """Per-site NAT behaviours; ``public`` is a host on the WAN with no NAT."""
+PROFILES6 = ("fw6-drop", "fw6-reject")
+"""Per-site IPv6 firewalls (no NAT, RFC 6092): ``fw6-drop`` passes established and
+related traffic only; ``fw6-reject`` also answers an unsolicited SYN with ICMPv6
+administratively prohibited. A site profile is ``V4`` or ``V4+V6``
+(``symmetric+fw6-drop``); ``none`` for V4 makes an IPv6-only peer (``none+fw6-drop``)."""
+
+
+def split_profile(profile: str) -> tuple[str, str | None]:
+    """``"cone+fw6-drop"`` -> ``("cone", "fw6-drop")``; ``"cone"`` -> ``("cone", None)``.
+
+    Raises:
+        ValueError: a part that is not in :data:`PROFILES` / :data:`PROFILES6`.
+    """
+    v4, _, v6 = profile.partition("+")
+    if v4 not in (*PROFILES, "none") or (v6 and v6 not in PROFILES6) or (v4 == "none" and not v6):
+        raise ValueError(
+            f"profile must be V4 or V4+V6 with V4 in {PROFILES} (or none) and V6 in "
+            f"{PROFILES6}, not {profile!r}"
+        )
+    return v4, v6 or None
 
 
 WAN_ROUTER_IP = f"{WAN_PREFIX}.1"
@@ -275,9 +318,11 @@ def _wan(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
     """
     wan = lab.ns("wan")
     lab.sh(wan, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
+    lab.sh(wan, "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
     ports = iter(range(100))
 
     def attach(ns: str, ip: str) -> None:
+        """Also at ``2001:db8::<last octet>``: every WAN host has both families."""
         port = f"p{next(ports)}"
         lab.wan_ports[ns] = port
         lab.link(wan, port, ns, "wan0")
@@ -286,8 +331,23 @@ def _wan(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
         lab.address(ns, "wan0", f"{ip}/32")
         route = ("ip", "route", "add", f"{WAN_PREFIX}.0/24", "via", WAN_ROUTER_IP)
         lab.sh(ns, *route, "dev", "wan0", "onlink")
+        ip6 = wan6_ip(ip)
+        lab.address(wan, port, f"{WAN6_ROUTER_IP}/128")
+        lab.sh(wan, "ip", "-6", "route", "add", f"{ip6}/128", "dev", port)
+        lab.address(ns, "wan0", f"{ip6}/128")
+        route6 = ("ip", "-6", "route", "add", f"{WAN6_PREFIX}::/32", "via", WAN6_ROUTER_IP)
+        lab.sh(ns, *route6, "dev", "wan0", "onlink")
 
     return wan, attach
+
+
+WAN6_ROUTER_IP = f"{WAN6_PREFIX}::1"
+"""The WAN router's IPv6 address on every one of its links."""
+
+
+def wan6_ip(ip: str) -> str:
+    """A WAN host's IPv6 address: ``203.0.113.11`` -> ``2001:db8::11``."""
+    return f"{WAN6_PREFIX}::{ip.rsplit('.', 1)[1]}"
 
 
 def _router(
@@ -298,45 +358,71 @@ def _router(
     public_ip: str,
     lan: str,
     hosts: dict[str, int],
-) -> dict[str, tuple[str, str]]:
+    profile6: str | None = None,
+    ipv4: bool = True,
+) -> dict[str, tuple[str, str | None, str | None]]:
     """A NAT router at ``public_ip`` whose LAN ``lan``.0/24 is a bridge ``lan0``.
 
     Args:
         hosts: host name -> last octet; each host gets its own namespace.
+        profile6: an IPv6 firewall (:data:`PROFILES6`): the LAN is then also
+            ``2001:db8:<third octet of lan>::/64``, routed by the WAN router to
+            this router's IPv6 address, with no NAT.
+        ipv4: False: the hosts get no IPv4 address or route (IPv6-only).
 
     Returns:
-        host name -> (namespace, LAN address).
+        host name -> (namespace, IPv4 LAN address or None, IPv6 address or None).
     """
     nat = lab.ns(f"nat-{name}")
     attach(nat, public_ip)
     lab.sh(nat, "ip", "link", "add", "lan0", "type", "bridge")
     lab.sh(nat, "ip", "link", "set", "lan0", "up")
     lab.address(nat, "lan0", f"{lan}.1/24")
+    lan6 = f"{WAN6_PREFIX}:{lan.rsplit('.', 1)[1]}::" if profile6 else None
+    if lan6 is not None:
+        lab.address(nat, "lan0", f"{lan6}1/64")
+        route = ("ip", "-6", "route", "add", f"{lan6}/64", "via", wan6_ip(public_ip))
+        lab.sh(lab.prefix + "wan", *route, "dev", lab.wan_ports[nat])
     placed = {}
     for index, (host, octet) in enumerate(hosts.items()):
         ns = lab.ns(host)
         lab.link(nat, f"l{index}", ns, "eth0")
         lab.sh(nat, "ip", "link", "set", f"l{index}", "master", "lan0")
-        lab.address(ns, "eth0", f"{lan}.{octet}/24")
-        lab.sh(ns, "ip", "route", "add", "default", "via", f"{lan}.1")
-        placed[host] = (ns, f"{lan}.{octet}")
+        ip = ip6 = None
+        if ipv4:
+            ip = f"{lan}.{octet}"
+            lab.address(ns, "eth0", f"{ip}/24")
+            lab.sh(ns, "ip", "route", "add", "default", "via", f"{lan}.1")
+        if lan6 is not None:
+            ip6 = f"{lan6}{octet}"
+            lab.address(ns, "eth0", f"{ip6}/64")
+            lab.sh(ns, "ip", "-6", "route", "add", "default", "via", f"{lan6}1")
+        placed[host] = (ns, ip, ip6)
     lab.nat(nat, profile)
+    if profile6 is not None:
+        lab.firewall6(nat, profile6)
     return placed
 
 
 def _site(
     lab: Lab, attach: Callable[[str, str], None], name: str, profile: str, index: int
 ) -> Site:
-    if profile == "public":
+    v4, v6 = split_profile(profile)
+    if v4 == "public":
+        if v6 is not None:
+            raise ValueError("a public site has no firewall: profile 'public' takes no +V6")
         peer = lab.ns(f"peer-{name}")
         ip = f"{WAN_PREFIX}.{20 + index}"
         attach(peer, ip)
-        return Site(name, peer, ip, None, ip)
+        return Site(name, peer, ip, None, ip, wan6_ip(ip))
     public_ip = f"{WAN_PREFIX}.{10 + index}"
-    peer, ip = _router(lab, attach, name, profile, public_ip, f"10.0.{index}", {f"peer-{name}": 2})[
-        f"peer-{name}"
-    ]
-    return Site(name, peer, ip, lab.prefix + f"nat-{name}", public_ip)
+    nat_profile = "cone" if v4 == "none" else v4  # an IPv6-only LAN: nothing crosses it
+    host = f"peer-{name}"
+    placed = _router(
+        lab, attach, name, nat_profile, public_ip, f"10.0.{index}", {host: 2}, v6, v4 != "none"
+    )
+    peer, ip, ip6 = placed[host]
+    return Site(name, peer, ip, lab.prefix + f"nat-{name}", public_ip, ip6)
 
 
 def _rendezvous(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
@@ -359,15 +445,23 @@ def build_two_nats(lab: Lab, profile_a: str = "cone", profile_b: str = "cone") -
     Routers have no default route: packets for a private address of the other
     LAN die at the first router, as on the internet.
 
+    A site profile with ``+fw6-*`` (:data:`PROFILES6`) gives its peer a global
+    IPv6 address too, ``2001:db8:<1 or 2>::2``, behind that firewall; every WAN
+    host (the rendezvous at ``2001:db8::10`` included) has both families.
+
     Raises:
-        ValueError: a profile not in :data:`PROFILES`.
+        ValueError: a profile that :func:`split_profile` refuses.
     """
     for profile in (profile_a, profile_b):
-        if profile not in PROFILES:
-            raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
+        split_profile(profile)
     rendezvous, attach = _rendezvous(lab)
     sites = (_site(lab, attach, "a", profile_a, 1), _site(lab, attach, "b", profile_b, 2))
     return Topology(rendezvous, RENDEZVOUS_IP, sites)
+
+
+def _placed(name: str, placed: tuple[str, str | None, str | None], nat: str, public: str) -> Site:
+    ns, ip, ip6 = placed
+    return Site(name, ns, ip, nat, public, ip6)
 
 
 def build_hairpin(lab: Lab) -> Topology:
@@ -379,7 +473,7 @@ def build_hairpin(lab: Lab) -> Topology:
     public_ip = f"{WAN_PREFIX}.11"
     hosts = _router(lab, attach, "ab", "cone", public_ip, "10.0.1", {"peer-a": 2, "peer-b": 3})
     nat = lab.prefix + "nat-ab"
-    sites = tuple(Site(name, *hosts[f"peer-{name}"], nat, public_ip) for name in ("a", "b"))
+    sites = tuple(_placed(name, hosts[f"peer-{name}"], nat, public_ip) for name in ("a", "b"))
     return Topology(rendezvous, RENDEZVOUS_IP, sites)
 
 
@@ -403,7 +497,9 @@ def build_overlap(lab: Lab) -> tuple[Topology, tuple[str, str]]:
     )
     b_hosts = _router(lab, attach, "b", "cone", f"{WAN_PREFIX}.12", "10.0.0", {"peer-b": 3})
     sites = (
-        Site("a", *a_hosts["peer-a"], lab.prefix + "nat-a", f"{WAN_PREFIX}.11"),
-        Site("b", *b_hosts["peer-b"], lab.prefix + "nat-b", f"{WAN_PREFIX}.12"),
+        _placed("a", a_hosts["peer-a"], lab.prefix + "nat-a", f"{WAN_PREFIX}.11"),
+        _placed("b", b_hosts["peer-b"], lab.prefix + "nat-b", f"{WAN_PREFIX}.12"),
     )
-    return Topology(rendezvous, RENDEZVOUS_IP, sites), a_hosts["stray"]
+    stray_ns, stray_ip, _ = a_hosts["stray"]
+    assert stray_ip is not None
+    return Topology(rendezvous, RENDEZVOUS_IP, sites), (stray_ns, stray_ip)

@@ -41,6 +41,7 @@ from netns.lab import (
     build_hairpin,
     build_overlap,
     build_two_nats,
+    split_profile,
 )
 from netns.scenario import PUNCH, PairRun, PeerRun, run_in_lab, run_rendezvous_dies, wait_for
 from punch._cli import EXIT_PUNCH_FAILED, EXIT_RENDEZVOUS
@@ -90,18 +91,47 @@ class Cell:
         return self.fault not in MEASURED_ONLY
 
     @property
+    def ipv6(self) -> bool:
+        """Whether both peers have IPv6 (behind a firewall, no NAT, or public on the
+        WAN): then a direct path exists, and IPv6 is tried first and wins."""
+        if self.a in ("hairpin", "overlap"):
+            return False
+        return all(p == "public" or split_profile(p)[1] is not None for p in (self.a, self.b))
+
+    @property
     def direct(self) -> bool:
-        """Whether a direct TCP path can exist (RFC 5382 §5: EIM both sides, or one public)."""
-        return (self.a != "symmetric" or self.b == "public") and (
-            self.b != "symmetric" or self.a == "public"
+        """Whether a direct TCP path can exist: over IPv6 when both sites have it, else
+        over IPv4 (RFC 5382 §5: EIM both sides, or one public)."""
+        if self.a in ("hairpin", "overlap"):
+            return True
+        a, b = split_profile(self.a)[0], split_profile(self.b)[0]
+        if self.ipv6:
+            return True
+        return (
+            "none" not in (a, b)
+            and (a != "symmetric" or b == "public")
+            and (b != "symmetric" or a == "public")
         )
 
 
+IPV6_CELLS = (
+    Cell("symmetric+fw6-drop", "symmetric+fw6-reject"),
+    Cell("symmetric+fw6-reject", "symmetric+fw6-drop"),
+    Cell("cone+fw6-drop", "cone"),
+    Cell("cone", "cone+fw6-reject"),
+    Cell("none+fw6-drop", "none+fw6-reject"),
+)
+"""Issue 15's rows: IPv4 NATs that no punch passes, with IPv6 firewalls on both
+sides (direct over IPv6); IPv6 at one site only (IPv4, as without it); IPv6-only peers."""
+
+
 def cells() -> list[Cell]:
-    """Every ordered profile pair, hairpin, overlap, then cone x cone under each fault."""
+    """Every ordered profile pair, hairpin, overlap, the IPv6 rows, then cone x cone
+    under each fault."""
     special = [Cell("hairpin", "hairpin"), Cell("overlap", "overlap")]
     faults = [Cell("cone", "cone", fault) for fault in FAULTS]
-    return [Cell(a, b) for a in PROFILES for b in PROFILES] + special + faults
+    pairs = [Cell(a, b) for a in PROFILES for b in PROFILES]
+    return pairs + special + list(IPV6_CELLS) + faults
 
 
 @attrs.frozen
@@ -173,7 +203,7 @@ def max_attempts_per_second(*runs: PeerRun) -> int:
 
 
 def _ip(endpoint: str) -> str:
-    return endpoint.rsplit(":", 1)[0]
+    return endpoint.rsplit(":", 1)[0].strip("[]")
 
 
 def judge(cell: Cell, topology: Topology, alice: PeerRun, bob: PeerRun, seconds: float) -> Trial:
@@ -198,11 +228,14 @@ def judge(cell: Cell, topology: Topology, alice: PeerRun, bob: PeerRun, seconds:
                 (bob, connected_b, registered_a, site_a),
             ):
                 expected_ip = other.peer_ip if hairpin else other.public_ip
+                if cell.ipv6:  # both sites have IPv6: it is tried first, and wins
+                    expected_ip = other.peer_ip6
                 if _ip(connected["remote"]) != expected_ip:
                     problems.append(
                         f"{run.name}'s stream goes to {connected['remote']}, not {expected_ip}"
                     )
-                port_preserved = not hairpin and "symmetric" not in (cell.a, cell.b)
+                port_preserved = not hairpin and not cell.ipv6
+                port_preserved &= "symmetric" not in (cell.a, cell.b)
                 if port_preserved and registered and connected["remote"] != registered["observed"]:
                     problems.append(
                         f"{run.name}'s stream goes to {connected['remote']}, "

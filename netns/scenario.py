@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 
-from netns.lab import RENDEZVOUS_PORT, Lab, Topology
+from netns.lab import RENDEZVOUS_PORT, Lab, Site, Topology
 
 PUNCH = [sys.executable, "-m", "punch"]
 RENDEZVOUS = [*PUNCH, "rendezvous"]
@@ -160,6 +160,9 @@ class PairRun:
         listener_args: tuple[str, ...] = (),
         connector_args: tuple[str, ...] = (),
         after_rendezvous: Callable[[PairRun, str], None] | None = None,
+        rendezvous_args: tuple[str, ...] = (),
+        listener_rendezvous: str | None = None,
+        connector_rendezvous: str | None = None,
     ) -> tuple[PeerRun, PeerRun, str]:
         """Rendezvous, then ``bob`` listens, then ``alice`` connects; each sends one line.
 
@@ -168,16 +171,26 @@ class PairRun:
             listener_args, connector_args: more ``punch`` arguments for bob, alice.
             after_rendezvous: called with this run and the rendezvous address
                 once the server is up (to start more processes).
+            rendezvous_args: more ``punch rendezvous`` arguments (another ``--listen``).
+            listener_rendezvous, connector_rendezvous: the address bob, alice
+                give as ``--rendezvous`` (default the one the server printed first).
 
         Returns:
             (alice's run, bob's run, the rendezvous address used).
         """
-        address = self.start_rendezvous(rendezvous_prefix, rendezvous_listen)
+        address = self.start_rendezvous(rendezvous_prefix, rendezvous_listen, *rendezvous_args)
+        address = address.splitlines()[0]
         if after_rendezvous is not None:
             after_rendezvous(self, address)
-        bob = self.start_peer("bob", listener_prefix, ["listen"], address, *listener_args)
+        bob = self.start_peer(
+            "bob", listener_prefix, ["listen"], listener_rendezvous or address, *listener_args
+        )
         alice = self.start_peer(
-            "alice", connector_prefix, ["connect", "bob"], address, *connector_args
+            "alice",
+            connector_prefix,
+            ["connect", "bob"],
+            connector_rendezvous or address,
+            *connector_args,
         )
         return self.wait("alice", alice, timeout), self.wait("bob", bob, timeout), address
 
@@ -209,11 +222,21 @@ def run_in_lab(lab: Lab, topology: Topology, **options: Any) -> tuple[PeerRun, P
             rendezvous_listen=f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}",
             listener_prefix=lab.exec_prefix(b.peer_ns),
             connector_prefix=lab.exec_prefix(a.peer_ns),
+            rendezvous_args=("--listen", f"[{topology.rendezvous_ip6}]:{RENDEZVOUS_PORT}"),
+            listener_rendezvous=_rendezvous_for(b, topology),
+            connector_rendezvous=_rendezvous_for(a, topology),
             **options,
         )
     finally:
         pair.close()
     return alice, bob
+
+
+def _rendezvous_for(site: Site, topology: Topology) -> str | None:
+    """The IPv6 rendezvous address for an IPv6-only peer; None (the first) for the rest."""
+    if site.peer_ip is None:
+        return f"[{topology.rendezvous_ip6}]:{RENDEZVOUS_PORT}"
+    return None
 
 
 def run_rendezvous_dies(lab: Lab, topology: Topology) -> tuple[PeerRun, PeerRun, PeerRun]:

@@ -17,8 +17,8 @@ from punch._host import signed_register
 from punch._identity import Identity
 from punch._protocol import Challenge, Introduction, RendezvousConnection, Side
 from punch._race import InboundRouter, Race
-from punch._reuse import TCP_RTO_MAX_MS, bind_reusable
 from punch._stream import ExactReader
+from punch.reuse import TCP_RTO_MAX_MS, bind_reusable
 
 
 def open_fds() -> int:

@@ -19,7 +19,7 @@ import sys
 import trio
 
 from punch._endpoint import Endpoint
-from punch._reuse import _set_reuse, dial
+from punch.reuse import _set_reuse, dial
 
 # /proc/net/tcp "st" column (include/net/tcp_states.h)
 SYN_SENT, SYN_RECV = "02", "03"

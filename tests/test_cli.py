@@ -128,7 +128,11 @@ def test_unreachable_rendezvous_exit_code(capsys: pytest.CaptureFixture[str]) ->
         ["connect", "--name", "alice", "--rendezvous", "127.0.0.1:7000"],  # no PEER
         ["listen", "--name", "alice", "--rendezvous", "::1:7000"],  # no brackets
         ["listen", "--name", "alice", "--rendezvous", "127.0.0.1:7000", "--ipv6"],
+        ["listen", "--name", "alice", "--rendezvous", "[::1]:7000", "-4"],
+        ["listen", "--name", "alice", "--rendezvous", "h:7000", "-4", "-6"],
         ["listen", "--name", "a", "--rendezvous", "127.0.0.1:7000", "--local", "[::1]:0"],
+        ["listen", "--name", "a", "--rendezvous", "h:7000", "-4", "--local", "[::1]:0"],
+        ["listen", "--name", "alice", "--rendezvous", "h:7000", "--stagger", "3"],
         ["send", "/nonexistent/file", "--to", "bob", "--rendezvous", "127.0.0.1:7000"],
         ["send", "/", "--to", "bob", "--rendezvous", "127.0.0.1:7000"],  # not a file
         ["receive", "--name", "bob", "--rendezvous", "127.0.0.1:7000", "--out", "/nonexistent"],
@@ -151,7 +155,8 @@ def test_help_documents_options_and_exit_codes(
     with pytest.raises(SystemExit):
         _cli.main([command, "--help"])
     out = capsys.readouterr().out
-    for option in ("--name", "--rendezvous", "--local", "--ipv6", "--timeout", "--json", "-v"):
+    options = ("--name", "--rendezvous", "--local", "--ipv4", "--ipv6", "--stagger", "--timeout")
+    for option in (*options, "--json", "-v"):
         assert option in out
     for code in (
         _cli.EXIT_USAGE,
@@ -311,8 +316,8 @@ def test_options_are_parsed_once_into_a_frozen_object() -> None:
     args = parser.parse_args(["connect", "bob", "--rendezvous", "[::1]:7000", "--timeout", "3"])
     options = _cli._options(parser, args)
     assert (options.command, options.peer, options.timeout) == ("connect", "bob", 3.0)
-    assert options.ipv6  # an IPv6 literal implies -6 ...
-    assert not args.ipv6  # ... without rewriting what argparse parsed
+    assert options.family is None  # an IPv6 literal still holds both families ...
+    assert not args.ipv6  # ... and argparse's parse is left as it was
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         options.peer = "eve"  # type: ignore[misc]
 

@@ -281,7 +281,7 @@ async def test_bad_arguments_are_refused_up_front(rendezvous: Endpoint) -> None:
 async def test_reuse_unavailable_is_a_typed_error(
     rendezvous: Endpoint, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(punch._reuse, "reuse_available", lambda: False)
+    monkeypatch.setattr(punch.reuse, "reuse_available", lambda: False)
     with pytest.raises(ReuseUnavailable):
         async with punch.open_host("alice", rendezvous=rendezvous):
             pass  # pragma: no cover

@@ -23,6 +23,11 @@ QUICK_TRIALS = 3
         ("cone-icmp", "cone-icmp-admin", True),
         ("symmetric", "cone-icmp", False),
         ("symmetric", "symmetric", False),
+        ("symmetric+fw6-drop", "symmetric+fw6-reject", True),  # over IPv6
+        ("symmetric+fw6-drop", "symmetric", False),  # IPv6 at one site only
+        ("none+fw6-drop", "cone", False),  # no family in common
+        ("none+fw6-drop", "none+fw6-reject", True),
+        ("public", "public", True),
     ],
 )
 def test_which_cells_have_a_direct_path(a: str, b: str, direct: bool) -> None:
@@ -31,7 +36,9 @@ def test_which_cells_have_a_direct_path(a: str, b: str, direct: bool) -> None:
 
 def test_the_matrix_covers_every_ordered_pair_and_the_special_cells() -> None:
     names = [c.name for c in cells()]
-    assert len(names) == len(set(names)) == 6 * 6 + 2 + 2
+    assert len(names) == len(set(names)) == 6 * 6 + 2 + 5 + 2
+    assert "symmetric+fw6-drop x symmetric+fw6-reject" in names
+    assert "none+fw6-drop x none+fw6-reject" in names
     assert {"hairpin", "overlap", "cone-rst x symmetric", "symmetric x cone-rst"} <= set(names)
     assert {"cone-icmp x cone-icmp-admin", "cone-icmp-admin x public"} <= set(names)
 

@@ -22,8 +22,8 @@ from punch import (
     Role,
     SelfDialError,
     WonBy,
-    _reuse,
     open_host,
+    reuse,
 )
 from punch._handshake import Handshake
 from punch._race import PunchOptions, Race
@@ -75,7 +75,7 @@ async def test_both_sides_keep_the_same_connection(paths: tuple[str, ...]) -> No
         initiator, responder = await _race_pair(paths)
         assert (initiator.role, responder.role) == (Role.INITIATOR, Role.RESPONDER)
         assert initiator.attempt_id == responder.attempt_id
-        capped, system = _reuse.PUNCH_RTO_MAX_MS, _reuse._system_rto_max_ms()
+        capped, system = reuse.PUNCH_RTO_MAX_MS, reuse._system_rto_max_ms()
         # the punch's 1 s retransmission cap holds until the peer's first bytes arrive
         # (our last handshake message may still be unacknowledged), then lifts
         for kept in (initiator, responder):
@@ -373,6 +373,7 @@ async def test_pacing_holds_between_attempts_to_one_candidate(
         ConnectionRefusedError(errno.ECONNREFUSED, "RST or ICMP port unreachable"),
         OSError(errno.EHOSTUNREACH, "ICMP host unreachable or administratively prohibited"),
         OSError(errno.ENETUNREACH, "ICMP net unreachable"),
+        PermissionError(errno.EACCES, "ICMPv6 administratively prohibited"),
     ],
 )
 async def test_a_refused_attempt_is_dialled_again_as_soon_as_the_rate_allows(
@@ -681,3 +682,70 @@ async def test_an_attempt_connected_but_mute_at_the_deadline_says_so(
 async def _accept_into(listener: trio.SocketListener, accepted: list[trio.SocketStream]) -> None:
     while True:
         accepted.append(await listener.accept())
+
+
+LOOPBACK6 = Endpoint("::1", 1)
+
+
+async def _staggered(
+    behaviour: dict[Endpoint, float | None], stagger: float = 0.25
+) -> tuple[dict[Endpoint, list[float]], PunchFailed, list[Endpoint]]:
+    """A dual-stack race against ``behaviour``'s candidates (in that order); each
+    candidate's attempt times from the start, the failure, and the locals dialled from."""
+    attempts: dict[Endpoint, list[float]] = {}
+    froms: list[Endpoint] = []
+    intro, _ = introductions((), tuple(behaviour))
+    _, inbound = trio.open_memory_channel(0)
+    dial = _fake_dial(behaviour, attempts)
+
+    async def recording_dial(local: Endpoint, remote: Endpoint, own: object) -> trio.SocketStream:
+        froms.append(local)
+        return await dial(local, remote, own)
+
+    race = Race(
+        intro,
+        LOOPBACK,
+        inbound,
+        options=PunchOptions(timeout=1.0, pacing=0.5, stagger=stagger),
+        dial=recording_dial,
+        other_locals=(LOOPBACK6,),
+    )
+    start = trio.current_time()
+    with pytest.raises(PunchFailed) as info:
+        await race.run()
+    times = {e: [t - start for t in ts] for e, ts in attempts.items()}
+    return times, info.value, froms
+
+
+async def test_ipv4_candidates_wait_the_stagger_while_ipv6_is_tried(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    v4, v6 = Endpoint("192.0.2.1", 1), Endpoint("2001:db8::1", 1)
+    times, failed, froms = await _staggered({v4: None, v6: None})  # v4 offered first
+    assert times[v6] == [0.0]
+    assert times[v4] == pytest.approx([0.25])  # RFC 8305 §5: after the stagger
+    assert set(froms) == {LOOPBACK, LOOPBACK6}  # each family from its own port
+    assert [a.candidate.endpoint for a in failed.attempts if a.number == 1] == [v6, v4]
+
+
+async def test_ipv4_goes_at_once_when_every_ipv6_candidate_has_failed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    v4, v6a, v6b = Endpoint("192.0.2.1", 1), Endpoint("2001:db8::1", 1), Endpoint("2001:db8::2", 1)
+    times, _, _ = await _staggered({v4: None, v6a: 0.02, v6b: 0.05})
+    assert times[v4] == pytest.approx([0.05])  # the last IPv6 refusal, not 0.25 s
+
+
+async def test_no_stagger_when_no_ipv6_candidate_is_dialled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    v4 = Endpoint("192.0.2.1", 1)
+    times, _, froms = await _staggered({v4: None})
+    assert times[v4] == [0.0]
+    assert froms == [LOOPBACK]
+
+
+@pytest.mark.parametrize("stagger", [0.0, 0.009, 2.5, float("nan")])
+def test_a_stagger_outside_rfc_8305s_bounds_is_refused(stagger: float) -> None:
+    with pytest.raises(ValueError, match="stagger"):
+        PunchOptions(stagger=stagger)

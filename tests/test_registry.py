@@ -43,8 +43,8 @@ from punch._protocol import (
     Message,
     Registered,
 )
-from punch._reuse import abort
 from punch._server import RendezvousServer, ServerLimits
+from punch.reuse import abort
 from tests.helpers import IDENTITY, raw_client
 
 LIMITS = ServerLimits(introductions_per_minute=10_000)  # rate limits have their own tests

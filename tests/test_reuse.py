@@ -8,8 +8,8 @@ import socket
 import pytest
 import trio
 
-from punch import Endpoint, SelfDialError, _reuse, reuse_available
-from punch._reuse import abort, check_not_self, dial, open_listener
+from punch import Endpoint, SelfDialError, reuse, reuse_available
+from punch.reuse import abort, check_not_self, dial, open_listener
 from tests.helpers import open_fds, rto_max_ms
 
 
@@ -78,7 +78,7 @@ async def test_forced_tcp_self_connect_is_detected_and_closed(
 ) -> None:
     # Skip the check before the SYN, so the kernel really connects the socket to
     # itself (RFC 9293 simultaneous open with itself); the check after must catch it.
-    monkeypatch.setattr(_reuse, "check_not_self", lambda *args: None)
+    monkeypatch.setattr(reuse, "check_not_self", lambda *args: None)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -133,7 +133,7 @@ async def test_a_dial_retransmits_every_second_at_most_until_it_is_given_back() 
         async with stream, await target.accept():
             if rto_max_ms(stream.socket) is None:
                 pytest.skip("this kernel has no TCP_RTO_MAX_MS (Linux 6.15+)")
-            assert rto_max_ms(stream.socket) == _reuse.PUNCH_RTO_MAX_MS == 1000
-            _reuse.restore_retransmission_timeout(stream.socket)
-            system = _reuse._system_rto_max_ms()  # net.ipv4.tcp_rto_max_ms
+            assert rto_max_ms(stream.socket) == reuse.PUNCH_RTO_MAX_MS == 1000
+            reuse.restore_retransmission_timeout(stream.socket)
+            system = reuse._system_rto_max_ms()  # net.ipv4.tcp_rto_max_ms
             assert rto_max_ms(stream.socket) == system != 1000

@@ -30,7 +30,6 @@ from punch._protocol import (
     Keepalive,
     Registered,
 )
-from punch._reuse import abort
 from punch._server import (
     RendezvousServer,
     ServerLimits,
@@ -38,6 +37,7 @@ from punch._server import (
     serve_rendezvous,
     source_key,
 )
+from punch.reuse import abort
 from tests.helpers import IDENTITY, raw_client, register, send_register
 
 STRICT = ServerLimits(exempt=())  # loopback counted like any other source

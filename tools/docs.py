@@ -21,11 +21,12 @@ import attrs
 import punch
 import punch._cli
 import punch.pytest_plugin
+import punch.reuse
 import punch.testing
 import punch.transfer
 from tools.readme import replace_section
 
-MODULES = (punch, punch.transfer, punch.testing, punch.pytest_plugin)
+MODULES = (punch, punch.reuse, punch.transfer, punch.testing, punch.pytest_plugin)
 
 
 def _markdown(text: str) -> str:

@@ -11,6 +11,7 @@ peer's registered Ed25519 key (:class:`Identity`) encrypts it::
 
 from __future__ import annotations
 
+from . import reuse as reuse
 from ._endpoint import Candidate as Candidate
 from ._endpoint import CandidateType as CandidateType
 from ._endpoint import Endpoint as Endpoint
@@ -36,11 +37,11 @@ from ._identity import peer_id as peer_id
 from ._outcome import Attempt as Attempt
 from ._outcome import Outcome as Outcome
 from ._race import PunchOptions as PunchOptions
-from ._reuse import reuse_available as reuse_available
 from ._server import ServerLimits as ServerLimits
 from ._server import serve_rendezvous as serve_rendezvous
 from ._stream import PeerStream as PeerStream
 from ._stream import WonBy as WonBy
+from .reuse import reuse_available as reuse_available
 
 __version__ = "0.1.0"
 

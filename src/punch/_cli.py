@@ -10,6 +10,7 @@ import os
 import resource
 import secrets
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
@@ -32,7 +33,7 @@ from ._errors import (
 from ._host import Host, open_host
 from ._identity import Identity, check_peer_id
 from ._protocol import MAX_TOKEN
-from ._race import DEFAULT_TIMEOUT
+from ._race import DEFAULT_STAGGER, DEFAULT_TIMEOUT, MAX_STAGGER, MIN_STAGGER
 from ._server import LOOPBACK, ServerLimits, serve_rendezvous
 from ._stream import PeerStream
 from .transfer import TransferError
@@ -88,9 +89,10 @@ class Options:
     command: str
     name: str
     rendezvous: tuple[str, int]
-    """The server's name or IP, and its port, as given (resolved per ``ipv6``)."""
+    """The server's name or IP, and its port, as given (resolved per ``family``)."""
     local: Endpoint | None
-    ipv6: bool
+    family: socket.AddressFamily | None
+    """``-4``/``-6`` (or ``--local``'s family): that family only; None: both."""
     timeout: float
     token: str | None
     ssl_context: ssl.SSLContext | None
@@ -108,6 +110,8 @@ class Options:
     """``--peer-id``: the peer must prove this key."""
     encrypt: bool = True
     """Off with ``--no-encrypt``."""
+    stagger: float = DEFAULT_STAGGER
+    """``--stagger``: seconds IPv4 candidates wait while IPv6 ones are dialled."""
 
 
 def default_identity_path() -> Path:
@@ -291,21 +295,23 @@ def _literal_version(host: str) -> int | None:
         return None
 
 
-async def _resolve(host: str, port: int, ipv6: bool) -> Endpoint:
-    """The rendezvous's endpoint: ``host`` resolved to IPv6 or IPv4 (getaddrinfo(3)).
+async def _resolve(host: str, port: int, family: socket.AddressFamily | None) -> list[Endpoint]:
+    """The rendezvous's endpoints: ``host`` resolved (getaddrinfo(3)) in ``family``,
+    or in both, IPv6 first (RFC 6724 §10.3's default policy), each address once.
 
     Raises:
         RendezvousError: ``unreachable``: the name does not resolve in that family.
     """
-    family = trio.socket.AF_INET6 if ipv6 else trio.socket.AF_INET
     try:
-        infos = await trio.socket.getaddrinfo(host, port, family, trio.socket.SOCK_STREAM)
+        infos = await trio.socket.getaddrinfo(
+            host, port, family or socket.AF_UNSPEC, socket.SOCK_STREAM
+        )
     except OSError as exc:
-        version = 6 if ipv6 else 4
-        raise RendezvousError(
-            "unreachable", f"cannot resolve {host!r} to an IPv{version} address: {exc}"
-        ) from exc
-    return Endpoint.from_sockaddr(infos[0][4])
+        wanted = {socket.AF_INET: "an IPv4 address", socket.AF_INET6: "an IPv6 address"}
+        what = wanted[family] if family is not None else "an address"
+        raise RendezvousError("unreachable", f"cannot resolve {host!r} to {what}: {exc}") from exc
+    found = dict.fromkeys(Endpoint.from_sockaddr(info[4]) for info in infos)
+    return sorted(found, key=lambda e: e.family != socket.AF_INET6)
 
 
 def _connected_fields(stream: PeerStream) -> dict[str, Any]:
@@ -326,11 +332,13 @@ async def _session(options: Options, report: Reporter) -> None:
     """Register, get the stream as the command does, use it, say each step."""
     command = COMMANDS[options.command]
     host_name, port = options.rendezvous
-    server = await _resolve(host_name, port, options.ipv6)
+    servers = await _resolve(host_name, port, options.family)
     async with open_host(
         options.name,
-        rendezvous=server,
+        rendezvous=servers,
         local=options.local,
+        family=options.family,
+        stagger=options.stagger,
         timeout=options.timeout,
         token=options.token,
         rendezvous_ssl_context=options.ssl_context,
@@ -340,14 +348,16 @@ async def _session(options: Options, report: Reporter) -> None:
     ) as host:
         report(
             "registered",
-            f"registered {host.name!r} at {server}: "
-            f"server-reflexive {host.observed}, host {host.host_candidate}, "
+            f"registered {host.name!r} at {host.rendezvous}: "
+            f"server-reflexive {host.observed}, host {', '.join(map(str, host.host_candidates))}, "
             f"peer ID {host.identity.peer_id}",
             name=host.name,
             peer_id=host.identity.peer_id,
-            rendezvous=str(server),
+            rendezvous=str(host.rendezvous),
             observed=str(host.observed),
             host=str(host.host_candidate),
+            host_candidates=[str(e) for e in host.host_candidates],
+            local=[str(e) for e in host.locals],
         )
         stream = await command.acquire(host, options, report)
     if options.peer_id is not None and stream.peer_id != options.peer_id:
@@ -415,11 +425,27 @@ def _subcommand(commands: Any, name: str) -> argparse.ArgumentParser:
     sub.add_argument(
         "--local", type=_endpoint, metavar="IP:PORT", help="bind here (default any, port 0)"
     )
-    sub.add_argument(
+    families = sub.add_mutually_exclusive_group()
+    families.add_argument(
+        "-4",
+        "--ipv4",
+        action="store_true",
+        help="IPv4 only: resolve the rendezvous to IPv4 and hold a port in IPv4 only "
+        "(default both families, IPv6 candidates first)",
+    )
+    families.add_argument(
         "-6",
         "--ipv6",
         action="store_true",
-        help="use IPv6: resolve the rendezvous name to IPv6 and bind [::] (default IPv4)",
+        help="IPv6 only: resolve the rendezvous to IPv6 and hold a port in IPv6 only",
+    )
+    sub.add_argument(
+        "--stagger",
+        type=_seconds,
+        default=DEFAULT_STAGGER,
+        metavar="SECONDS",
+        help=f"seconds IPv4 candidates wait while IPv6 ones are dialled (RFC 8305 happy "
+        f"eyeballs; 0.01-2, default {DEFAULT_STAGGER:g})",
     )
     sub.add_argument(
         "--timeout",
@@ -521,11 +547,17 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optio
     time; each failed check is a usage error (exit 2). ``args`` is left as parsed."""
     host = args.rendezvous[0]
     version = _literal_version(host)
-    if args.ipv6 and version == 4:
-        parser.error(f"--rendezvous {host} is IPv4, but --ipv6 was given")
-    ipv6 = args.ipv6 or version == 6
-    if args.local is not None and (args.local.address.version == 6) != ipv6:
-        parser.error(f"--local {args.local} is not of the rendezvous's address family")
+    family = socket.AF_INET6 if args.ipv6 else socket.AF_INET if args.ipv4 else None
+    if family is not None and version is not None and version != (6 if args.ipv6 else 4):
+        parser.error(f"--rendezvous {host} is IPv{version}, but -{6 if args.ipv6 else 4} was given")
+    if args.local is not None:
+        if family is not None and args.local.family != family:
+            parser.error(f"--local {args.local} is not of the family -4/-6 asks for")
+        if version is not None and (args.local.address.version == 6) != (version == 6):
+            parser.error(f"--local {args.local} is not of the rendezvous's address family")
+        family = args.local.family
+    if not MIN_STAGGER <= args.stagger <= MAX_STAGGER:
+        parser.error(f"--stagger must be {MIN_STAGGER:g}-{MAX_STAGGER:g} s, not {args.stagger:g}")
     context = None
     if args.tls or args.tls_ca:
         try:
@@ -542,7 +574,7 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optio
         name=args.name,
         rendezvous=args.rendezvous,
         local=args.local,
-        ipv6=ipv6,
+        family=family,
         timeout=args.timeout,
         token=_token(parser, args.token_file),
         ssl_context=context,
@@ -590,10 +622,11 @@ def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
         type=_endpoint,
-        default=Endpoint("0.0.0.0", 7000),
+        action="append",
         metavar="IP:PORT",
-        help="where to listen (default 0.0.0.0:7000; [::]:7000 for IPv6; port 0 picks one); "
-        "the bound IP:PORT is printed on stdout",
+        help="where to listen, repeatable (default 0.0.0.0:7000; [::]:7000 alone serves "
+        "IPv6 and IPv4 where the OS allows; port 0 picks one); each bound IP:PORT is "
+        "printed on stdout, one a line",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     limits = parser.add_argument_group(
@@ -775,6 +808,8 @@ def _raise_fd_limit() -> None:
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     limits, context = _server_options(parser, args)
+    listen = args.listen or [Endpoint("0.0.0.0", 7000)]
+    bound: list[Endpoint] = []
     _logging(logging.WARNING if args.quiet else logging.INFO)
     _raise_fd_limit()
 
@@ -784,14 +819,15 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 serve = functools.partial(
                     serve_rendezvous,
-                    args.listen.ip,
-                    args.listen.port,
+                    listen=listen,
+                    bound=bound,
                     limits=limits,
                     ssl_context=context,
                     stop=stop,
                     persist_names=args.persist_names,
                 )
-                print(await nursery.start(serve), flush=True)
+                await nursery.start(serve)
+                print(*bound, sep="\n", flush=True)
                 async for signum in signals:
                     logging.getLogger("punch.server").info(
                         "%s: stopping", signal.Signals(signum).name
@@ -804,7 +840,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except OSError as exc:
-        print(f"punch-rendezvous: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        where = ", ".join(map(str, listen))
+        print(f"punch-rendezvous: cannot listen on {where}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except ValueError as exc:  # a --persist-names file that is not ours
         print(f"punch-rendezvous: {exc}", file=sys.stderr)

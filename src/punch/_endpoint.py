@@ -36,12 +36,16 @@ def _check_port(instance: object, attribute: attrs.Attribute[int], value: int) -
 
 
 def _normalise_ip(value: str) -> str:
-    """``str(ip_address(value))`` when it parses; else ``value``, for the validator to refuse."""
+    """``str(ip_address(value))`` when it parses, an IPv4-mapped IPv6 address as the
+    IPv4 one (RFC 4291 §2.5.5.2); else ``value``, for the validator to refuse."""
     if isinstance(value, str):
         try:
-            return str(_parse(value))
+            address = _parse(value)
         except ValueError:
-            pass
+            return value
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(address)
     return value
 
 
@@ -51,7 +55,10 @@ class Endpoint:
 
     Args:
         ip: an IPv4 or IPv6 address in text form (no brackets, no host names);
-            it is normalised, so ``"::0001"`` and ``"::1"`` compare equal.
+            it is normalised, so ``"::0001"`` and ``"::1"`` compare equal, and an
+            IPv4-mapped IPv6 address (``"::ffff:192.0.2.7"``, what a dual-stack
+            socket reports for an IPv4 peer, RFC 4291 §2.5.5.2) is its IPv4
+            address: limits, candidates and logs treat it as IPv4.
         port: 0..65535 (0 means "any" when binding).
 
     Raises:

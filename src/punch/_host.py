@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import random
+import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 
 import attrs
 import trio
 
-from . import _reuse, _secure
+from . import _secure, reuse
+from ._candidates import interface_addresses
 from ._control import ControlChannel
 from ._endpoint import Endpoint, as_endpoint
 from ._errors import NameTaken, PunchFailed, RemoteProtocolError, RendezvousError, ReuseUnavailable
 from ._identity import Identity, check_peer_id
 from ._protocol import (
+    MAX_CANDIDATES,
     Challenge,
     ConnectRequest,
     Error,
@@ -30,7 +34,14 @@ from ._protocol import (
     check_name,
     registration_transcript,
 )
-from ._race import DEFAULT_PACING, DEFAULT_TIMEOUT, InboundRouter, PunchOptions, Race
+from ._race import (
+    DEFAULT_PACING,
+    DEFAULT_STAGGER,
+    DEFAULT_TIMEOUT,
+    InboundRouter,
+    PunchOptions,
+    Race,
+)
 from ._stream import PeerStream
 
 log = logging.getLogger("punch.host")
@@ -47,6 +58,10 @@ ACCEPT_QUEUE = 16
 """Punched streams held for :meth:`Host.accept` before more are refused."""
 
 _Reply = Introduction | Error | RendezvousError
+_EndpointLike = Endpoint | tuple[str, int] | str
+
+SAME_PORT_TRIES = 8
+"""Times :func:`open_host` picks a new port when the other family has it taken."""
 
 
 def backoff(rng: random.Random | None = None) -> Iterator[float]:
@@ -70,30 +85,66 @@ class _Registration:
 
     name: str
     identity: Identity
-    local: Endpoint
-    server: Endpoint
+    locals: tuple[Endpoint, ...]
+    servers: tuple[Endpoint, ...]
     timeout: float
     token: str | None
     ssl_context: ssl.SSLContext | None
-    hostname: str
+    hostname: str | None
 
-    async def register(self) -> tuple[ControlChannel, Registered]:
-        """A new control connection from :attr:`local`, registered under :attr:`name`.
+    async def register(
+        self,
+    ) -> tuple[ControlChannel, Registered, tuple[Endpoint, ...], Endpoint]:
+        """A new control connection to the first of :attr:`servers` that we reach
+        from the local endpoint of its family, registered under :attr:`name`.
+
+        Returns:
+            the channel, the server's ``Registered``, the host candidates we
+            registered (first the local endpoint the OS chose to reach the
+            server, then our other family's interface addresses on its port),
+            and the server endpoint we registered with.
 
         Raises:
-            RendezvousError: as :func:`open_host` while registering.
-            OSError: :attr:`local` cannot be bound.
+            RendezvousError: as :func:`open_host` while registering
+                (``unreachable`` when no server could be reached).
+            OSError: a local endpoint cannot be bound.
         """
-        channel = await _connect_control(
-            self.local, self.server, self.timeout, self.ssl_context, self.hostname
-        )
-        try:
-            host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
-            registered = await _register(channel, self, (host_candidate,))
-        except BaseException:
-            _reuse.abort(channel.socket)
-            raise
-        return channel, registered
+        unreachable: list[str] = []
+        for server in self.servers:
+            local = next((e for e in self.locals if e.family == server.family), None)
+            if local is None:
+                continue
+            try:
+                channel = await _connect_control(
+                    local, server, self.timeout, self.ssl_context, self.hostname or server.ip
+                )
+            except RendezvousError as exc:
+                if exc.code != "unreachable":
+                    raise
+                log.info("%s", exc.detail)
+                unreachable.append(exc.detail)
+                continue
+            try:
+                chosen = Endpoint.from_sockaddr(channel.socket.getsockname())
+                candidates = (chosen, *self._other_host_candidates(chosen))[:MAX_CANDIDATES]
+                registered = await _register(channel, self, candidates)
+            except BaseException:
+                reuse.abort(channel.socket)
+                raise
+            return channel, registered, candidates, server
+        raise RendezvousError("unreachable", "; ".join(unreachable) or "no rendezvous to reach")
+
+    def _other_host_candidates(self, chosen: Endpoint) -> list[Endpoint]:
+        """Our endpoints in the families the control connection does not use."""
+        found = []
+        for local in self.locals:
+            if local.family == chosen.family:
+                continue
+            if local.address.is_unspecified:
+                found += [Endpoint(str(a), local.port) for a in interface_addresses(local.family)]
+            else:
+                found.append(local)
+        return found
 
 
 @attrs.define(eq=False)
@@ -105,11 +156,17 @@ class Host:
     Attributes:
         name: our registered name.
         identity: our :class:`~punch.Identity` (its key is registered with the name).
-        local: our bound endpoint (the port every socket shares).
+        local: our bound endpoint (the port every socket shares) in the first family.
         host_candidate: the local endpoint the OS chose to reach the rendezvous.
         observed: our server-reflexive endpoint, as the rendezvous saw it
             (after a reconnect, as it sees us now).
-        options: the validated :class:`PunchOptions` (timeout, pacing, encrypt).
+        options: the validated :class:`PunchOptions` (timeout, pacing, encrypt, stagger).
+        locals: every bound endpoint, one per family (IPv4 and IPv6 on one
+            port number for a dual-stack host), :attr:`local` first.
+        host_candidates: the host candidates we registered (:attr:`host_candidate`
+            first, then the other family's interface addresses on its port).
+        rendezvous: the server endpoint we registered with (the first of
+            :func:`open_host`'s that we reached).
     """
 
     name: str
@@ -118,6 +175,9 @@ class Host:
     host_candidate: Endpoint
     observed: Endpoint
     options: PunchOptions
+    locals: tuple[Endpoint, ...]
+    host_candidates: tuple[Endpoint, ...]
+    rendezvous: Endpoint
     _channel: ControlChannel
     _router: InboundRouter
     _registration: _Registration
@@ -145,7 +205,7 @@ class Host:
     @property
     def own_endpoints(self) -> frozenset[Endpoint]:
         """Every endpoint that is us: never dialled (self-dial guard)."""
-        return frozenset({self.local, self.host_candidate, self.observed})
+        return frozenset({*self.locals, *self.host_candidates, self.observed})
 
     async def connect(
         self, peer: str, *, timeout: float | None = None, peer_id: str | None = None
@@ -255,16 +315,17 @@ class Host:
                 own=self.own_endpoints,
                 options=options,
                 client_tls=_secure.client_context(self.identity, introduction, options.encrypt),
+                other_locals=self.locals[1:],
             )
             stream = await race.run()
         except PunchFailed as exc:
-            if self.observed.port == self.local.port:
+            if self.observed.port == self.host_candidate.port:
                 raise
             # RFC 4787 §4.1: a NAT that does not keep our port may map per destination
             raise PunchFailed(
                 f"{exc}; hint: the rendezvous saw us at port {self.observed.port}, not our "
-                f"port {self.local.port}: this NAT does not preserve ports and may map each "
-                "destination to a new port (endpoint-dependent mapping), so a direct path "
+                f"port {self.host_candidate.port}: this NAT does not preserve ports and may map "
+                "each destination to a new port (endpoint-dependent mapping), so a direct path "
                 "may not exist",
                 attempts=exc.attempts,
                 authentication_failed=exc.authentication_failed,
@@ -287,7 +348,7 @@ class Host:
         except trio.WouldBlock:
             log.warning("accept queue full (%d): dropping %r", ACCEPT_QUEUE, outcome)
             if isinstance(outcome, PeerStream):
-                _reuse.abort(outcome.socket)
+                reuse.abort(outcome.socket)
 
     async def _run_control(self) -> None:
         """Read the control connection; when it ends, reconnect. Punches under way go on."""
@@ -298,7 +359,7 @@ class Host:
                 log.warning("%s; reconnecting to the rendezvous", self._closed)
                 for request_id in list(self._waiters):
                     self._reply(request_id, self._closed)
-                _reuse.abort(self._channel.socket)  # frees the 4-tuple for the next one
+                reuse.abort(self._channel.socket)  # frees the 4-tuple for the next one
                 await self._reconnect()
 
     async def _read_control(self, responders: trio.Nursery) -> RendezvousError:
@@ -320,12 +381,13 @@ class Host:
         for tries, delay in enumerate(backoff(), 1):
             await trio.sleep(delay)
             try:
-                channel, registered = await self._registration.register()
+                channel, registered, candidates, server = await self._registration.register()
             except (RendezvousError, OSError) as exc:
                 log.info("reconnect %d to the rendezvous failed: %s", tries, exc)
                 continue
             self._channel, self._idle_timeout = channel, registered.idle_timeout
-            self.host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
+            self.host_candidate, self.host_candidates = candidates[0], candidates
+            self.rendezvous = server
             self.observed = registered.observed
             self._closed = None
             self._registered.set()
@@ -346,7 +408,7 @@ class Host:
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
             if isinstance(outcome, PeerStream):
-                _reuse.abort(outcome.socket)
+                reuse.abort(outcome.socket)
 
     async def _keepalive(self) -> None:
         """A Keepalive every third of the server's idle timeout (from ``Registered``)."""
@@ -407,8 +469,8 @@ def _listed(candidates: Iterable[object]) -> str:
 async def open_host(
     name: str,
     *,
-    rendezvous: Endpoint | tuple[str, int] | str,
-    local: Endpoint | tuple[str, int] | str | None = None,
+    rendezvous: _EndpointLike | Sequence[_EndpointLike],
+    local: _EndpointLike | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     pacing: float = DEFAULT_PACING,
     token: str | None = None,
@@ -416,6 +478,8 @@ async def open_host(
     rendezvous_hostname: str | None = None,
     identity: Identity | None = None,
     encrypt: bool = True,
+    family: socket.AddressFamily | None = None,
+    stagger: float = DEFAULT_STAGGER,
 ) -> AsyncIterator[Host]:
     """Bind one port, register ``name`` at the rendezvous, and keep both open.
 
@@ -427,9 +491,16 @@ async def open_host(
     Args:
         name: our name, 1-64 characters of ``[A-Za-z0-9._-]``.
         rendezvous: the server's IP and TCP port (:class:`Endpoint`,
-            ``(ip, port)`` or ``"ip:port"``/``"[ipv6]:port"``).
-        local: the endpoint to bind; default the unspecified address of the
-            rendezvous's family, port 0 (the kernel picks).
+            ``(ip, port)`` or ``"ip:port"``/``"[ipv6]:port"``), or a sequence
+            of them (one server reachable on IPv4 and on IPv6): the first we
+            reach from a family we hold is registered with, in order.
+        local: the endpoint to bind, then in its family only; default
+            dual-stack: ``0.0.0.0`` and ``::`` on one port number (the kernel
+            picks it), a family that is unavailable left out with a log line.
+        family: ``socket.AF_INET`` or ``socket.AF_INET6`` to hold a port in
+            that family only (the CLI's ``-4``/``-6``); default both.
+        stagger: seconds (0.01-2.0) IPv4 candidates wait while IPv6 ones are
+            dialled (:class:`PunchOptions`); default 0.1.
         timeout: seconds (float, finite, > 0) one punch, and one rendezvous
             exchange, may take.
         pacing: seconds (float, finite, >= 0.05) between connect attempts to
@@ -460,10 +531,10 @@ async def open_host(
         waiting meanwhile, and ``connect`` fails at once with ``closed``.
 
     Raises:
-        TypeError, ValueError: a bad argument (``timeout=True``, ``pacing=0.01``...),
-            before any socket is opened.
+        TypeError, ValueError: a bad argument (``timeout=True``, ``pacing=0.01``,
+            no rendezvous of a family we may use...), before any socket is opened.
         ReuseUnavailable: the OS cannot share one port (see :func:`reuse_available`).
-        OSError: ``local`` cannot be bound.
+        OSError: ``local`` cannot be bound, or no family can be.
         NameTaken: (a :class:`RendezvousError`, ``name-taken``) ``name`` is
             bound to another key: held by a connected peer, or, on a server
             with ``--persist-names``, registered with another key before.
@@ -473,43 +544,42 @@ async def open_host(
             while registering.
     """
     check_name(name)
-    options = PunchOptions(timeout=timeout, pacing=pacing, encrypt=encrypt)
+    options = PunchOptions(timeout=timeout, pacing=pacing, encrypt=encrypt, stagger=stagger)
     if identity is None:
         identity = Identity.generate()
     elif not isinstance(identity, Identity):
         raise TypeError(f"identity must be a punch.Identity, not {identity!r}")
     timeout = options.timeout
-    server = as_endpoint(rendezvous, "rendezvous")
-    if local is None:
-        local = Endpoint("::" if server.address.version == 6 else "0.0.0.0", 0)
-    bind = as_endpoint(local, "local")
-    if bind.family != server.family:
-        raise ValueError(f"local {bind} and rendezvous {server} are different address families")
-    if not _reuse.reuse_available():
+    servers = _servers(rendezvous)
+    wanted = _wanted_locals(servers, local, family)
+    if not reuse.reuse_available():
         raise ReuseUnavailable("this OS cannot share one TCP port (SO_REUSEADDR + SO_REUSEPORT)")
     # Listen once to pick (port 0) and prove a port we can listen on; the control
     # connection then holds it, and the router listens again only during punches.
-    with _reuse.open_listener(bind).socket as probe:
-        bound = Endpoint.from_sockaddr(probe.getsockname())
+    probes = _listen_on_one_port(wanted)
+    try:
+        bound = tuple(Endpoint.from_sockaddr(p.socket.getsockname()) for p in probes)
         registration = _Registration(
             name,
             identity,
             bound,
-            server,
+            servers,
             timeout,
             token,
             rendezvous_ssl_context,
-            rendezvous_hostname or server.ip,
+            rendezvous_hostname,
         )
-        channel, registered = await registration.register()
+        channel, registered, candidates, server = await registration.register()
+    finally:
+        for probe in probes:
+            probe.socket.close()
     host: Host | None = None
     try:
-        host_candidate = Endpoint.from_sockaddr(channel.socket.getsockname())
         log.info(
-            "registered %r on %s: host candidate %s, server-reflexive %s",
+            "registered %r on %s: host candidates %s, server-reflexive %s",
             name,
-            bound,
-            host_candidate,
+            ", ".join(map(str, bound)),
+            _listed(candidates),
             registered.observed,
         )
         try:
@@ -518,10 +588,13 @@ async def open_host(
                 host = Host(
                     name,
                     identity,
-                    bound,
-                    host_candidate,
+                    bound[0],
+                    candidates[0],
                     registered.observed,
                     options,
+                    bound,
+                    candidates,
+                    server,
                     channel,
                     router,
                     registration,
@@ -544,7 +617,73 @@ async def open_host(
             error.__suppress_context__ = True  # keeps its own __cause__
             raise error from error.__cause__
     finally:
-        _reuse.abort((host._channel if host is not None else channel).socket)
+        reuse.abort((host._channel if host is not None else channel).socket)
+
+
+def _servers(rendezvous: _EndpointLike | Sequence[_EndpointLike]) -> tuple[Endpoint, ...]:
+    """The rendezvous endpoints, in order; one alone or a sequence of them."""
+    if isinstance(rendezvous, Endpoint | str):
+        return (as_endpoint(rendezvous, "rendezvous"),)
+    if isinstance(rendezvous, tuple) and len(rendezvous) == 2 and isinstance(rendezvous[1], int):
+        return (as_endpoint((rendezvous[0], rendezvous[1]), "rendezvous"),)
+    if not isinstance(rendezvous, Sequence) or not rendezvous:
+        raise TypeError(f"rendezvous must be an endpoint or a sequence of them, not {rendezvous!r}")
+    return tuple(as_endpoint(r, "rendezvous") for r in rendezvous)  # type: ignore[arg-type]
+
+
+def _wanted_locals(
+    servers: tuple[Endpoint, ...], local: _EndpointLike | None, family: socket.AddressFamily | None
+) -> tuple[Endpoint, ...]:
+    """What to bind: ``local`` alone, or the unspecified address of each family
+    (the first server's first), port 0; only ``family`` when given."""
+    if family not in (None, socket.AF_INET, socket.AF_INET6):
+        raise ValueError(f"family must be socket.AF_INET or socket.AF_INET6, not {family!r}")
+    if local is not None:
+        wanted: tuple[Endpoint, ...] = (as_endpoint(local, "local"),)
+        if family is not None and wanted[0].family != family:
+            raise ValueError(f"local {wanted[0]} is not of family {family.name}")
+    else:
+        families = dict.fromkeys([servers[0].family, socket.AF_INET, socket.AF_INET6])
+        unspecified = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+        wanted = tuple(Endpoint(unspecified[f], 0) for f in families if family in (None, f))
+    held = {e.family for e in wanted}
+    if not any(s.family in held for s in servers):
+        families_text = " or ".join(f.name for f in held)
+        raise ValueError(f"no rendezvous endpoint is {families_text}: {_listed(servers)}")
+    return wanted
+
+
+def _listen_on_one_port(wanted: tuple[Endpoint, ...]) -> list[trio.SocketListener]:
+    """A listener on each of ``wanted`` (one per family), all on one port number.
+
+    The first is bound as given (port 0: the kernel picks); the others on its
+    port. A family this machine lacks (``EAFNOSUPPORT``, ``EADDRNOTAVAIL``)
+    is left out with a log line; a port the other family has taken is given
+    up for a new one, :data:`SAME_PORT_TRIES` times.
+
+    Raises:
+        OSError: the first cannot be bound, or no port was free in both families.
+    """
+    first, *others = wanted
+    for _ in range(SAME_PORT_TRIES):
+        listeners = [reuse.open_listener(first)]
+        port = Endpoint.from_sockaddr(listeners[0].socket.getsockname()).port
+        try:
+            for other in others:
+                try:
+                    listeners.append(reuse.open_listener(Endpoint(other.ip, port)))
+                except OSError as exc:
+                    if exc.errno == errno.EADDRINUSE and first.port == 0:
+                        raise
+                    log.warning(
+                        "%s unavailable (%s): holding %s only", other, exc, first.family.name
+                    )
+        except OSError:
+            for listener in listeners:
+                listener.socket.close()
+            continue
+        return listeners
+    raise OSError(errno.EADDRINUSE, f"no port free in both families after {SAME_PORT_TRIES} tries")
 
 
 async def _connect_control(
@@ -554,9 +693,9 @@ async def _connect_control(
     ssl_context: ssl.SSLContext | None,
     hostname: str,
 ) -> ControlChannel:
-    sock = _reuse.bind_reusable(local)
+    sock = reuse.bind_reusable(local)
     # Register, Introductions and keepalives are few and small, and a punch waits on them
-    _reuse.cap_retransmission_timeout(sock)
+    reuse.cap_retransmission_timeout(sock)
     stream: trio.abc.Stream
     try:
         with trio.fail_after(timeout):
@@ -566,13 +705,13 @@ async def _connect_control(
                 stream = trio.SSLStream(stream, ssl_context, server_hostname=hostname)
                 await stream.do_handshake()
     except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-        _reuse.abort(sock)
+        reuse.abort(sock)
         cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
         raise RendezvousError(
             "unreachable", f"cannot reach the rendezvous at {server}: {cause or exc}"
         ) from exc
     except BaseException:
-        _reuse.abort(sock)
+        reuse.abort(sock)
         raise
     return ControlChannel(stream, sock, RendezvousConnection(Side.CLIENT))
 
@@ -676,6 +815,6 @@ async def connect(
             stream = await host.connect(peer, peer_id=peer_id)
     except BaseException:
         if stream is not None:  # cancelled while the host closed: the stream is nobody's
-            _reuse.abort(stream.socket)
+            reuse.abort(stream.socket)
         raise
     return stream

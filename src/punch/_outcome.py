@@ -12,10 +12,11 @@ import attrs
 from ._endpoint import Candidate
 from ._errors import HandshakeError, HandshakeInterrupted, SelfDialError, _describe
 
-REFUSALS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
+REFUSALS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES})
 """errnos of an attempt that was refused on the path: an RST (``ECONNREFUSED``)
 or an ICMP destination unreachable (port: ``ECONNREFUSED``; host, net or
-administratively prohibited: ``EHOSTUNREACH``/``ENETUNREACH``; RFC 1122
+administratively prohibited: ``EHOSTUNREACH``/``ENETUNREACH``; ICMPv6
+administratively prohibited: ``EACCES``, Linux's icmpv6_err_convert; RFC 1122
 §4.2.3.9 lets Linux abort a SYN_SENT socket on them, tcp(7))."""
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 
 import attrs
 import trio
 
-from . import _reuse
+from . import reuse
 from ._candidates import select_candidates
 from ._endpoint import Candidate, Endpoint, Role
 from ._errors import (
@@ -79,7 +80,14 @@ NOMINATION_GRACE = 3.0
 """Seconds past its deadline a responder keeps waiting while a stream that got
 our Proof lacks only the Nomination: a lost Nomination comes again a
 retransmission timeout later (at most 1 s later while the punch lasts, see
-:func:`punch._reuse.cap_retransmission_timeout`)."""
+:func:`punch.reuse.cap_retransmission_timeout`)."""
+DEFAULT_STAGGER = 0.1
+"""Seconds IPv4 candidates wait while IPv6 ones are dialled (RFC 8305 §5's
+"connection attempt delay"; its recommended range is 0.1-2 s, and a punch
+that works takes about two round trips)."""
+MIN_STAGGER, MAX_STAGGER = 0.01, 2.0
+"""RFC 8305 §8: the connection attempt delay MUST NOT be under 10 ms and SHOULD
+NOT be over 2 s."""
 HELLO_TIMEOUT = 5.0
 """Seconds an accepted connection gets to send its Hello before it is dropped."""
 MAX_PENDING_HELLOS = 64
@@ -124,6 +132,12 @@ class PunchOptions:
             nomination, and require the peer to (default True); False gives
             the plaintext stream to applications that bring their own
             security. Both peers must agree: a mismatch is refused.
+        stagger: seconds (float, :data:`MIN_STAGGER` 0.01 to :data:`MAX_STAGGER`
+            2.0) the IPv4 candidates wait while IPv6 ones are dialled, when the
+            race has both (RFC 8305 §5 happy eyeballs); default
+            :data:`DEFAULT_STAGGER` (0.1 s). IPv4 starts earlier once every
+            IPv6 candidate has failed an attempt. The peer staggers alike, so
+            the two sides' IPv4 SYNs still start together.
 
     Raises:
         TypeError: a value that is not a real number (``True`` included).
@@ -135,6 +149,12 @@ class PunchOptions:
         default=DEFAULT_PACING, validator=_seconds(MIN_PACING, inclusive=True)
     )
     encrypt: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    stagger: float = attrs.field(default=DEFAULT_STAGGER, validator=_seconds(MIN_STAGGER, True))
+
+    @stagger.validator
+    def _check_stagger(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if value > MAX_STAGGER:
+            raise ValueError(f"stagger must be <= {MAX_STAGGER:g} s (RFC 8305 §8), not {value!r}")
 
 
 DialFn = Callable[[Endpoint, Endpoint, Iterable[Endpoint]], Awaitable[trio.SocketStream]]
@@ -149,6 +169,10 @@ class Inbound:
     remote: Endpoint
     raw_hello: bytes
     """The Hello's :data:`HELLO_SIZE` bytes, for the race's :class:`Handshake`."""
+
+
+def _endpoints(value: Endpoint | Iterable[Endpoint]) -> tuple[Endpoint, ...]:
+    return (value,) if isinstance(value, Endpoint) else tuple(value)
 
 
 def _peer(stream: trio.SocketStream) -> Endpoint:
@@ -174,23 +198,25 @@ class InboundRouter:
     to 9/10 run to run with either listener, see ``netns/delay.py``.)
 
     Args:
-        local: the endpoint to listen on, shared with our dials (a socket of
-            the caller's keeps the port bound meanwhile).
+        locals: the endpoints to listen on, one per family (a single
+            :class:`Endpoint` is taken too), shared with our dials (sockets of
+            the caller's keep the ports bound meanwhile).
     """
 
-    local: Endpoint
+    locals: tuple[Endpoint, ...] = attrs.field(converter=_endpoints)
     _routes: dict[
         bytes, tuple[trio.MemorySendChannel[Inbound], trio.MemoryReceiveChannel[Inbound]]
     ] = attrs.field(factory=dict, init=False)
     _pending_hellos: int = attrs.field(default=0, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
-    _accepting: trio.CancelScope | None = attrs.field(default=None, init=False)
-    _listener: trio.SocketListener | None = attrs.field(default=None, init=False)
+    _listeners: list[tuple[trio.SocketListener, trio.CancelScope]] = attrs.field(
+        factory=list, init=False
+    )
 
     @property
     def listening(self) -> bool:
-        """Whether a listener is open on :attr:`local` now."""
-        return self._accepting is not None
+        """Whether a listener is open on :attr:`locals` now."""
+        return bool(self._listeners)
 
     def open_route(self, attempt_id: bytes) -> trio.MemoryReceiveChannel[Inbound]:
         """Start routing connections whose Hello names ``attempt_id``; listen if not yet.
@@ -217,7 +243,7 @@ class InboundRouter:
         send.close()
         while True:
             try:
-                _reuse.abort(receive.receive_nowait().reader.stream.socket)
+                reuse.abort(receive.receive_nowait().reader.stream.socket)
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
         receive.close()
@@ -236,24 +262,26 @@ class InboundRouter:
                 self._stop_listening()
 
     def _listen(self) -> None:
-        if self._accepting is not None or self._nursery is None:
+        if self._listeners or self._nursery is None:
             return
-        try:
-            listener = _reuse.open_listener(self.local)
-        except OSError as exc:
-            log.warning("cannot listen on %s: %s; dialling only", self.local, exc)
-            return
-        self._listener, self._accepting = listener, trio.CancelScope()
-        self._nursery.start_soon(self._accept, listener, self._accepting)
-        log.debug("listening on %s", self.local)
+        for local in self.locals:
+            try:
+                listener = reuse.open_listener(local)
+            except OSError as exc:
+                log.warning("cannot listen on %s: %s; dialling only", local, exc)
+                continue
+            self._listeners.append((listener, trio.CancelScope()))
+            self._nursery.start_soon(self._accept, *self._listeners[-1])
+            log.debug("listening on %s", local)
 
     def _stop_listening(self) -> None:
-        """Close the listener now: the kernel resets what waits in its backlog."""
-        if self._accepting is not None and self._listener is not None:
-            self._accepting.cancel()
-            self._listener.socket.close()
-            log.debug("stopped listening on %s", self.local)
-        self._listener = self._accepting = None
+        """Close the listeners now: the kernel resets what waits in their backlogs."""
+        if self._listeners:
+            log.debug("stopped listening on %s", ", ".join(map(str, self.locals)))
+        for listener, accepting in self._listeners:
+            accepting.cancel()
+            listener.socket.close()
+        self._listeners.clear()
 
     async def _accept(self, listener: trio.SocketListener, scope: trio.CancelScope) -> None:
         """Accept on ``listener`` until :meth:`_stop_listening` cancels ``scope``."""
@@ -272,10 +300,10 @@ class InboundRouter:
                     log.warning(
                         "dropping inbound connection: %d hellos pending", MAX_PENDING_HELLOS
                     )
-                    _reuse.abort(stream.socket)
+                    reuse.abort(stream.socket)
                     continue
                 self._pending_hellos += 1
-                _reuse.cap_retransmission_timeout(stream.socket)
+                reuse.cap_retransmission_timeout(stream.socket)
                 self._nursery.start_soon(self._read_hello, stream)
 
     async def _read_hello(self, stream: trio.SocketStream) -> None:
@@ -300,7 +328,11 @@ class InboundRouter:
         finally:
             self._pending_hellos -= 1
             if not delivered:
-                _reuse.abort(stream.socket)
+                reuse.abort(stream.socket)
+
+
+def _family(candidate: Candidate) -> str:
+    return "IPv6" if candidate.endpoint.family == socket.AF_INET6 else "IPv4"
 
 
 def _kind(error: BaseException | None) -> tuple[type[BaseException] | None, int | None]:
@@ -338,16 +370,20 @@ class Race:
 
     Args:
         introduction: what the rendezvous sent us (role, secret, candidates).
-        local: the endpoint our listener holds; every dial binds to it.
+        local: the endpoint our listener holds; every dial of its family binds to it.
         inbound: accepted connections for this attempt (from :class:`InboundRouter`).
-        own: our other endpoints (chosen local, server-reflexive): never dialled.
-        options: :class:`PunchOptions` (timeout, pacing).
-        dial: the connect function (:func:`punch._reuse.dial`; tests swap it).
+        own: our other endpoints (chosen local, host candidates, server-reflexive):
+            never dialled.
+        options: :class:`PunchOptions` (timeout, pacing, stagger).
+        dial: the connect function (:func:`punch.reuse.dial`; tests swap it).
         client_tls: initiator with encryption: makes the TLS client context,
             called at nomination (not before the SYNs: a first context costs
             about 2 ms, a skew the 0 ms ICMP-refusing cells do not forgive);
             the ClientHello leaves in one segment with the Nomination (one
             loss event, not two), and the stream's TLS goes on from it.
+        other_locals: the endpoints we hold in the other family (a dual-stack
+            host: one port number on IPv4 and on IPv6); candidates of a family
+            we hold no port in are skipped.
     """
 
     introduction: Introduction
@@ -355,8 +391,10 @@ class Race:
     inbound: trio.MemoryReceiveChannel[Inbound]
     own: frozenset[Endpoint] = frozenset()
     options: PunchOptions = attrs.field(factory=PunchOptions)
-    dial: DialFn = _reuse.dial
+    dial: DialFn = reuse.dial
     client_tls: Callable[[], ssl.SSLContext] | None = None
+    other_locals: tuple[Endpoint, ...] = ()
+    _ipv4_go: trio.Event = attrs.field(factory=trio.Event, init=False)
     _streams: set[trio.SocketStream] = attrs.field(factory=set, init=False)
     _states: list[_CandidateState] = attrs.field(factory=list, init=False)
     _inbound_errors: list[BaseException] = attrs.field(factory=list, init=False)
@@ -387,16 +425,17 @@ class Race:
         """
         self._started = trio.current_time()
         intro = self.introduction
-        selection = select_candidates(intro.candidates, self.local, self.own, intro.peer_name)
+        locals = (self.local, *self.other_locals)
+        selection = select_candidates(intro.candidates, locals, self.own, intro.peer_name)
         for skip in selection.skipped:
             log.info("%s: skip %s: %s", self._label, skip.candidate, skip.reason)
         self._states = [_CandidateState(c) for c in selection.dial]
         log.info(
             "%s: racing accept on %s against %d candidate(s): %s",
             self._label,
-            self.local,
+            ", ".join(map(str, locals)),
             len(self._states),
-            ", ".join(str(s.candidate) for s in self._states) or "none",
+            ", ".join(f"{s.candidate} ({_family(s.candidate)})" for s in self._states) or "none",
         )
         keep = None
         try:
@@ -406,13 +445,14 @@ class Race:
                     for state in self._states:
                         nursery.start_soon(self._dial_loop, state)
                     nursery.start_soon(self._accept_loop, nursery)
+                    nursery.start_soon(self._stagger)
             # only now is the winner ours to return: cancelled from outside, even a
             # nominated stream is closed with the rest, never leaked
             keep = self._winner.socket_stream if self._winner is not None else None
         finally:
             for stream in self._streams:
                 if stream is not keep:
-                    _reuse.abort(stream.socket)
+                    reuse.abort(stream.socket)
             self._streams.clear()
         if self._winner is not None:
             self._winner.attempts = tuple(self._attempts)
@@ -438,8 +478,30 @@ class Race:
             authentication_failed=Outcome.HANDSHAKE_FAILED in outcomes or inbound_failed,
         ) from group
 
+    def _ipv6_states(self) -> list[_CandidateState]:
+        return [s for s in self._states if s.candidate.endpoint.family == socket.AF_INET6]
+
+    async def _stagger(self) -> None:
+        """Let the IPv4 candidates go :attr:`PunchOptions.stagger` seconds in, or
+        at once when no IPv6 candidate is dialled (RFC 8305 §5)."""
+        if self._ipv6_states():
+            await trio.sleep(self.options.stagger)
+        self._ipv4_go.set()
+
+    def _ipv6_failed(self) -> None:
+        """Every IPv6 candidate has failed an attempt: IPv4 need not wait (RFC 8305 §5)."""
+        if all(s.last is not None for s in self._ipv6_states()):
+            self._ipv4_go.set()
+
+    def _local_for(self, candidate: Candidate) -> Endpoint:
+        family = candidate.endpoint.family
+        return next(e for e in (self.local, *self.other_locals) if e.family == family)
+
     async def _dial_loop(self, state: _CandidateState) -> None:
         """Dial one candidate, paced, until the race ends or the candidate is ruled out."""
+        local = self._local_for(state.candidate)
+        if state.candidate.endpoint.family == socket.AF_INET:
+            await self._ipv4_go.wait()
         next_start = trio.current_time()
         while not state.done:
             await trio.sleep_until(next_start)
@@ -456,15 +518,16 @@ class Race:
             )
             outcome: Outcome | BaseException | None = None
             try:
-                stream = await self._attempt(state)
+                stream = await self._attempt(state, local)
                 state.in_flight = False
                 if stream is None:
+                    self._ipv6_failed()
                     outcome = state.last
                     if getattr(state.last, "errno", None) in REFUSALS:
                         next_start = started + MIN_PACING
                     continue
                 self._streams.add(stream)
-                log.info("%s: connected to %s from %s", self._label, state.candidate, self.local)
+                log.info("%s: connected to %s from %s", self._label, state.candidate, local)
                 state.handshaking = True
                 try:
                     await self._authenticate(
@@ -509,12 +572,12 @@ class Race:
             attempt = Attempt(state.candidate, state.attempts, begin, end, outcome)
         self._attempts.append(attempt)
 
-    async def _attempt(self, state: _CandidateState) -> trio.SocketStream | None:
-        """One connect attempt; None if it failed (the reason goes in ``state``)."""
+    async def _attempt(self, state: _CandidateState, local: Endpoint) -> trio.SocketStream | None:
+        """One connect attempt from ``local``; None if it failed (the reason goes in ``state``)."""
         after_refusal = isinstance(state.last, ConnectionRefusedError)
         with trio.move_on_after(STUCK_AFTER_REFUSAL if after_refusal else math.inf):
             try:
-                return await self.dial(self.local, state.candidate.endpoint, self.own)
+                return await self.dial(local, state.candidate.endpoint, self.own)
             except SelfDialError as exc:
                 state.done = True
                 self._failed_attempt(state, exc)
@@ -570,7 +633,7 @@ class Race:
 
     def _drop(self, stream: trio.SocketStream) -> None:
         self._streams.discard(stream)
-        _reuse.abort(stream.socket)
+        reuse.abort(stream.socket)
 
     async def _authenticate(
         self, reader: ExactReader, won_by: WonBy, remote: Endpoint, peer_hello: bytes | None

@@ -16,7 +16,7 @@ from functools import partial
 
 import trio
 
-from . import _reuse
+from . import reuse
 from ._endpoint import Role
 from ._errors import HandshakeInterrupted, PeerVerificationError
 from ._identity import Identity, certificate_key, peer_id
@@ -101,10 +101,10 @@ async def encrypt(
                 presented=presented,
             )
     except trio.BrokenResourceError as exc:
-        _reuse.abort(stream.socket)
+        reuse.abort(stream.socket)
         raise _tls_failure(exc, expected, presented) from exc
     except BaseException:
-        _reuse.abort(stream.socket)
+        reuse.abort(stream.socket)
         raise
     stream.peer_id = presented
     stream.tls_time = trio.current_time() - started

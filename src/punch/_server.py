@@ -15,8 +15,9 @@ import logging
 import math
 import os
 import secrets
+import socket
 import ssl
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ from typing import Any
 import attrs
 import trio
 
-from . import _reuse
+from . import reuse
 from ._control import ControlChannel
-from ._endpoint import Candidate, CandidateType, Endpoint, Role
+from ._endpoint import Candidate, CandidateType, Endpoint, Role, as_endpoint
 from ._errors import LocalProtocolError, PeerVerificationError, RemoteProtocolError
 from ._identity import certificate_key, check_peer_id, peer_id, verify_signature
 from ._protocol import (
@@ -362,13 +363,13 @@ class RendezvousServer:
                 log.debug("a connection was gone before it was served: %s", exc)
                 return
             # an Introduction lost on the way is part of the punch's cost: resent each second
-            _reuse.cap_retransmission_timeout(stream.socket)
+            reuse.cap_retransmission_timeout(stream.socket)
             try:
                 await self._handle(stream, observed)
             except Exception:  # one connection's bug must never take the server down
                 log.exception("%s: unexpected error, closing this connection", observed)
         finally:
-            _reuse.abort(stream.socket)
+            reuse.abort(stream.socket)
 
     async def _handle(self, stream: trio.SocketStream, observed: Endpoint) -> None:
         source = source_key(observed.address)
@@ -588,10 +589,10 @@ class RendezvousServer:
                 await peer.channel.send_frame(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.info("%r: introduction not delivered: %s", peer.name, exc.__cause__ or exc)
-                _reuse.abort(peer.channel.socket)
+                reuse.abort(peer.channel.socket)
         if scope.cancelled_caught:
             log.warning("%r: not reading; dropped after %g s", peer.name, SEND_TIMEOUT)
-            _reuse.abort(peer.channel.socket)
+            reuse.abort(peer.channel.socket)
 
     async def say_goodbye(self) -> None:
         """Tell every registered peer ``shutting-down``, all at once, each bounded."""
@@ -627,6 +628,26 @@ class RendezvousServer:
                 pass
 
 
+def _server_listener(bind: Endpoint, dual_stack: bool) -> trio.SocketListener:
+    """A listening socket on ``bind`` (``SO_REUSEADDR``, as trio's own); an IPv6
+    unspecified one takes IPv4 too when ``dual_stack`` and the OS allows it."""
+    sock = socket.socket(bind.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if bind.family == socket.AF_INET6:
+            both = dual_stack and bind.address.is_unspecified
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if both else 1)
+            except OSError:
+                log.info("%s: this OS keeps IPv6 sockets IPv6-only", bind)
+        sock.bind(bind.sockaddr())
+        sock.listen(reuse.LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
 async def serve_rendezvous(
     host: str = "0.0.0.0",
     port: int = 0,
@@ -636,6 +657,8 @@ async def serve_rendezvous(
     stop: trio.Event | None = None,
     registration_timeout: float | None = None,
     persist_names: str | os.PathLike[str] | None = None,
+    listen: Sequence[Endpoint | tuple[str, int] | str] = (),
+    bound: list[Endpoint] | None = None,
     task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a rendezvous server until cancelled, or until ``stop`` is set.
@@ -647,6 +670,12 @@ async def serve_rendezvous(
     Args:
         host: IP address to listen on (default all IPv4 interfaces).
         port: TCP port, 0..65535; 0 lets the kernel choose.
+        listen: endpoints to listen on instead of ``host``/``port`` (one
+            socket each, e.g. ``["0.0.0.0:7000", "[::]:7000"]``). ``[::]``
+            with no IPv4 endpoint beside it serves both families on one
+            dual-stack socket (``IPV6_V6ONLY`` off, ipv6(7)); IPv4 peers then
+            appear as IPv4-mapped addresses, which :class:`Endpoint` turns
+            into IPv4 ones, so limits, candidates and logs see IPv4.
         limits: :class:`ServerLimits` (default: every default limit).
         ssl_context: serve TLS with it (``ssl.PROTOCOL_TLS_SERVER`` with
             ``load_cert_chain``); the introductions carry secrets
@@ -659,7 +688,9 @@ async def serve_rendezvous(
             bound to the key that first registered it, across disconnects and
             restarts (trust on first use); default: names are bound only while
             their holder is connected.
-        task_status: receives the bound :class:`Endpoint` once listening.
+        bound: a list that gets every bound :class:`Endpoint`, in ``listen``'s
+            order, before ``task_status`` is told.
+        task_status: receives the (first) bound :class:`Endpoint` once listening.
 
     Raises:
         TypeError, ValueError: a bad argument, or a ``persist_names`` file
@@ -667,22 +698,34 @@ async def serve_rendezvous(
         OSError: the listening socket could not be opened (``EADDRINUSE``…),
             or ``persist_names`` cannot be read.
     """
-    bind = Endpoint(host, port)  # validates both
+    binds = [as_endpoint(e, "listen") for e in listen] or [Endpoint(host, port)]  # validated
     limits = limits or ServerLimits()
     if registration_timeout is not None:
         limits = attrs.evolve(limits, registration_timeout=registration_timeout)
     bindings = NameBindings(Path(persist_names)) if persist_names is not None else None
-    server = RendezvousServer(limits, ssl_context, bind.address.is_loopback, bindings)
-    listeners = await trio.open_tcp_listeners(bind.port, host=bind.ip)
-    bound = Endpoint.from_sockaddr(listeners[0].socket.getsockname())
-    log.info("rendezvous listening on %s%s", bound, " (TLS)" if ssl_context else "")
+    on_loopback = all(b.address.is_loopback for b in binds)
+    server = RendezvousServer(limits, ssl_context, on_loopback, bindings)
+    dual_stack = not any(b.family == socket.AF_INET for b in binds)
+    listeners: list[trio.SocketListener] = []
+    try:
+        for bind in binds:
+            listeners.append(_server_listener(bind, dual_stack))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    endpoints = [Endpoint.from_sockaddr(listener.socket.getsockname()) for listener in listeners]
+    for where in endpoints:
+        log.info("rendezvous listening on %s%s", where, " (TLS)" if ssl_context else "")
+    if bound is not None:
+        bound[:] = endpoints
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as acceptor:
             serve = partial(
                 trio.serve_listeners, server.handle, listeners, handler_nursery=handlers
             )
             await acceptor.start(serve)
-            task_status.started(bound)
+            task_status.started(endpoints[0])
             if stop is None:
                 await trio.sleep_forever()
             await stop.wait()

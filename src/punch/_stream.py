@@ -8,7 +8,7 @@ import ssl
 import attrs
 import trio
 
-from . import _reuse
+from . import reuse
 from ._endpoint import Endpoint, Role
 from ._errors import HandshakeInterrupted
 from ._outcome import Attempt
@@ -194,7 +194,7 @@ class PeerStream(trio.abc.HalfCloseableStream):
             # sent (its last one, our Nomination or TLS Finished, may be unacknowledged
             # until now): from here the system's retransmission bound applies.
             self._capped = False
-            _reuse.restore_retransmission_timeout(self.socket)
+            reuse.restore_retransmission_timeout(self.socket)
         return data
 
     async def aclose(self) -> None:

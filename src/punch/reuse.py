@@ -1,9 +1,16 @@
-"""Reusable TCP sockets: one local ip:port for the listener and every dial.
+"""Reusable TCP sockets for trio: one local ip:port for a listener and every dial.
 
 TCP names a connection by its 4-tuple (RFC 9293 §3.4), so a listener, the
 rendezvous control connection and one socket per outbound attempt can all be
 bound to the same local endpoint, provided each sets ``SO_REUSEADDR`` and
-``SO_REUSEPORT`` before ``bind`` (socket(7)). go-reuseport does the same.
+``SO_REUSEPORT`` before ``bind`` (socket(7)). What go-reuseport offers Go
+programs, this module offers trio programs that punch their own protocols;
+:class:`punch.Host` is built on it. Both families: an IPv6 socket is
+``IPV6_V6ONLY`` (ipv6(7)), so one port number can be held on IPv4 and on IPv6
+by separate sockets::
+
+    listener = punch.reuse.open_listener(("0.0.0.0", 40000))
+    stream = await punch.reuse.dial(("0.0.0.0", 40000), ("203.0.113.12", 40000))
 """
 
 from __future__ import annotations
@@ -16,8 +23,12 @@ from collections.abc import Iterable
 
 import trio
 
-from ._endpoint import Endpoint
+from ._endpoint import Endpoint, as_endpoint
 from ._errors import ReuseUnavailable, SelfDialError
+
+__all__ = ["abort", "available", "bind_reusable", "check_not_self", "dial", "open_listener"]
+
+_EndpointLike = Endpoint | tuple[str, int] | str
 
 log = logging.getLogger("punch.reuse")
 
@@ -58,19 +69,28 @@ def reuse_available() -> bool:
     return True
 
 
-def bind_reusable(local: Endpoint) -> trio.socket.SocketType:
+available = reuse_available
+
+
+def bind_reusable(local: _EndpointLike) -> trio.socket.SocketType:
     """A new TCP socket with both reuse options set, bound to ``local``.
 
     Synchronous: ``local`` is a numeric address, so ``bind`` never blocks.
+    An IPv6 socket is ``IPV6_V6ONLY`` (ipv6(7)): it never takes IPv4 traffic,
+    so the same port number can be bound on IPv4 by another socket.
 
     Args:
-        local: the endpoint to bind; port 0 lets the kernel choose.
+        local: the endpoint to bind (:class:`~punch.Endpoint`, ``(ip, port)``
+            or ``"ip:port"``); port 0 lets the kernel choose.
 
     Raises:
+        TypeError, ValueError: ``local`` is not an endpoint.
         ReuseUnavailable: the options cannot be set on this OS.
         OSError: ``bind`` failed (``EADDRINUSE`` when a socket without the
-            options, or of another user, holds the port).
+            options, or of another user, holds the port; ``EAFNOSUPPORT`` or
+            ``EADDRNOTAVAIL`` where the family or address is not available).
     """
+    local = as_endpoint(local, "local")
     sock = socket.socket(local.family, socket.SOCK_STREAM)
     try:
         _set_reuse(sock)
@@ -83,11 +103,14 @@ def bind_reusable(local: Endpoint) -> trio.socket.SocketType:
     return trio.socket.from_stdlib_socket(sock)
 
 
-def open_listener(local: Endpoint) -> trio.SocketListener:
+def open_listener(local: _EndpointLike) -> trio.SocketListener:
     """A listening socket on ``local`` that dials on the same port can share.
 
+    Args:
+        local: as :func:`bind_reusable`; the backlog is :data:`LISTEN_BACKLOG` (128).
+
     Raises:
-        ReuseUnavailable, OSError: as :func:`bind_reusable`.
+        TypeError, ValueError, ReuseUnavailable, OSError: as :func:`bind_reusable`.
     """
     sock = bind_reusable(local)
     try:
@@ -166,7 +189,9 @@ def check_not_self(remote: Endpoint, local: Endpoint, own: Iterable[Endpoint] = 
 
     Raises:
         SelfDialError: ``remote`` is ``local``, one of ``own``, or, when bound to
-            the unspecified address, a loopback or unspecified address on our port.
+            the unspecified address, a loopback or unspecified address on our port
+            (``127.0.0.0/8``, ``::1``, ``0.0.0.0``, ``::``; an IPv4-mapped address
+            is its IPv4 one, see :class:`~punch.Endpoint`).
     """
     mine = {local, *own}
     if remote in mine:
@@ -190,19 +215,21 @@ def abort(sock: trio.socket.SocketType) -> None:
 
 
 async def dial(
-    local: Endpoint, remote: Endpoint, own: Iterable[Endpoint] = ()
+    local: _EndpointLike, remote: _EndpointLike, own: Iterable[Endpoint] = ()
 ) -> trio.SocketStream:
     """Connect from ``local`` (shared with the listener) to ``remote``.
 
     Args:
-        local: our bound endpoint, the one the listener holds.
-        remote: the candidate to dial.
+        local: our bound endpoint, the one the listener holds (:class:`~punch.Endpoint`,
+            ``(ip, port)`` or ``"ip:port"``).
+        remote: the endpoint to dial, of ``local``'s family.
         own: see :func:`check_not_self`.
 
     Returns:
         a connected :class:`trio.SocketStream`.
 
     Raises:
+        TypeError, ValueError: not endpoints, or of different families.
         SelfDialError: before connecting (see :func:`check_not_self`), or after
             it when the socket connected to itself (``getsockname() ==
             getpeername()``), which then is closed.
@@ -215,8 +242,13 @@ async def dial(
     under way) would send a FIN and hold the 4-tuple in FIN_WAIT1, so the next
     dial of this candidate would get ``EADDRNOTAVAIL``. Once connected, linger
     is switched off again, so a stream that wins closes gracefully. Its
-    retransmissions are capped at a second (:func:`cap_retransmission_timeout`).
+    retransmissions are capped at a second (:func:`cap_retransmission_timeout`);
+    bound the connect with ``trio.move_on_after``, since the kernel then retries
+    a SYN up to :data:`PUNCH_SYN_RETRIES` times.
     """
+    local, remote = as_endpoint(local, "local"), as_endpoint(remote, "remote")
+    if local.family != remote.family:
+        raise ValueError(f"cannot dial {remote} from {local}: different address families")
     check_not_self(remote, local, own)
     sock = bind_reusable(local)
     try:

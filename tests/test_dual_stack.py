@@ -1,0 +1,200 @@
+"""IPv6 and dual stack on loopback: hosts that hold one port in both families, a
+rendezvous on both, and the public reuse layer."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+import trio
+
+import punch
+import punch._host
+from punch import Endpoint, RendezvousError, SelfDialError
+from tests.helpers import open_fds
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+
+
+async def _serve(nursery: trio.Nursery, *listen: str) -> list[Endpoint]:
+    bound: list[Endpoint] = []
+    await nursery.start(
+        lambda task_status: punch.serve_rendezvous(
+            listen=listen, bound=bound, task_status=task_status
+        )
+    )
+    return bound
+
+
+async def test_a_host_holds_one_port_number_in_both_families(nursery: trio.Nursery) -> None:
+    [server] = await _serve(nursery, "127.0.0.1:0")
+    async with punch.open_host("alice", rendezvous=server) as alice:
+        assert [e.family for e in alice.locals] == [socket.AF_INET, socket.AF_INET6]
+        assert [e.ip for e in alice.locals] == ["0.0.0.0", "::"]
+        assert len({e.port for e in alice.locals}) == 1
+        assert alice.local == alice.locals[0]
+        assert (
+            alice.host_candidates[0]
+            == alice.host_candidate
+            == Endpoint("127.0.0.1", alice.local.port)
+        )
+        # the other family's interface addresses, on the same port; never loopback
+        for extra in alice.host_candidates[1:]:
+            assert extra.family == socket.AF_INET6
+            assert extra.port == alice.local.port
+            assert not extra.address.is_loopback
+            assert not extra.address.is_link_local
+        assert set(alice.locals) <= alice.own_endpoints
+
+
+@pytest.mark.parametrize(
+    ("family", "ips"), [(socket.AF_INET, ["0.0.0.0"]), (socket.AF_INET6, ["::"])]
+)
+async def test_one_family_only_when_asked(
+    nursery: trio.Nursery, family: socket.AddressFamily, ips: list[str]
+) -> None:
+    servers = await _serve(nursery, "127.0.0.1:0", "[::1]:0")
+    async with punch.open_host("alice", rendezvous=servers, family=family) as alice:
+        assert [e.ip for e in alice.locals] == ips
+        assert alice.rendezvous.family == family  # registered in the family it holds
+        assert alice.host_candidates == (alice.host_candidate,)
+
+
+async def test_the_first_rendezvous_reached_is_the_one_registered_with(
+    nursery: trio.Nursery,
+) -> None:
+    [server] = await _serve(nursery, "[::1]:0")
+    with socket.socket() as closed:  # a port nobody listens on: refused at once
+        closed.bind(("127.0.0.1", 0))
+        dead = Endpoint.from_sockaddr(closed.getsockname())
+    async with punch.open_host("alice", rendezvous=[dead, server]) as alice:
+        assert alice.rendezvous == server
+        assert alice.host_candidate == Endpoint("::1", alice.local.port)
+        assert alice.observed.family == socket.AF_INET6
+
+
+async def test_no_rendezvous_reached_names_each_one_tried() -> None:
+    dead = []
+    for family, ip in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.socket(family) as closed:
+            closed.bind((ip, 0))
+            dead.append(Endpoint.from_sockaddr(closed.getsockname()))
+    fds = open_fds()
+    with pytest.raises(RendezvousError) as info:
+        async with punch.open_host("alice", rendezvous=dead):
+            pass  # pragma: no cover
+    assert info.value.code == "unreachable"
+    assert str(dead[0]) in str(info.value)
+    assert str(dead[1]) in str(info.value)
+    assert open_fds() == fds
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rendezvous": "127.0.0.1:7000", "family": socket.AF_INET6}, "no rendezvous endpoint"),
+        ({"rendezvous": "127.0.0.1:7000", "local": "[::]:0"}, "no rendezvous endpoint"),
+        (
+            {"rendezvous": "127.0.0.1:7000", "local": "0.0.0.0:0", "family": socket.AF_INET6},
+            "family",
+        ),
+        ({"rendezvous": "127.0.0.1:7000", "family": socket.AF_UNIX}, "family"),
+        ({"rendezvous": "127.0.0.1:7000", "stagger": 5.0}, "stagger"),
+    ],
+)
+async def test_a_family_that_cannot_work_is_refused_before_any_socket(
+    kwargs: dict[str, object], match: str
+) -> None:
+    fds = open_fds()
+    with pytest.raises(ValueError, match=match):
+        async with punch.open_host("alice", **kwargs):  # type: ignore[arg-type]
+            pass  # pragma: no cover
+    assert open_fds() == fds
+
+
+async def test_two_dual_stack_hosts_punch_over_ipv6_first(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Loopback stands in for a global address: each host offers [::1]:its port.
+    monkeypatch.setattr(
+        punch._host,
+        "interface_addresses",
+        lambda family: (ipaddress.ip_address("::1"),) if family == socket.AF_INET6 else (),
+    )
+    [server] = await _serve(nursery, "127.0.0.1:0")
+    async with (
+        punch.open_host("alice", rendezvous=server) as alice,
+        punch.open_host("bob", rendezvous=server) as bob,
+    ):
+        assert Endpoint("::1", bob.local.port) in bob.host_candidates
+        accepted: list[punch.PeerStream] = []
+
+        async def accept() -> None:
+            accepted.append(await bob.accept())
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(accept)
+            stream = await alice.connect("bob")
+        assert stream.remote.family == socket.AF_INET6
+        assert stream.local == Endpoint("::1", alice.local.port)
+        first = [a.candidate.endpoint for a in stream.attempts if a.number == 1]
+        assert first[0] == Endpoint("::1", bob.local.port)  # IPv6 dialled first
+        await stream.send_all(b"over IPv6")
+        assert await accepted[0].receive_some(100) == b"over IPv6"
+        await stream.aclose()
+        await accepted[0].aclose()
+
+
+async def test_a_dual_stack_rendezvous_sees_ipv4_clients_as_ipv4(nursery: trio.Nursery) -> None:
+    [server] = await _serve(nursery, "[::]:0")
+    assert server.ip == "::"
+    v4 = Endpoint("127.0.0.1", server.port)
+    async with punch.open_host("alice", rendezvous=v4, family=socket.AF_INET) as alice:
+        # not ::ffff:127.0.0.1: limits, candidates and logs see the IPv4 address
+        assert alice.observed == Endpoint("127.0.0.1", alice.local.port)
+
+
+async def test_the_rendezvous_listens_on_every_endpoint_given(nursery: trio.Nursery) -> None:
+    bound = await _serve(nursery, "127.0.0.1:0", "[::1]:0")
+    assert [e.ip for e in bound] == ["127.0.0.1", "::1"]
+    for server in bound:
+        async with punch.open_host(f"h{server.family.value}", rendezvous=server) as host:
+            assert host.observed.family == server.family
+
+
+def test_an_ipv4_mapped_address_is_its_ipv4_address() -> None:
+    mapped = Endpoint("::ffff:192.0.2.7", 4000)
+    assert mapped == Endpoint("192.0.2.7", 4000)
+    assert mapped.family == socket.AF_INET
+    assert str(mapped) == "192.0.2.7:4000"
+    assert Endpoint.from_sockaddr(("::ffff:203.0.113.5", 7, 0, 0)).ip == "203.0.113.5"
+
+
+async def test_the_public_reuse_layer_listens_and_dials_from_one_port() -> None:
+    assert punch.reuse.available()
+    listener = punch.reuse.open_listener(("::1", 0))
+    local = Endpoint.from_sockaddr(listener.socket.getsockname())
+    with listener.socket:
+        other = punch.reuse.open_listener(("::1", 0))
+        remote = Endpoint.from_sockaddr(other.socket.getsockname())
+        with other.socket:
+            stream = await punch.reuse.dial(local, remote)  # from the listener's own port
+            accepted = await other.accept()
+            assert Endpoint.from_sockaddr(accepted.socket.getpeername()) == local
+            await stream.aclose()
+            await accepted.aclose()
+        with pytest.raises(SelfDialError):
+            await punch.reuse.dial(local, local)
+        with pytest.raises(ValueError, match="different address families"):
+            await punch.reuse.dial(local, "127.0.0.1:9")
