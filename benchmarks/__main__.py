@@ -23,7 +23,14 @@ from netns.lab import missing_requirements
 from tools.readme import replace_section
 
 from benchmarks import capacity
-from benchmarks.lab import cold_start, round_trips, time_to_stream, worst_timing
+from benchmarks.lab import (
+    cold_start,
+    families,
+    families_summary,
+    round_trips,
+    time_to_stream,
+    worst_timing,
+)
 
 RESULTS = Path(__file__).parent / "results.json"
 TARGET_PEERS = 100_000
@@ -36,6 +43,7 @@ FULL = {
     "rt_trials": 20,
     "skew_trials": 20,
     "cold_trials": 20,
+    "family_trials": 20,
     "rounds": 5,
     "bytes": 1 << 30,
     "peers": (10_000, 50_000, 100_000),
@@ -47,6 +55,7 @@ QUICK = {
     "rt_trials": 3,
     "skew_trials": 3,
     "cold_trials": 3,
+    "family_trials": 3,
     "rounds": 1,
     "bytes": 64 << 20,
     "peers": (1_000, 2_000),
@@ -69,6 +78,7 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
     rst = worst_timing(size["skew_trials"], SKEW)
     delayed = {rt: round_trips(size["rt_trials"], rt) for rt in ROUND_TRIPS}
     cold = cold_start(size["cold_trials"])
+    by_family = families(size["family_trials"])
     peers = capacity.idle_peers(size["peers"])
     intros = capacity.introductions(size["pairs"], size["seconds"])
     accepts = capacity.accept_and_close(2 * size["pairs"], size["seconds"])
@@ -134,9 +144,10 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
             "server_cpu": {"introductions": intros["server_cpu"], "accepts": accepts["server_cpu"]},
         },
         "cpu_per_punch": median([t["cpu"] for t in connected]),
+        "families": families_summary(by_family),
         "round_trips": [_round_trip_summary(rt, report) for rt, report in delayed.items()],
     }
-    samples = {"cone": cone, "cone_rst_skewed": rst, "cold": cold}
+    samples = {"cone": cone, "cone_rst_skewed": rst, "cold": cold, "families": by_family}
     samples |= {f"cone_rtt_{rt * 1000:.0f}ms": report for rt, report in delayed.items()}
     return {"summary": summary, "samples": samples}
 
@@ -285,6 +296,7 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
                 f"<= 1 RT + 5 ms: {verdict(tls_held)}",
             )
         )
+    rows += _family_rows(summary.get("families"))  # absent from runs before issue 15
     rows += [
         (
             f"rendezvous: introductions/s, {2 * trials['pairs']} peers pairing",
@@ -307,6 +319,29 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _family_rows(f: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    """The IPv6 vs IPv4 rows (issue 15), or none for a run without them."""
+    if f is None:
+        return []
+    return [
+        (
+            f"IPv6 vs IPv4, cone+fw6-drop at both sites, 10 ms round trips, `-6` / `-4` "
+            f"({f['trials']} trials each, interleaved): introduction to nominated stream",
+            f"IPv6 {ms(f['ipv6_median'])}",
+            f"IPv4 {ms(f['ipv4_median'])}",
+            f"{f['ratio']:.2f}",
+            f"<= {f['target']}: {verdict(f['ratio'] <= f['target'])}",
+        ),
+        (
+            "dual stack with IPv6 black-holed between the sites (IPv4 after the stagger)",
+            ms(f["ipv6_black_holed_median"]),
+            f"stagger {ms(f['stagger'])} + IPv4 = {ms(f['black_holed_limit'])}",
+            f"{f['black_holed_ratio']:.2f}",
+            f"<= 1: {verdict(f['black_holed_ratio'] <= 1)}",
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

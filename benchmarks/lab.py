@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import secrets
 import select
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from netns.lab import Lab, Topology, build_two_nats
+from netns.lab import RENDEZVOUS_PORT, Lab, Topology, build_two_nats
 from netns.scenario import PUNCH, PairRun, wait_for
+
+from punch._race import DEFAULT_STAGGER
 
 PEER = [sys.executable, "-m", "benchmarks.peer"]
 DIRECT_PORT = 7100
@@ -144,4 +147,77 @@ def import_time(trials: int) -> dict[str, list[float]]:
     return {
         "interpreter": [run("pass") for _ in range(trials)],
         "import": [run("import punch._cli") for _ in range(trials)],
+    }
+
+
+FAMILY_MODES = {
+    "ipv6": ("-6",),
+    "ipv4": ("-4",),
+    "ipv6_black_holed": (),
+}
+"""The family runs, interleaved trial by trial in one lab: each family forced, and
+both peers dual-stack with every IPv6 packet between the sites dropped (IPv6 is
+dialled first, never answers, and IPv4 starts after the stagger)."""
+
+
+def families(trials: int) -> dict[str, list[float]]:
+    """cone+fw6-drop x cone+fw6-drop, 10 ms round trips: the initiator's seconds from
+    introduction to nominated stream, per mode of :data:`FAMILY_MODES`, same lab run."""
+    times: dict[str, list[float]] = {mode: [] for mode in FAMILY_MODES}
+    with Lab() as lab:
+        topology = build_two_nats(lab, "cone+fw6-drop", "cone+fw6-drop")
+        a, b = topology.sites
+        assert a.nat_ns is not None
+        assert b.nat_ns is not None
+        assert a.peer_ip6 is not None
+        assert b.peer_ip6 is not None
+        lab.delay(0.005)
+        pair = PairRun()
+        try:
+            v6 = f"[{topology.rendezvous_ip6}]:{RENDEZVOUS_PORT}"
+            v4 = pair.start_lab_rendezvous(lab, topology, "--listen", v6, "--quiet")
+            v4 = v4.splitlines()[0]
+            for trial in range(trials):
+                for mode, flags in FAMILY_MODES.items():
+                    black_hole = mode == "ipv6_black_holed"
+                    if black_hole:
+                        lab.block(a.nat_ns, f"{b.peer_ip6}/64")
+                        lab.block(b.nat_ns, f"{a.peer_ip6}/64")
+                    try:
+                        address = v6 if "-6" in flags else v4
+                        bob, alice = f"bob{trial}{mode}", f"alice{trial}{mode}"
+                        listen = pair.start_peer(
+                            bob, lab.exec_prefix(b.peer_ns), ["listen"], address, *flags
+                        )
+                        connect = pair.start_peer(
+                            alice, lab.exec_prefix(a.peer_ns), ["connect", bob], address, *flags
+                        )
+                        run = pair.wait(alice, connect, 30)
+                        pair.wait(bob, listen, 30)
+                    finally:
+                        if black_hole:
+                            lab.unblock(a.nat_ns, "ip6")
+                            lab.unblock(b.nat_ns, "ip6")
+                    connected = run.event("connected")
+                    if connected is None:
+                        raise RuntimeError(f"{mode} trial {trial}: {run.stderr[-2000:]}")
+                    times[mode].append(connected["connect_time"])
+        finally:
+            pair.close()
+    return times
+
+
+def families_summary(times: dict[str, list[float]]) -> dict[str, float]:
+    """Medians, the IPv6/IPv4 ratio (target <= 1.05), and the black-holed runs against
+    stagger + IPv4 (target <= 1)."""
+    median = {mode: statistics.median(samples) for mode, samples in times.items()}
+    limit = DEFAULT_STAGGER + median["ipv4"]
+    return {
+        **{f"{mode}_median": value for mode, value in median.items()},
+        "ratio": median["ipv6"] / median["ipv4"],
+        "target": 1.05,
+        "stagger": DEFAULT_STAGGER,
+        "black_holed_limit": limit,
+        "black_holed_ratio": median["ipv6_black_holed"] / limit,
+        "trials": len(times["ipv4"]),
     }

@@ -159,10 +159,11 @@ class Lab:
             self._table(where, "netdev punchloss", hook, rule)
 
     def block(self, ns: str, address: str) -> None:
-        """Drop everything ``ns`` would forward to ``address`` until :meth:`unblock`."""
-        self._table(
-            ns, "ip punchblock", "type filter hook forward priority -10", f"ip daddr {address} drop"
-        )
+        """Drop everything ``ns`` would forward to ``address`` (an IPv4 or IPv6 address
+        or prefix) until :meth:`unblock`: a black hole, no ICMP error."""
+        family = "ip6" if ":" in address else "ip"
+        hook = "type filter hook forward priority -10"
+        self._table(ns, f"{family} punchblock", hook, f"{family} daddr {address} drop")
 
     def _table(self, ns: str, table: str, hook: str, rule: str) -> None:
         """Load an nft table of one chain with one rule into ``ns``."""
@@ -231,8 +232,9 @@ class Lab:
         for conf in ("all", "default", device):
             self.sh(wan, "sysctl", "-q", "-w", f"net.ipv4.conf.{conf}.rp_filter=0")
 
-    def unblock(self, ns: str) -> None:
-        self.sh(ns, "nft", "delete", "table", "ip", "punchblock")
+    def unblock(self, ns: str, family: str = "ip") -> None:
+        """Undo :meth:`block` (``family`` ``"ip6"`` for an IPv6 one)."""
+        self.sh(ns, "nft", "delete", "table", family, "punchblock")
 
     def nat(self, ns: str, profile: str) -> None:
         """Make ``ns`` a router and load ``rulesets/<profile>.nft`` into it."""

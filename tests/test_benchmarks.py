@@ -42,6 +42,11 @@ def test_quick_benchmark_run_measures_everything(tmp_path: Path) -> None:
     assert [p["peers"] for p in summary["capacity"]["points"]] == [1_000, 2_000]
     assert summary["capacity"]["introductions_per_s"] > 0
     assert summary["cpu_per_punch"] > 0
+    families = summary["families"]  # every IPv6, IPv4 and black-holed run connected
+    assert families["trials"] == 3
+    assert families["ipv6_median"] > 0
+    assert families["ipv6_black_holed_median"] > families["stagger"]  # IPv4 waited for it
+    assert "| IPv6 vs IPv4" in done.stdout
     for row in summary["round_trips"]:  # 10 and 50 ms between the sites
         assert row["connected"] == row["trials"] == 3
         assert row["initiator"] > row["round_trip"]  # at least TCP's own round trip
