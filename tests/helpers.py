@@ -15,7 +15,7 @@ from punch._control import ControlChannel
 from punch._handshake import NOMINATION_SIZE, Handshake, Stage
 from punch._host import signed_register
 from punch._identity import Identity
-from punch._protocol import Challenge, Introduction, RendezvousConnection, Side
+from punch._protocol import Challenge, Error, Introduction, RendezvousConnection, Side
 from punch._race import InboundRouter, Race
 from punch._stream import ExactReader
 from punch.reuse import TCP_RTO_MAX_MS, bind_reusable
@@ -171,3 +171,14 @@ async def send_register(
     challenge = await channel.receive()
     assert isinstance(challenge, Challenge), challenge
     await channel.send(signed_register(identity, challenge, name, candidates, token))
+
+
+async def refused_with(channel: ControlChannel) -> str:
+    """The code of the Error that ends this connection (after the Challenge, if it
+    was not read yet); asserts the close follows."""
+    message = await channel.receive()
+    if isinstance(message, Challenge):
+        message = await channel.receive()
+    assert isinstance(message, Error), message
+    assert await channel.receive() is None  # closed after the error
+    return message.code

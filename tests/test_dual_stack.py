@@ -4,15 +4,19 @@ rendezvous on both, and the public reuse layer."""
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import socket
 
 import pytest
 import trio
+import trio.testing
 
 import punch
 import punch._host
-from punch import Endpoint, RendezvousError, SelfDialError
-from tests.helpers import open_fds
+from punch import CandidateType, Endpoint, Identity, RendezvousError, SelfDialError
+from punch._control import ControlChannel
+from punch._protocol import ConnectRequest, Introduction, Registered
+from tests.helpers import open_fds, raw_client, refused_with, register, send_register
 
 
 def _ipv6_loopback() -> bool:
@@ -198,3 +202,99 @@ async def test_the_public_reuse_layer_listens_and_dials_from_one_port() -> None:
             await punch.reuse.dial(local, local)
         with pytest.raises(ValueError, match="different address families"):
             await punch.reuse.dial(local, "127.0.0.1:9")
+
+
+async def test_a_dual_stack_host_registers_over_both_families(nursery: trio.Nursery) -> None:
+    servers = await _serve(nursery, "127.0.0.1:0", "[::1]:0")
+    async with (
+        punch.open_host("alice", rendezvous=servers) as alice,
+        punch.open_host("bob", rendezvous=servers) as bob,
+    ):
+        await alice._legs_tried.wait()
+        await bob._legs_tried.wait()
+        v4, v6 = Endpoint("127.0.0.1", alice.local.port), Endpoint("::1", alice.local.port)
+        assert alice.server_reflexive == (v4, v6)  # one per family, as the server saw them
+        accepted: list[punch.PeerStream] = []
+
+        async def accept() -> None:
+            accepted.append(await alice.accept())
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(accept)
+            stream = await bob.connect("alice")
+        offered = {a.candidate for a in stream.attempts}
+        kinds = {(c.type, c.endpoint) for c in offered}
+        assert (punch.CandidateType.SERVER_REFLEXIVE, v6) in kinds  # the rendezvous offered it
+        assert stream.remote.family == socket.AF_INET6  # IPv6 first
+        await stream.aclose()
+        await accepted[0].aclose()
+
+
+async def test_the_other_familys_registration_keeps_the_name_when_the_first_is_lost(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(punch._host, "backoff", lambda: itertools.repeat(3600.0))  # stays lost
+    servers = await _serve(nursery, "127.0.0.1:0", "[::1]:0")
+    async with (
+        punch.open_host("alice", rendezvous=servers) as alice,
+        punch.open_host("bob", rendezvous=servers) as bob,
+    ):
+        await alice._legs_tried.wait()
+        punch.reuse.abort(alice._channel.socket)  # alice's IPv4 registration dies
+        with trio.fail_after(5):
+            await trio.testing.wait_all_tasks_blocked()  # her reader has seen it
+        assert alice._closed is not None
+        assert list(alice._legs) == [socket.AF_INET6]
+        # the name is still hers over IPv6: bob reaches her, and she asks for him there
+        for caller, callee in ((bob, alice), (alice, bob)):
+            accepted: list[punch.PeerStream] = []
+
+            async def accept(callee: punch.Host = callee, into: list = accepted) -> None:
+                into.append(await callee.accept())
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(accept)
+                stream = await caller.connect(callee.name)
+            await stream.aclose()
+            await accepted[0].aclose()
+
+
+async def _introduced_to(asker: ControlChannel, target: str, request_id: int) -> set[Endpoint]:
+    """The server-reflexive candidates the rendezvous introduces ``target`` with."""
+    await asker.send(ConnectRequest(target, request_id))
+    intro = await asker.receive()
+    assert isinstance(intro, Introduction), intro
+    return {c.endpoint for c in intro.candidates if c.type is CandidateType.SERVER_REFLEXIVE}
+
+
+async def test_the_rendezvous_takes_a_second_family_of_a_name_with_its_key_only(
+    nursery: trio.Nursery,
+) -> None:
+    [server] = await _serve(nursery, "[::]:0")
+    v4, v6 = Endpoint("127.0.0.1", server.port), Endpoint("::1", server.port)
+    other_key = Identity.generate()
+    async with (
+        raw_client(v4) as alice4,
+        raw_client(v6, "::1") as alice6,
+        raw_client(v4, "127.0.0.2") as alice4_again,
+        raw_client(v4, "127.0.0.3") as bob,
+    ):
+        assert isinstance(await register(alice4, "alice"), Registered)
+        assert isinstance(await register(bob, "bob", identity=other_key), Registered)
+        # bob's key over IPv6: not his name to take
+        async with raw_client(v6, "::1") as mallory:
+            await send_register(mallory, "alice", identity=other_key)
+            assert await refused_with(mallory) == "name-taken"
+        # alice's key over IPv4 again: that family is held
+        await send_register(alice4_again, "alice")
+        assert await refused_with(alice4_again) == "name-taken"
+        # alice's key over IPv6: a second registration of her name
+        registered6 = await register(alice6, "alice")
+        assert isinstance(registered6, Registered)
+        here4 = Endpoint.from_sockaddr(alice4.socket.getsockname())
+        here6 = Endpoint.from_sockaddr(alice6.socket.getsockname())
+        assert await _introduced_to(bob, "alice", 1) == {here4, here6}
+        # her first registration leaves: the second keeps the name, with its endpoint
+        await alice4.stream.aclose()
+        await trio.testing.wait_all_tasks_blocked()  # the server has seen it go
+        assert await _introduced_to(bob, "alice", 2) == {here6}

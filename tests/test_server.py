@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 
 import punch
 from punch import Endpoint
-from punch._control import ControlChannel
 from punch._host import signed_register
 from punch._protocol import (
     PROTOCOL_VERSION,
@@ -38,7 +37,7 @@ from punch._server import (
     source_key,
 )
 from punch.reuse import abort
-from tests.helpers import IDENTITY, raw_client, register, send_register
+from tests.helpers import IDENTITY, raw_client, refused_with, register, send_register
 
 STRICT = ServerLimits(exempt=())  # loopback counted like any other source
 
@@ -64,17 +63,6 @@ async def _punch(initiator: punch.Host, responder: punch.Host) -> None:
 
 async def _append(into: list[punch.PeerStream], result: Awaitable[punch.PeerStream]) -> None:
     into.append(await result)
-
-
-async def refused_with(channel: ControlChannel) -> str:
-    """The code of the Error that ends this connection (after the Challenge, if it
-    was not read yet); asserts the close follows."""
-    message = await channel.receive()
-    if isinstance(message, Challenge):
-        message = await channel.receive()
-    assert isinstance(message, Error), message
-    assert await channel.receive() is None  # closed after the error
-    return message.code
 
 
 async def test_per_ip_connection_cap_refuses_the_ninth() -> None:

@@ -134,6 +134,15 @@ class _Registration:
             return channel, registered, candidates, server
         raise RendezvousError("unreachable", "; ".join(unreachable) or "no rendezvous to reach")
 
+    def legs(self, registered_at: Endpoint) -> list[_Registration]:
+        """For each other family we hold, with a server of that family: its registration."""
+        legs = []
+        for local in self.locals:
+            servers = tuple(s for s in self.servers if s.family == local.family)
+            if local.family != registered_at.family and servers:
+                legs.append(attrs.evolve(self, locals=(local,), servers=servers))
+        return legs
+
     def _other_host_candidates(self, chosen: Endpoint) -> list[Endpoint]:
         """Our endpoints in the families the control connection does not use."""
         found = []
@@ -185,7 +194,9 @@ class Host:
     _requests: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _waiters: dict[int, trio.MemorySendChannel[_Reply]] = attrs.field(factory=dict, init=False)
     _closed: RendezvousError | None = attrs.field(default=None, init=False)
-    _farewell: RendezvousError | None = attrs.field(default=None, init=False)
+    _legs: dict[socket.AddressFamily, ControlChannel] = attrs.field(factory=dict, init=False)
+    _leg_observed: dict[socket.AddressFamily, Endpoint] = attrs.field(factory=dict, init=False)
+    _legs_tried: trio.Event = attrs.field(factory=trio.Event, init=False)
     _registered: trio.Event = attrs.field(factory=trio.Event, init=False)
     _accepted_send: trio.MemorySendChannel[PeerStream | OSError] = attrs.field(init=False)
     _accepted: trio.MemoryReceiveChannel[PeerStream | OSError] = attrs.field(init=False)
@@ -203,9 +214,16 @@ class Host:
         await self._registered.wait()
 
     @property
+    def server_reflexive(self) -> tuple[Endpoint, ...]:
+        """Our server-reflexive endpoints: :attr:`observed`, then, for a dual-stack
+        host whose rendezvous is reachable on both families, the one the rendezvous
+        sees over the other family (registered in the background, see :func:`open_host`)."""
+        return (self.observed, *self._leg_observed.values())
+
+    @property
     def own_endpoints(self) -> frozenset[Endpoint]:
         """Every endpoint that is us: never dialled (self-dial guard)."""
-        return frozenset({*self.locals, *self.host_candidates, self.observed})
+        return frozenset({*self.locals, *self.host_candidates, *self.server_reflexive})
 
     async def connect(
         self, peer: str, *, timeout: float | None = None, peer_id: str | None = None
@@ -243,7 +261,7 @@ class Host:
                 raise ValueError("peer_id needs encrypt=True: only TLS proves a peer's key")
         options = self.options if timeout is None else attrs.evolve(self.options, timeout=timeout)
         timeout = options.timeout
-        if self._closed is not None:
+        if self._closed is not None and not self._legs:
             raise RendezvousError(self._closed.code, self._closed.detail)
         request_id = next(self._requests)
         reply: _Reply | None = None
@@ -251,7 +269,7 @@ class Host:
         self._waiters[request_id] = send
         try:
             try:
-                await self._channel.send(ConnectRequest(peer, request_id))
+                await self._live_channel().send(ConnectRequest(peer, request_id))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise RendezvousError("closed", "control connection lost") from exc
             with trio.move_on_after(timeout):
@@ -350,31 +368,84 @@ class Host:
             if isinstance(outcome, PeerStream):
                 reuse.abort(outcome.socket)
 
-    async def _run_control(self) -> None:
-        """Read the control connection; when it ends, reconnect. Punches under way go on."""
+    async def _run_registrations(self, legs: Iterable[_Registration]) -> None:
+        """Our registration (:meth:`_run_control`) and one :meth:`_run_leg` per other
+        family; the punches they start as responder run here too."""
+        legs = tuple(legs)
+        if not legs:
+            self._legs_tried.set()
         async with trio.open_nursery() as responders:
-            while True:
-                self._closed = await self._read_control(responders)
-                self._registered = trio.Event()
-                log.warning("%s; reconnecting to the rendezvous", self._closed)
-                for request_id in list(self._waiters):
-                    self._reply(request_id, self._closed)
-                reuse.abort(self._channel.socket)  # frees the 4-tuple for the next one
-                await self._reconnect()
+            responders.start_soon(self._run_control, responders)
+            for leg in legs:
+                responders.start_soon(self._run_leg, leg, responders)
 
-    async def _read_control(self, responders: trio.Nursery) -> RendezvousError:
-        """Dispatch what the rendezvous sends until the connection ends; say how it ended."""
-        self._farewell = None
-        try:
-            while (message := await self._channel.receive()) is not None:
-                self._dispatch(message, responders)
-            return self._farewell or RendezvousError(
-                "closed", "the rendezvous closed the connection"
+    def _live_channel(self) -> ControlChannel:
+        """Our control connection, or while it is lost, another family's."""
+        if self._closed is None or not self._legs:
+            return self._channel
+        return next(iter(self._legs.values()))
+
+    async def _run_control(self, responders: trio.Nursery) -> None:
+        """Read the control connection; when it ends, reconnect. Punches under way go on."""
+        while True:
+            self._closed = await self._read_control(self._channel, responders)
+            self._registered = trio.Event()
+            log.warning("%s; reconnecting to the rendezvous", self._closed)
+            for request_id in list(self._waiters):
+                self._reply(request_id, self._closed)
+            reuse.abort(self._channel.socket)  # frees the 4-tuple for the next one
+            await self._reconnect()
+
+    async def _run_leg(self, registration: _Registration, responders: trio.Nursery) -> None:
+        """Hold a second registration of our name, over the other family (the same
+        key: the rendezvous adds its server-reflexive endpoint to ours), with
+        keepalives, and register it again with :func:`backoff` whenever it is
+        lost or refused. Best effort: the host works without it."""
+        family = registration.locals[0].family
+        label = "IPv6" if family == socket.AF_INET6 else "IPv4"
+        delays = backoff()
+        while True:
+            try:
+                channel, registered, _, server = await registration.register()
+            except (RendezvousError, OSError) as exc:
+                log.info("%s registration at the rendezvous failed: %s", label, exc)
+                self._legs_tried.set()
+                await trio.sleep(next(delays))
+                continue
+            delays = backoff()
+            self._legs[family], self._leg_observed[family] = channel, registered.observed
+            log.info(
+                "registered %r over %s too, at %s: server-reflexive %s",
+                self.name,
+                label,
+                server,
+                registered.observed,
             )
+            self._legs_tried.set()
+            try:
+                async with trio.open_nursery() as keeping:
+                    keeping.start_soon(_keep_alive, channel, registered.idle_timeout)
+                    ended = await self._read_control(channel, responders)
+                    keeping.cancel_scope.cancel()
+            finally:
+                del self._legs[family], self._leg_observed[family]
+                reuse.abort(channel.socket)
+            log.info("%s registration lost: %s; registering again", label, ended)
+            await trio.sleep(next(delays))
+
+    async def _read_control(
+        self, channel: ControlChannel, responders: trio.Nursery
+    ) -> RendezvousError:
+        """Dispatch what the rendezvous sends until the connection ends; say how it ended."""
+        farewell = None
+        try:
+            while (message := await channel.receive()) is not None:
+                farewell = self._dispatch(message, responders) or farewell
+            return farewell or RendezvousError("closed", "the rendezvous closed the connection")
         except RemoteProtocolError as exc:
             return RendezvousError("protocol-error", f"rendezvous sent garbage: {exc}")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            return self._farewell or RendezvousError("closed", f"control connection lost: {exc}")
+            return farewell or RendezvousError("closed", f"control connection lost: {exc}")
 
     async def _reconnect(self) -> None:
         """Register again, same name, same local port, with :func:`backoff` between tries."""
@@ -430,7 +501,8 @@ class Host:
             return False
         return True
 
-    def _dispatch(self, message: object, responders: trio.Nursery) -> None:
+    def _dispatch(self, message: object, responders: trio.Nursery) -> RendezvousError | None:
+        """Act on one message; return the error the server said goodbye with, if it did."""
         if isinstance(message, Introduction):
             # Open the route now, in the reader, before any inbound Hello for this
             # attempt can be read; the race that consumes it closes it.
@@ -442,7 +514,7 @@ class Host:
                 )
                 self._router.open_route(message.attempt_id)
                 responders.start_soon(self._respond, message)
-                return
+                return None
             if message.request_id in self._waiters:
                 log.info(
                     "introduced to %r as initiator; its candidates: %s",
@@ -451,14 +523,25 @@ class Host:
                 )
                 if self._reply(message.request_id, message):
                     self._router.open_route(message.attempt_id)
-                return
+                return None
         if isinstance(message, Error) and message.request_id in self._waiters:
             self._reply(message.request_id, message)
         elif isinstance(message, Error):  # shutting-down, idle-timeout: it closes next
             log.warning("rendezvous error: %s: %s", message.code, message.text)
-            self._farewell = RendezvousError(message.code, message.text)
+            return RendezvousError(message.code, message.text)
         else:
             log.info("ignoring a reply nobody waits for: %r", message)
+        return None
+
+
+async def _keep_alive(channel: ControlChannel, idle_timeout: float) -> None:
+    """A Keepalive on ``channel`` every third of ``idle_timeout``, until it breaks."""
+    while True:
+        await trio.sleep(idle_timeout / KEEPALIVES_PER_IDLE_TIMEOUT)
+        try:
+            await channel.send(Keepalive())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # its reader sees the loss
 
 
 def _listed(candidates: Iterable[object]) -> str:
@@ -493,7 +576,12 @@ async def open_host(
         rendezvous: the server's IP and TCP port (:class:`Endpoint`,
             ``(ip, port)`` or ``"ip:port"``/``"[ipv6]:port"``), or a sequence
             of them (one server reachable on IPv4 and on IPv6): the first we
-            reach from a family we hold is registered with, in order.
+            reach from a family we hold is registered with, in order. With
+            endpoints of both families, a dual-stack host also registers its
+            name over the other family, in the background (same key: the
+            rendezvous learns a server-reflexive endpoint per family and
+            offers both to peers, :attr:`Host.server_reflexive`); that second
+            registration is best effort, kept alive and renewed like the first.
         local: the endpoint to bind, then in its family only; default
             dual-stack: ``0.0.0.0`` and ``::`` on one port number (the kernel
             picks it), a family that is unavailable left out with a log line.
@@ -528,7 +616,8 @@ async def open_host(
         path breaks), the host registers again under the same name from the
         same port, waiting :func:`backoff` between tries (0.5 s doubling to
         30 s, jittered), for as long as the block lasts; ``accept`` keeps
-        waiting meanwhile, and ``connect`` fails at once with ``closed``.
+        waiting meanwhile, and ``connect`` fails at once with ``closed``
+        (unless the other family's registration still holds: it asks there).
 
     Raises:
         TypeError, ValueError: a bad argument (``timeout=True``, ``pacing=0.01``,
@@ -601,7 +690,7 @@ async def open_host(
                     registered.idle_timeout,
                 )
                 await nursery.start(router.serve)
-                nursery.start_soon(host._run_control)
+                nursery.start_soon(host._run_registrations, registration.legs(server))
                 nursery.start_soon(host._keepalive)
                 try:
                     yield host

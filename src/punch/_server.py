@@ -34,6 +34,7 @@ from ._protocol import (
     ATTEMPT_ID_BYTES,
     CHALLENGE_BYTES,
     DEFAULT_IDLE_TIMEOUT,
+    MAX_CANDIDATES,
     MAX_ERROR_TEXT,
     MAX_FRAME,
     MIN_FRAME,
@@ -210,13 +211,22 @@ class _Peer:
     channel: ControlChannel
     certificate: bytes
     peer_id: str
+    legs: list[_Peer] = attrs.field(factory=list)
+    """Registrations of this name and key over another address family (a dual-stack
+    host registers once per family): their endpoints are this peer's too."""
 
     @property
     def candidates(self) -> tuple[Candidate, ...]:
-        """Server-reflexive first, then host candidates (duplicates dropped)."""
-        srflx = Candidate(CandidateType.SERVER_REFLEXIVE, self.observed)
-        hosts = (Candidate(CandidateType.HOST, e) for e in self.host_candidates)
-        return tuple(dict.fromkeys([srflx, *hosts]))
+        """Server-reflexive ones first (ours, then each leg's), then host candidates;
+        duplicates dropped, at most ``MAX_CANDIDATES + 1`` (what an Introduction holds)."""
+        everyone = (self, *self.legs)
+        srflx = [Candidate(CandidateType.SERVER_REFLEXIVE, p.observed) for p in everyone]
+        hosts = [Candidate(CandidateType.HOST, e) for p in everyone for e in p.host_candidates]
+        return tuple(dict.fromkeys([*srflx, *hosts]))[: MAX_CANDIDATES + 1]
+
+    @property
+    def families(self) -> set[socket.AddressFamily]:
+        return {p.observed.family for p in (self, *self.legs)}
 
 
 PROTOCOL_WARNINGS_PER_MINUTE = 5
@@ -420,9 +430,31 @@ class RendezvousServer:
                 self.connections[source] -= 1
                 if not self.connections[source]:
                     del self.connections[source]
-            if peer is not None and self.peers.get(peer.name) is peer:
+            if peer is not None:
+                self._remove(peer)
+
+    def _remove(self, peer: _Peer) -> None:
+        """Take ``peer`` out of the registry; a leg of its name takes its place."""
+        held = self.peers.get(peer.name)
+        if held is peer:
+            if peer.legs:
+                successor, *others = peer.legs
+                successor.legs = others
+                self.peers[peer.name] = successor
+                log.info(
+                    "%s: %r left; still registered from %s",
+                    peer.observed,
+                    peer.name,
+                    successor.observed,
+                )
+            else:
                 del self.peers[peer.name]
-                log.info("%s: %r left", observed, peer.name)
+                log.info("%s: %r left", peer.observed, peer.name)
+        elif held is not None and peer in held.legs:
+            held.legs.remove(peer)
+            log.info(
+                "%s: %r's %s registration left", peer.observed, peer.name, _family(peer.observed)
+            )
 
     async def _register(self, channel: ControlChannel, observed: Endpoint) -> _Peer | None:
         """Read the Register, admit it, and enter the peer in the registry.
@@ -439,6 +471,17 @@ class RendezvousServer:
         assert channel.connection.challenge is not None  # sent before any Register is read
         key = self._admit(message, observed, channel.connection.challenge)
         peer = _Peer(message.name, observed, message.candidates, channel, message.certificate, key)
+        held = self.peers.get(peer.name)
+        if held is not None:  # admitted: the same key, over another family
+            held.legs.append(peer)
+            log.info(
+                "%s: registered %r over %s too, host candidates %s",
+                observed,
+                peer.name,
+                _family(observed),
+                ", ".join(map(str, peer.host_candidates)) or "none",
+            )
+            return peer
         if self.bindings is not None:
             self.bindings.bind(peer.name, peer.peer_id)
         self.peers[peer.name] = peer
@@ -484,14 +527,15 @@ class RendezvousServer:
         if not verify_signature(key, message.signature, transcript):
             raise _Refused(Error("bad-signature", "the Register is not signed by its key"))
         presented = peer_id(key)
-        if message.name in self.peers:
+        held = self.peers.get(message.name)
+        if held is not None and (held.peer_id != presented or observed.family in held.families):
             raise _Refused(Error("name-taken", f"{message.name!r} is held by a connected peer"))
         bound = self.bindings.bound.get(message.name) if self.bindings is not None else None
         if bound is not None and bound != presented:
             raise _Refused(
                 Error("name-taken", f"{message.name!r} is bound to another key (peer ID {bound})")
             )
-        if len(self.peers) >= limits.max_peers:
+        if held is None and len(self.peers) >= limits.max_peers:
             raise _Refused(Error("server-full", f"{limits.max_peers} peers are registered"))
         allow_loopback = self.on_loopback or observed.address.is_loopback
         for endpoint in message.candidates:
@@ -514,7 +558,10 @@ class RendezvousServer:
                 continue
             raise _Refused(Error("idle-timeout", f"nothing received for {idle:g} s"))
 
-    async def _introduce(self, requester: _Peer, request: ConnectRequest) -> None:
+    async def _introduce(self, asker: _Peer, request: ConnectRequest) -> None:
+        """Answer ``asker``'s request on its own connection; its candidates are those
+        of every registration of its name (it may be a leg)."""
+        requester = self.peers.get(asker.name, asker)
         target = self.peers.get(request.target)
         error = None
         if not self._introductions.allow(requester.name, trio.current_time()):
@@ -530,7 +577,7 @@ class RendezvousServer:
                 "unknown-peer", f"{request.target!r} is not registered", request.request_id
             )
         if error is not None:
-            await requester.channel.send(error)
+            await asker.channel.send(error)
             return
         assert target is not None
         (requester, to_requester), (target, to_target) = self.introductions(
@@ -544,6 +591,8 @@ class RendezvousServer:
             target.observed,
             to_target.attempt_id.hex()[:8],
         )
+        if requester is self.peers.get(asker.name):
+            requester = asker  # the answer goes back on the connection that asked
         # Both at the same moment: encoded first, so neither waits on the other's JSON.
         frames = (
             requester.channel.connection.send(to_requester),
@@ -598,8 +647,9 @@ class RendezvousServer:
         """Tell every registered peer ``shutting-down``, all at once, each bounded."""
         goodbye = Error("shutting-down", "the rendezvous server is shutting down")
         async with trio.open_nursery() as nursery:
-            for peer in list(self.peers.values()):
-                nursery.start_soon(partial(self._refuse, peer.channel, goodbye, drain=False))
+            for held in list(self.peers.values()):
+                for peer in (held, *held.legs):
+                    nursery.start_soon(partial(self._refuse, peer.channel, goodbye, drain=False))
 
     @staticmethod
     async def _refuse(channel: ControlChannel, error: Error, *, drain: bool = True) -> None:
@@ -626,6 +676,10 @@ class RendezvousServer:
                     drained += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
                 pass
+
+
+def _family(endpoint: Endpoint) -> str:
+    return "IPv6" if endpoint.family == socket.AF_INET6 else "IPv4"
 
 
 def _server_listener(bind: Endpoint, dual_stack: bool) -> trio.SocketListener:
