@@ -31,6 +31,19 @@ def _ipv6_loopback() -> bool:
 pytestmark = pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
 
 
+async def _punch(caller: punch.Host, callee: punch.Host) -> tuple[punch.PeerStream, ...]:
+    """``caller.connect(callee)`` while ``callee`` accepts: both ends of the stream."""
+    accepted: list[punch.PeerStream] = []
+
+    async def accept() -> None:
+        accepted.append(await callee.accept())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(accept)
+        stream = await caller.connect(callee.name)
+    return stream, accepted[0]
+
+
 async def _serve(nursery: trio.Nursery, *listen: str) -> list[Endpoint]:
     bound: list[Endpoint] = []
     await nursery.start(
@@ -142,22 +155,15 @@ async def test_two_dual_stack_hosts_punch_over_ipv6_first(
         punch.open_host("bob", rendezvous=server) as bob,
     ):
         assert Endpoint("::1", bob.local.port) in bob.host_candidates
-        accepted: list[punch.PeerStream] = []
-
-        async def accept() -> None:
-            accepted.append(await bob.accept())
-
-        async with trio.open_nursery() as inner:
-            inner.start_soon(accept)
-            stream = await alice.connect("bob")
+        stream, accepted = await _punch(alice, bob)
         assert stream.remote.family == socket.AF_INET6
         assert stream.local == Endpoint("::1", alice.local.port)
         first = [a.candidate.endpoint for a in stream.attempts if a.number == 1]
         assert first[0] == Endpoint("::1", bob.local.port)  # IPv6 dialled first
         await stream.send_all(b"over IPv6")
-        assert await accepted[0].receive_some(100) == b"over IPv6"
+        assert await accepted.receive_some(100) == b"over IPv6"
         await stream.aclose()
-        await accepted[0].aclose()
+        await accepted.aclose()
 
 
 async def test_a_dual_stack_rendezvous_sees_ipv4_clients_as_ipv4(nursery: trio.Nursery) -> None:
@@ -214,20 +220,13 @@ async def test_a_dual_stack_host_registers_over_both_families(nursery: trio.Nurs
         await bob._legs_tried.wait()
         v4, v6 = Endpoint("127.0.0.1", alice.local.port), Endpoint("::1", alice.local.port)
         assert alice.server_reflexive == (v4, v6)  # one per family, as the server saw them
-        accepted: list[punch.PeerStream] = []
-
-        async def accept() -> None:
-            accepted.append(await alice.accept())
-
-        async with trio.open_nursery() as inner:
-            inner.start_soon(accept)
-            stream = await bob.connect("alice")
+        stream, accepted = await _punch(bob, alice)
         offered = {a.candidate for a in stream.attempts}
         kinds = {(c.type, c.endpoint) for c in offered}
         assert (punch.CandidateType.SERVER_REFLEXIVE, v6) in kinds  # the rendezvous offered it
         assert stream.remote.family == socket.AF_INET6  # IPv6 first
         await stream.aclose()
-        await accepted[0].aclose()
+        await accepted.aclose()
 
 
 async def test_the_other_familys_registration_keeps_the_name_when_the_first_is_lost(
@@ -247,16 +246,9 @@ async def test_the_other_familys_registration_keeps_the_name_when_the_first_is_l
         assert list(alice._legs) == [socket.AF_INET6]
         # the name is still hers over IPv6: bob reaches her, and she asks for him there
         for caller, callee in ((bob, alice), (alice, bob)):
-            accepted: list[punch.PeerStream] = []
-
-            async def accept(callee: punch.Host = callee, into: list = accepted) -> None:
-                into.append(await callee.accept())
-
-            async with trio.open_nursery() as inner:
-                inner.start_soon(accept)
-                stream = await caller.connect(callee.name)
+            stream, accepted = await _punch(caller, callee)
             await stream.aclose()
-            await accepted[0].aclose()
+            await accepted.aclose()
 
 
 async def _introduced_to(asker: ControlChannel, target: str, request_id: int) -> set[Endpoint]:
