@@ -57,6 +57,8 @@ def test_json_with_vv_gives_every_step_as_json(pair: PairRun) -> None:
     messages = " | ".join(e["message"] for e in logs)
     assert "introduced to 'bob' as initiator; its candidates: srflx" in messages
     assert "racing accept" in messages
+    assert "srflx 127.0.0.1:" in messages
+    assert "(IPv4)" in messages  # each candidate's family, in the racing line
     assert "nominated" in messages
     attempts = [e for e in logs if "attempt" in e]
     assert attempts
