@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import math
 import socket
+from types import SimpleNamespace
 
 import pytest
 import trio
@@ -290,3 +292,72 @@ async def test_the_rendezvous_takes_a_second_family_of_a_name_with_its_key_only(
         await alice4.stream.aclose()
         await trio.testing.wait_all_tasks_blocked()  # the server has seen it go
         assert await _introduced_to(bob, "alice", 2) == {here6}
+
+
+async def _first_of(
+    monkeypatch: pytest.MonkeyPatch, behaviour: dict[Endpoint, float | None]
+) -> tuple[Endpoint, dict[Endpoint, float], list[Endpoint]]:
+    """``_connect_first`` over ``behaviour``'s servers (seconds to connect, negative:
+    to fail, None: never): the server kept, when each connect started, and the
+    connects given up (cancelled, or closed once connected)."""
+    started: dict[Endpoint, float] = {}
+    closed: list[Endpoint] = []
+
+    async def connect(local: Endpoint, server: Endpoint, *_: object) -> SimpleNamespace:
+        started[server] = trio.current_time()
+        delay = behaviour[server]
+        try:
+            await trio.sleep(math.inf if delay is None else abs(delay))
+        except trio.Cancelled:
+            closed.append(server)
+            raise
+        assert delay is not None
+        if delay < 0:
+            raise RendezvousError("unreachable", f"cannot reach the rendezvous at {server}")
+        return SimpleNamespace(socket=server)
+
+    monkeypatch.setattr(punch._host, "_connect_control", connect)
+    monkeypatch.setattr(punch.reuse, "abort", closed.append)
+    locals_ = (Endpoint("0.0.0.0", 4000), Endpoint("::", 4000))
+    registration = punch._host._Registration(
+        "alice", Identity.generate(), locals_, tuple(behaviour), 10.0, None, None, None
+    )
+    routes = [(next(e for e in locals_ if e.family == s.family), s) for s in behaviour]
+    start = trio.current_time()
+    _, server = await registration._connect_first(routes)
+    return server, {s: t - start for s, t in started.items()}, closed
+
+
+V6_SERVER, V4_SERVER = Endpoint("2001:db8::10", 7000), Endpoint("203.0.113.10", 7000)
+
+
+async def test_a_black_holed_rendezvous_family_costs_the_stagger_not_the_timeout(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, started, _ = await _first_of(monkeypatch, {V6_SERVER: None, V4_SERVER: 0.01})
+    assert server == V4_SERVER
+    assert started == {V6_SERVER: 0.0, V4_SERVER: punch._host.CONTROL_STAGGER}
+    assert trio.current_time() == pytest.approx(punch._host.CONTROL_STAGGER + 0.01)
+
+
+async def test_a_refused_rendezvous_family_hands_over_at_once(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, started, _ = await _first_of(monkeypatch, {V6_SERVER: -0.05, V4_SERVER: 0.01})
+    assert server == V4_SERVER
+    assert started[V4_SERVER] == pytest.approx(0.05)
+
+
+async def test_the_first_rendezvous_to_connect_is_kept_and_the_later_one_closed(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the first is slow but not lost: IPv4 starts after the stagger and finishes first
+    server, _, closed = await _first_of(monkeypatch, {V6_SERVER: 0.3, V4_SERVER: 0.02})
+    assert server == V4_SERVER
+    assert closed == [V6_SERVER]  # given up
+    server, _, closed = await _first_of(monkeypatch, {V6_SERVER: 0.26, V4_SERVER: 0.02})
+    assert server == V6_SERVER  # done at 0.26, before IPv4's 0.25 + 0.02
+    assert closed == [V4_SERVER]
+    # both done at the same instant (0.375 s): one is kept, the other given up
+    server, _, closed = await _first_of(monkeypatch, {V6_SERVER: 0.375, V4_SERVER: 0.125})
+    assert closed == [V4_SERVER if server == V6_SERVER else V6_SERVER]
