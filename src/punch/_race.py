@@ -82,9 +82,10 @@ our Proof lacks only the Nomination: a lost Nomination comes again a
 retransmission timeout later (at most 1 s later while the punch lasts, see
 :func:`punch.reuse.cap_retransmission_timeout`)."""
 DEFAULT_STAGGER = 0.1
-"""Seconds IPv4 candidates wait while IPv6 ones are dialled (RFC 8305 §5's
-"connection attempt delay"; its recommended range is 0.1-2 s, and a punch
-that works takes about two round trips)."""
+"""Seconds IPv4 candidates wait while IPv6 ones are dialled: RFC 8305's
+"connection attempt delay" (§5), at its recommended minimum (§8: 100 ms; its
+default is 250 ms for a connect, and a punch that works takes about two round
+trips, so the wait is kept short)."""
 MIN_STAGGER, MAX_STAGGER = 0.01, 2.0
 """RFC 8305 §8: the connection attempt delay MUST NOT be under 10 ms and SHOULD
 NOT be over 2 s."""
