@@ -141,9 +141,8 @@ class Lab:
         self.sh(ns_b, "ip", "link", "set", if_b, "up")
 
     def address(self, ns: str, ifname: str, cidr: str) -> None:
-        """Add ``cidr`` to ``ifname``; an IPv6 one usable at once (``nodad``)."""
-        nodad = ("nodad",) if ":" in cidr else ()
-        self.sh(ns, "ip", "addr", "add", cidr, "dev", ifname, *nodad)
+        """Add ``cidr`` to ``ifname`` (an IPv6 one is usable at once: see :meth:`ns`)."""
+        self.sh(ns, "ip", "addr", "add", cidr, "dev", ifname)
 
     def loss(self, ns: str, percent: int) -> None:
         """Drop ``percent`` % of the IP packets on ``ns``'s WAN link, both directions.

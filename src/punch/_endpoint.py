@@ -79,6 +79,11 @@ class Endpoint:
         """``AF_INET`` or ``AF_INET6``."""
         return socket.AF_INET6 if self.address.version == 6 else socket.AF_INET
 
+    @property
+    def family_name(self) -> str:
+        """``"IPv4"`` or ``"IPv6"``, for logs."""
+        return "IPv6" if self.address.version == 6 else "IPv4"
+
     def sockaddr(self) -> tuple[str, int]:
         """The address in the form ``socket.bind``/``connect`` take."""
         return (self.ip, self.port)

@@ -420,7 +420,7 @@ class Host:
     async def _run_control(self, responders: trio.Nursery) -> None:
         """Read the control connection; when it ends, reconnect. Punches under way go on."""
         while True:
-            self._closed = await self._read_control(self._channel, responders)
+            self._closed = await self._hold(self._channel, self._idle_timeout, responders)
             self._registered = trio.Event()
             log.warning("%s; reconnecting to the rendezvous", self._closed)
             for request_id in list(self._waiters):
@@ -434,7 +434,7 @@ class Host:
         keepalives, and register it again with :func:`backoff` whenever it is
         lost or refused. Best effort: the host works without it."""
         family = registration.locals[0].family
-        label = "IPv6" if family == socket.AF_INET6 else "IPv4"
+        label = registration.locals[0].family_name
         delays = backoff()
         while True:
             try:
@@ -455,15 +455,23 @@ class Host:
             )
             self._legs_tried.set()
             try:
-                async with trio.open_nursery() as keeping:
-                    keeping.start_soon(_keep_alive, channel, registered.idle_timeout)
-                    ended = await self._read_control(channel, responders)
-                    keeping.cancel_scope.cancel()
+                ended = await self._hold(channel, registered.idle_timeout, responders)
             finally:
                 del self._legs[family], self._leg_observed[family]
                 reuse.abort(channel.socket)
             log.info("%s registration lost: %s; registering again", label, ended)
             await trio.sleep(next(delays))
+
+    async def _hold(
+        self, channel: ControlChannel, idle_timeout: float, responders: trio.Nursery
+    ) -> RendezvousError:
+        """Keep ``channel`` alive (:func:`_keep_alive`) and read it (:meth:`_read_control`)
+        until it ends; say how it ended."""
+        async with trio.open_nursery() as keeping:
+            keeping.start_soon(_keep_alive, channel, idle_timeout)
+            ended = await self._read_control(channel, responders)
+            keeping.cancel_scope.cancel()
+        return ended
 
     async def _read_control(
         self, channel: ControlChannel, responders: trio.Nursery
@@ -513,17 +521,6 @@ class Host:
             if isinstance(outcome, PeerStream):
                 reuse.abort(outcome.socket)
 
-    async def _keepalive(self) -> None:
-        """A Keepalive every third of the server's idle timeout (from ``Registered``)."""
-        while True:
-            await trio.sleep(self._idle_timeout / KEEPALIVES_PER_IDLE_TIMEOUT)
-            if self._closed is not None:
-                continue  # reconnecting: the new connection starts its own clock
-            try:
-                await self._channel.send(Keepalive())
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the control reader sees the loss and reconnects
-
     def _reply(self, request_id: int, reply: _Reply) -> bool:
         """Hand ``reply`` to the ``connect`` waiting on ``request_id``; False if none takes it."""
         try:
@@ -567,7 +564,8 @@ class Host:
 
 
 async def _keep_alive(channel: ControlChannel, idle_timeout: float) -> None:
-    """A Keepalive on ``channel`` every third of ``idle_timeout``, until it breaks."""
+    """A Keepalive on ``channel`` every third of ``idle_timeout`` (the server's, from
+    ``Registered``: every 15 s against the default 45 s), until it breaks."""
     while True:
         await trio.sleep(idle_timeout / KEEPALIVES_PER_IDLE_TIMEOUT)
         try:
@@ -723,7 +721,6 @@ async def open_host(
                 )
                 await nursery.start(router.serve)
                 nursery.start_soon(host._run_registrations, registration.legs(server))
-                nursery.start_soon(host._keepalive)
                 try:
                     yield host
                 finally:

@@ -332,10 +332,6 @@ class InboundRouter:
                 reuse.abort(stream.socket)
 
 
-def _family(candidate: Candidate) -> str:
-    return "IPv6" if candidate.endpoint.family == socket.AF_INET6 else "IPv4"
-
-
 def _kind(error: BaseException | None) -> tuple[type[BaseException] | None, int | None]:
     """What counts as "the same outcome" for two attempts: class and errno."""
     return (type(error) if error is not None else None, getattr(error, "errno", None))
@@ -436,7 +432,8 @@ class Race:
             self._label,
             ", ".join(map(str, locals)),
             len(self._states),
-            ", ".join(f"{s.candidate} ({_family(s.candidate)})" for s in self._states) or "none",
+            ", ".join(f"{s.candidate} ({s.candidate.endpoint.family_name})" for s in self._states)
+            or "none",
         )
         keep = None
         try:

@@ -453,7 +453,7 @@ class RendezvousServer:
         elif held is not None and peer in held.legs:
             held.legs.remove(peer)
             log.info(
-                "%s: %r's %s registration left", peer.observed, peer.name, _family(peer.observed)
+                "%s: %r's %s registration left", peer.observed, peer.name, peer.observed.family_name
             )
 
     async def _register(self, channel: ControlChannel, observed: Endpoint) -> _Peer | None:
@@ -478,7 +478,7 @@ class RendezvousServer:
                 "%s: registered %r over %s too, host candidates %s",
                 observed,
                 peer.name,
-                _family(observed),
+                observed.family_name,
                 ", ".join(map(str, peer.host_candidates)) or "none",
             )
             return peer
@@ -676,10 +676,6 @@ class RendezvousServer:
                     drained += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
                 pass
-
-
-def _family(endpoint: Endpoint) -> str:
-    return "IPv6" if endpoint.family == socket.AF_INET6 else "IPv4"
 
 
 def _server_listener(bind: Endpoint, dual_stack: bool) -> trio.SocketListener:
