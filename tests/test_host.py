@@ -23,7 +23,7 @@ from punch._protocol import (
     RendezvousConnection,
     Side,
 )
-from tests.helpers import open_fds, register
+from tests.helpers import introductions, open_fds, register
 
 
 @pytest.fixture
@@ -408,3 +408,18 @@ async def test_a_thousand_cancelled_connects_leak_no_descriptor(nursery: trio.Nu
     # enough cancellations to cover every phase (480 of 1000 on a loaded 2-core
     # machine, about 600 idle: how many connects finish within 4.75 ms varies)
     assert outcomes["cancelled"] > 250, outcomes
+
+
+async def test_an_inbound_outcome_that_comes_as_the_host_closes_is_dropped(
+    rendezvous: Endpoint, autojump_clock: trio.testing.MockClock
+) -> None:
+    # A responder race that ends with no checkpoint left after the host was cancelled
+    # reaches the accept queue after open_host closed it: its outcome is dropped,
+    # not raised out of open_host.
+    intro, _ = introductions((), ())
+    async with punch.open_host("bob", rendezvous=rendezvous, timeout=0.5) as bob:
+        bob._close_unaccepted()  # what open_host's exit does
+        bob._router.open_route(intro.attempt_id)
+        await bob._respond(intro)  # no candidates: PunchFailed after 0.5 s, then dropped
+        with pytest.raises(RendezvousError, match="closed"):
+            await bob.accept()

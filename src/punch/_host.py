@@ -395,8 +395,13 @@ class Host:
             outcome = exc
         try:
             self._accepted_send.send_nowait(outcome)
-        except trio.WouldBlock:
-            log.warning("accept queue full (%d): dropping %r", ACCEPT_QUEUE, outcome)
+        except (trio.WouldBlock, trio.ClosedResourceError) as exc:
+            # Closed: the host is closing (open_host's exit). A race whose own deadline
+            # fell as the host was cancelled ends without a checkpoint, so it gets here
+            # after _close_unaccepted; nobody will accept its outcome either.
+            full = isinstance(exc, trio.WouldBlock)
+            why = f"accept queue full ({ACCEPT_QUEUE})" if full else "host closing"
+            log.warning("%s: dropping %r", why, outcome)
             if isinstance(outcome, PeerStream):
                 reuse.abort(outcome.socket)
 
