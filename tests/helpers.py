@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
+from netns.lab import Lab
 
 from punch import Candidate, CandidateType, Endpoint, PeerStream, Role
 from punch._control import ControlChannel
@@ -32,6 +37,44 @@ def rto_max_ms(sock: trio.socket.SocketType) -> int | None:
         return int(sock.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS))
     except OSError:
         return None
+
+
+def probe_in_namespace(name: str, ruleset: str, module: str, *args: str) -> Any:
+    """Run ``python -m module args`` inside a fresh namespace (root) whose nft
+    ``ruleset`` is loaded first, and return the JSON line it prints."""
+    with Lab() as lab:
+        ns = lab.ns(name)
+        lab.sh(ns, "nft", "-f", "-", stdin=ruleset)
+        probe = subprocess.run(
+            [*lab.exec_prefix(ns), sys.executable, "-m", module, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    assert probe.returncode == 0, probe.stderr
+    return json.loads(probe.stdout)
+
+
+TCP_ESTABLISHED, TCP_SYN_SENT = 1, 2  # include/net/tcp_states.h
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (``tcpi_state``, tcp(7) ``TCP_INFO``)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+
+
+def nonblocking_client(host: str) -> socket.socket:
+    """A non-blocking TCP socket bound to ``host`` on a port of the kernel's choice.
+
+    On loopback a SYN is delivered within ``connect()``, so right after it the
+    socket is ESTABLISHED if a listener answered, and still in SYN_SENT if not.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.setblocking(False)
+    return sock
 
 
 IDENTITY = Identity.generate()
@@ -93,7 +136,7 @@ async def run_race(router: InboundRouter, race_args: dict[str, Any]) -> PeerStre
     intro = race_args["introduction"]
     inbound = router.open_route(intro.attempt_id)
     try:
-        return await Race(inbound=inbound, **race_args).run()
+        return await Race(inbound=inbound, router=router, **race_args).run()
     finally:
         router.close_route(intro.attempt_id)
 

@@ -10,18 +10,15 @@ simultaneous open in SYN_RECV long enough to cancel it there.
 from __future__ import annotations
 
 import errno
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from netns.lab import Lab, missing_requirements
+from netns.lab import missing_requirements
+
+from tests.helpers import probe_in_namespace
 
 REASON = missing_requirements()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
-ROOT = Path(__file__).resolve().parents[1]
 FREEZE = (
     "table inet freeze {\n"
     "  chain out {\n"
@@ -34,17 +31,6 @@ FREEZE = (
 
 
 def test_a_dial_cancelled_in_syn_recv_aborts_and_frees_its_4_tuple() -> None:
-    with Lab() as lab:
-        ns = lab.ns("linger")
-        lab.sh(ns, "nft", "-f", "-", stdin=FREEZE)
-        probe = subprocess.run(
-            [*lab.exec_prefix(ns), sys.executable, "-m", "tests.linger_probe", "40001", "40002"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=ROOT,
-        )
-    assert probe.returncode == 0, probe.stderr
-    report = json.loads(probe.stdout)
+    report = probe_in_namespace("linger", FREEZE, "tests.linger_probe", "40001", "40002")
     assert report["state_after_cancel"] is None  # aborted, not FIN_WAIT1 ("04")
     assert report["redial_errno"] == errno.EINPROGRESS  # not EADDRNOTAVAIL

@@ -25,18 +25,23 @@ from punch import (
     open_host,
     reuse,
 )
+from punch._endpoint import Candidate, CandidateType
 from punch._handshake import Handshake
-from punch._race import PunchOptions, Race
+from punch._race import InboundRouter, PunchOptions, Race
 from punch._tls import TLSStream
 from tests.helpers import (
     IDENTITY,
+    TCP_ESTABLISHED,
+    TCP_SYN_SENT,
     Player,
     introductions,
+    nonblocking_client,
     open_fds,
     play_peer,
     race_side,
     rto_max_ms,
     run_race,
+    tcp_state,
 )
 
 ANY = Endpoint("0.0.0.0", 0)
@@ -286,7 +291,9 @@ def _fake_dial(  # type: ignore[no-untyped-def]
 ):
     """Raise ``error`` after ``behaviour[remote]`` virtual seconds (None: never answer)."""
 
-    async def dial(local: Endpoint, remote: Endpoint, own: object) -> trio.SocketStream:
+    async def dial(
+        local: Endpoint, remote: Endpoint, own: object, **_: object
+    ) -> trio.SocketStream:
         log.setdefault(remote, []).append(trio.current_time())
         delay = behaviour[remote]
         if delay is None:
@@ -295,6 +302,77 @@ def _fake_dial(  # type: ignore[no-untyped-def]
         raise error
 
     return dial
+
+
+async def test_a_route_opened_and_closed_at_once_leaves_the_router_clean() -> None:
+    """A race that fails before its first checkpoint opens and closes its route
+    with no checkpoint between: the accept task then first runs after the
+    listener has stopped, perhaps after the router itself has (trio picks the
+    order at random, so 20 rounds catch it; an assertion used to fail there)."""
+    for _ in range(20):
+        async with race_side(LOOPBACK) as (_, router):
+            router.open_route(b"q" * 16)
+            router.close_route(b"q" * 16)
+        assert not router.listening
+
+
+async def test_the_router_s_listener_leaves_dropped_endpoints_syns_unanswered() -> None:
+    """A drop asked for before the listener opens holds on it (the listener opens
+    with the first route), and ends with the last matching stop."""
+    async with race_side(LOOPBACK) as (local, router):
+        dropped, passed = nonblocking_client("127.0.0.1"), nonblocking_client("127.0.0.1")
+        with dropped, passed:
+            source = Endpoint.from_sockaddr(dropped.getsockname())
+            router.drop_syns_from(source)
+            router.drop_syns_from(source)  # a second race dialling the same peer
+            router.open_route(b"r" * 16)
+            for sock in (dropped, passed):
+                sock.connect_ex(local.sockaddr())
+            # loopback delivers within connect(): any SYN-ACK has arrived by now
+            assert tcp_state(dropped) == TCP_SYN_SENT
+            assert tcp_state(passed) == TCP_ESTABLISHED
+            router.stop_dropping_syns_from(source)
+            assert router.dropping == {source}  # the other race still dials it
+            router.stop_dropping_syns_from(source)
+            assert router.dropping == frozenset()
+        router.close_route(b"r" * 16)
+
+
+async def test_our_listener_drops_a_dialled_candidate_s_syns_until_the_race_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Once our dial to a server-reflexive candidate is refused, the peer's SYN must
+    not meet our listener (its SYN-ACK's fresh ISN is outside what our NAT tracks),
+    and the refusal may come back after the SYN: so from the first dial on, the race
+    has the router drop that candidate's SYNs. Not an IPv4 host candidate's (a LAN
+    peer, reached without a NAT), and none once the race is over."""
+    refused, silent, lan = (Endpoint(f"192.0.2.{i}", i) for i in (1, 2, 3))
+    intro, _ = introductions((), ())
+    srflx = tuple(Candidate(CandidateType.SERVER_REFLEXIVE, e) for e in (refused, silent))
+    intro = attrs.evolve(intro, candidates=(*srflx, Candidate(CandidateType.HOST, lan)))
+    router = InboundRouter(LOOPBACK)
+    seen: dict[Endpoint, list[frozenset[Endpoint]]] = {}
+    dial = _fake_dial({refused: 0, silent: None, lan: 0}, {})
+
+    async def watching(
+        local: Endpoint, remote: Endpoint, own: object, *, redial: reuse.Redial | None
+    ) -> trio.SocketStream:
+        seen.setdefault(remote, []).append(router.dropping)
+        return await dial(local, remote, own)
+
+    race = Race(
+        intro,
+        LOOPBACK,
+        router.open_route(intro.attempt_id),
+        options=PunchOptions(timeout=0.3, pacing=0.1),
+        dial=watching,
+        router=router,
+    )
+    with pytest.raises(PunchFailed):
+        await race.run()
+    assert seen[refused][0] >= {refused}  # already at its first dial
+    assert all(s == {refused, silent} for s in seen[refused][1:] + seen[lan])
+    assert router.dropping == frozenset()  # the race is over: every SYN is answered again
 
 
 async def test_failure_names_every_candidate_and_its_cause(
@@ -555,7 +633,9 @@ async def test_a_silent_attempt_after_a_refusal_is_dialled_again(
     starts: list[float] = []
     script = iter(["refuse", "hang", "refuse", "hang"])
 
-    async def dial(local: Endpoint, remote: Endpoint, own: object) -> trio.SocketStream:
+    async def dial(
+        local: Endpoint, remote: Endpoint, own: object, **_: object
+    ) -> trio.SocketStream:
         starts.append(trio.current_time())
         if next(script, "hang") == "refuse":
             raise ConnectionRefusedError(111, "Connection refused")
@@ -662,7 +742,9 @@ async def test_an_attempt_connected_but_mute_at_the_deadline_says_so(
     intro, _ = introductions((), (mute,))
     _, inbound = trio.open_memory_channel(0)
 
-    async def dial(local: Endpoint, remote: Endpoint, own: object) -> trio.SocketStream:
+    async def dial(
+        local: Endpoint, remote: Endpoint, own: object, **_: object
+    ) -> trio.SocketStream:
         return await trio.open_tcp_stream(remote.ip, remote.port)
 
     race = Race(intro, LOOPBACK, inbound, options=PunchOptions(timeout=1.0), dial=dial)
@@ -698,7 +780,9 @@ async def _staggered(
     _, inbound = trio.open_memory_channel(0)
     dial = _fake_dial(behaviour, attempts)
 
-    async def recording_dial(local: Endpoint, remote: Endpoint, own: object) -> trio.SocketStream:
+    async def recording_dial(
+        local: Endpoint, remote: Endpoint, own: object, **_: object
+    ) -> trio.SocketStream:
         froms.append(local)
         return await dial(local, remote, own)
 

@@ -10,7 +10,14 @@ import trio
 
 from punch import Endpoint, SelfDialError, reuse, reuse_available
 from punch.reuse import abort, check_not_self, dial, open_listener
-from tests.helpers import open_fds, rto_max_ms
+from tests.helpers import (
+    TCP_ESTABLISHED,
+    TCP_SYN_SENT,
+    nonblocking_client,
+    open_fds,
+    rto_max_ms,
+    tcp_state,
+)
 
 
 def test_reuse_is_available_on_linux() -> None:
@@ -137,3 +144,49 @@ async def test_a_dial_retransmits_every_second_at_most_until_it_is_given_back() 
             reuse.restore_retransmission_timeout(stream.socket)
             system = reuse._system_rto_max_ms()  # net.ipv4.tcp_rto_max_ms
             assert rto_max_ms(stream.socket) == system != 1000
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_a_listener_leaves_syns_from_dropped_endpoints_unanswered(host: str) -> None:
+    listener = open_listener(Endpoint(host, 0))
+    target = listener.socket.getsockname()[:2]
+    async with listener:
+        dropped, passed = nonblocking_client(host), nonblocking_client(host)
+        with dropped, passed:
+            source = Endpoint.from_sockaddr(dropped.getsockname())
+            other_family = Endpoint("192.0.2.1", 9) if ":" in host else Endpoint("2001:db8::1", 9)
+            assert reuse.drop_syns_from(listener.socket, [source, other_family]) is True
+            # loopback delivers within connect(): any SYN-ACK has arrived when it returns
+            assert dropped.connect_ex(target) == errno.EINPROGRESS
+            assert passed.connect_ex(target) == errno.EINPROGRESS
+            assert tcp_state(dropped) == TCP_SYN_SENT  # unanswered: no SYN-ACK, no RST
+            assert tcp_state(passed) == TCP_ESTABLISHED
+            assert reuse.drop_syns_from(listener.socket, []) is True  # the filter goes
+        # the same source endpoint, now answered
+        with socket.socket(dropped.family) as again:
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(source.sockaddr())
+            again.setblocking(False)
+            assert again.connect_ex(target) == errno.EINPROGRESS
+            assert tcp_state(again) == TCP_ESTABLISHED
+
+
+async def test_at_most_so_many_endpoints_are_dropped() -> None:
+    many = [Endpoint("192.0.2.1", port) for port in range(1, reuse.MAX_DROPPED_SOURCES + 2)]
+    with trio.socket.socket() as sock, pytest.raises(ValueError, match="at most 64"):
+        reuse.drop_syns_from(sock, many)
+
+
+async def test_an_rst_refused_socket_is_not_kept() -> None:
+    """Behind an RST-answering NAT the peer's NAT has no entry and ours closed its
+    own on the RST; a fresh socket is dialled next (an ICMP refusal's socket is
+    kept: tests/test_redial.py)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    before = open_fds()
+    redial = reuse.Redial()
+    with pytest.raises(ConnectionRefusedError):
+        await dial(Endpoint("127.0.0.1", 0), Endpoint("127.0.0.1", closed_port), redial=redial)
+    assert not redial.kept
+    assert open_fds() == before

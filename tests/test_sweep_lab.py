@@ -16,12 +16,6 @@ REASON = missing_requirements()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 LIMITS = {
-    "cone-icmp x cone-icmp, 0 ms, initiator +300 ms": (
-        "below 25 ms one way, the early peer's SYNs are refused by ICMP and its NAT "
-        "keeps the dead socket's ISN; the late SYN then meets only our listener, whose "
-        "SYN-ACK is past what conntrack tracks for us, so the entry stays SYN_SENT2 and "
-        "our later packets are invalid (README, Timing sweep)"
-    ),
     "cone-rst x cone-rst, 0 ms, responder +50 ms": (
         "with RSTs both ways and no delay, the SYNs must cross within microseconds; "
         "it connects once the two 50 ms re-dial schedules drift into phase, often "

@@ -366,6 +366,7 @@ class Host:
                 options=options,
                 client_tls=_secure.client_context(self.identity, introduction, options.encrypt),
                 other_locals=self.locals[1:],
+                router=self._router,
             )
             stream = await race.run()
         except PunchFailed as exc:
