@@ -402,16 +402,15 @@ def _kind(error: BaseException | None) -> tuple[type[BaseException] | None, int 
     return (type(error) if error is not None else None, getattr(error, "errno", None))
 
 
-def _redial(state: _CandidateState) -> reuse.Redial | None:
+def _redial_for(candidate: Candidate) -> reuse.Redial | None:
     """Where this candidate's refused sockets are kept (:class:`punch.reuse.Redial`),
     or None for an IPv4 host candidate: a private address, reached without a NAT
     if at all, refused by a router's ICMP where it is not. Keeping those sockets
     cost the zero-delay `cone-rst x cone-rst` cell 16/16 -> 12/16 (netns sweep,
     2026-12-02), whose SYNs must cross within about 100 us."""
-    candidate = state.candidate
     if candidate.type is CandidateType.HOST and candidate.endpoint.family == socket.AF_INET:
         return None
-    return state.redial
+    return reuse.Redial()
 
 
 @attrs.define
@@ -419,8 +418,10 @@ class _CandidateState:
     candidate: Candidate
     attempts: int = 0
     last: BaseException | None = None
-    redial: reuse.Redial = attrs.field(factory=reuse.Redial)
-    """A refused attempt's socket, for the next attempt (see :class:`punch.reuse.Redial`)."""
+    redial: reuse.Redial | None = attrs.field(
+        default=attrs.Factory(lambda self: _redial_for(self.candidate), takes_self=True)
+    )
+    """A refused attempt's socket, for the next attempt (see :func:`_redial_for`)."""
     dropping: bool = False
     """Whether our listener drops this candidate's SYNs (from its first dial till the race ends)."""
     in_flight: bool = False
@@ -540,7 +541,8 @@ class Race:
                     reuse.abort(stream.socket)
             self._streams.clear()
             for state in self._states:
-                state.redial.close()
+                if state.redial is not None:
+                    state.redial.close()
                 if state.dropping and self.router is not None:
                     self.router.stop_dropping_syns_from(state.candidate.endpoint)
         if self._winner is not None:
@@ -591,7 +593,7 @@ class Race:
         local = self._local_for(state.candidate)
         if state.candidate.endpoint.family == socket.AF_INET:
             await self._ipv4_go.wait()
-        if _redial(state) is not None and self.router is not None:
+        if state.redial is not None and self.router is not None:
             # from our first dial on, only our dials answer its SYNs (see MIN_PACING)
             state.dropping = True
             self.router.drop_syns_from(state.candidate.endpoint)
@@ -671,7 +673,7 @@ class Race:
         with trio.move_on_after(STUCK_AFTER_REFUSAL if after_refusal else math.inf):
             try:
                 return await self.dial(
-                    local, state.candidate.endpoint, self.own, redial=_redial(state)
+                    local, state.candidate.endpoint, self.own, redial=state.redial
                 )
             except SelfDialError as exc:
                 state.done = True
