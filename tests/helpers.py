@@ -161,17 +161,23 @@ class Player:
         await self.reader.send(self.shake.receive(await self.reader.exactly(NOMINATION_SIZE)))
 
 
-async def play_peer(stream: trio.abc.Stream, intro: Introduction) -> Player:
+async def play_peer(
+    stream: trio.abc.Stream, intro: Introduction, *, hold: trio.Event | None = None
+) -> Player:
     """Authenticate ``stream`` as the peer named by ``intro``'s role (test-side handshake).
 
     Both sides speak at once, as the race does; returns once the peer is
     authenticated (a responder has sent its Proof and awaits the Nomination).
+    ``hold``: what the peer answers to a Hello (a responder's Proof) waits for it.
     """
     reader = ExactReader(stream)  # type: ignore[arg-type]
     shake = Handshake(intro.role, intro.attempt_id, intro.secret)
     await reader.send(shake.hello())
     while shake.expecting and shake.stage is not Stage.NOMINATION:
-        await reader.send(shake.receive(await reader.exactly(shake.expecting)))
+        answer = shake.receive(await reader.exactly(shake.expecting))
+        if answer and hold is not None:
+            await hold.wait()
+        await reader.send(answer)
     return Player(reader, shake)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import itertools
 import random
+import ssl
 import struct
+import threading
 
 import pytest
 import trio
@@ -125,6 +127,33 @@ async def _serve_one(
         async with stream:
             await stream.send_all(await stream.receive_some(100))
             await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+async def test_a_host_builds_its_tls_contexts_off_the_trio_thread_as_it_opens(
+    rendezvous: Endpoint, monkeypatch: pytest.MonkeyPatch, encrypt: bool
+) -> None:
+    """No punch pays the 3-7 ms of a first TLS context: an encrypting host has a worker
+    thread build both sides' as it opens, and a punch then only adds the peer's
+    certificate; a plaintext host builds none."""
+    built: list[tuple[bool, int]] = []
+    new_context = punch.Identity._new_context
+
+    def counting(self: punch.Identity, server_side: bool) -> ssl.SSLContext:
+        built.append((server_side, threading.get_ident()))
+        return new_context(self, server_side)
+
+    monkeypatch.setattr(punch.Identity, "_new_context", counting)
+    identity, peer = punch.Identity.generate(), punch.Identity.generate()
+    async with punch.open_host("alice", rendezvous=rendezvous, identity=identity, encrypt=encrypt):
+        await trio.testing.wait_all_tasks_blocked()
+    if not encrypt:
+        assert built == []
+        return
+    for server_side in (False, True):  # waits for the worker, if it is still building
+        identity.tls_context(peer.certificate, server_side=server_side)
+    assert sorted(side for side, _ in built) == [False, True]
+    assert threading.get_ident() not in {thread for _, thread in built}
 
 
 async def test_unknown_and_same_peer_are_refused(rendezvous: Endpoint) -> None:

@@ -225,6 +225,8 @@ class Host:
     _idle_timeout: float
     _requests: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _waiters: dict[int, trio.MemorySendChannel[_Reply]] = attrs.field(factory=dict, init=False)
+    _introduced_at: dict[bytes, float] = attrs.field(factory=dict, init=False)
+    """Attempt ID -> trio time its introduction arrived, until its race starts."""
     _closed: RendezvousError | None = attrs.field(default=None, init=False)
     _legs: dict[socket.AddressFamily, ControlChannel] = attrs.field(factory=dict, init=False)
     _leg_observed: dict[socket.AddressFamily, Endpoint] = attrs.field(factory=dict, init=False)
@@ -322,6 +324,7 @@ class Host:
                 unread = receive.receive_nowait()
                 if isinstance(unread, Introduction):
                     self._router.close_route(unread.attempt_id)
+                    self._introduced_at.pop(unread.attempt_id, None)
             except trio.WouldBlock:
                 pass
 
@@ -355,6 +358,7 @@ class Host:
     ) -> PeerStream:
         """Run the race, then TLS; the route was opened by :meth:`_dispatch` and closes here."""
         inbound = self._router.open_route(introduction.attempt_id)
+        introduced_at = self._introduced_at.pop(introduction.attempt_id, None)
         try:
             if expected is not None:  # a lying rendezvous is caught before any SYN
                 _secure.introduced_peer_id(introduction, expected)
@@ -367,6 +371,7 @@ class Host:
                 client_tls=_secure.client_context(self.identity, introduction, options.encrypt),
                 other_locals=self.locals[1:],
                 router=self._router,
+                introduced_at=introduced_at,
             )
             stream = await race.run()
         except PunchFailed as exc:
@@ -540,7 +545,9 @@ class Host:
         """Act on one message; return the error the server said goodbye with, if it did."""
         if isinstance(message, Introduction):
             # Open the route now, in the reader, before any inbound Hello for this
-            # attempt can be read; the race that consumes it closes it.
+            # attempt can be read; the race that consumes it closes it. The punch's
+            # times count from now (its route and its task cost about 0.5 ms).
+            arrived = trio.current_time()
             if message.request_id is None:
                 log.info(
                     "introduced to %r as responder; its candidates: %s",
@@ -548,6 +555,7 @@ class Host:
                     _listed(message.candidates),
                 )
                 self._router.open_route(message.attempt_id)
+                self._introduced_at[message.attempt_id] = arrived
                 responders.start_soon(self._respond, message)
                 return None
             if message.request_id in self._waiters:
@@ -558,6 +566,7 @@ class Host:
                 )
                 if self._reply(message.request_id, message):
                     self._router.open_route(message.attempt_id)
+                    self._introduced_at[message.attempt_id] = arrived
                 return None
         if isinstance(message, Error) and message.request_id in self._waiters:
             self._reply(message.request_id, message)
@@ -727,6 +736,8 @@ async def open_host(
                 )
                 await nursery.start(router.serve)
                 nursery.start_soon(host._run_registrations, registration.legs(server))
+                if options.encrypt:
+                    nursery.start_soon(_prepare_tls, identity)
                 try:
                     yield host
                 finally:
@@ -742,6 +753,16 @@ async def open_host(
             raise error from error.__cause__
     finally:
         reuse.abort((host._channel if host is not None else channel).socket)
+
+
+async def _prepare_tls(identity: Identity) -> None:
+    """Build the identity's TLS contexts in a worker thread, off every punch's path
+    (:meth:`Identity.prepare_tls`); a failure is left for the punch that needs one
+    to report, typed, from ``_secure.encrypt``."""
+    try:
+        await trio.to_thread.run_sync(identity.prepare_tls)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        log.debug("could not prepare TLS contexts: %s", exc)
 
 
 def _servers(rendezvous: _EndpointLike | Sequence[_EndpointLike]) -> tuple[Endpoint, ...]:

@@ -455,14 +455,19 @@ class Race:
             never dialled.
         options: :class:`PunchOptions` (timeout, pacing, stagger).
         dial: the connect function (:func:`punch.reuse.dial`; tests swap it).
-        client_tls: initiator with encryption: makes the TLS client context,
-            called at nomination (not before the SYNs: a first context costs
-            about 2 ms, a skew the 0 ms ICMP-refusing cells do not forgive);
-            the ClientHello leaves in one segment with the Nomination (one
-            loss event, not two), and the stream's TLS goes on from it.
+        client_tls: initiator with encryption: gives the TLS client context,
+            called at nomination (the host built it as it opened,
+            :meth:`~punch.Identity.prepare_tls`, so the call costs about
+            0.2 ms: the peer's certificate added as a trust anchor); the
+            ClientHello leaves in one segment with the Nomination (one loss
+            event, not two), and the stream's TLS goes on from it.
         other_locals: the endpoints we hold in the other family (a dual-stack
             host: one port number on IPv4 and on IPv6); candidates of a family
             we hold no port in are skipped.
+        introduced_at: trio time (:func:`trio.current_time`, seconds) the
+            introduction arrived; the deadline and every time on the outcome
+            (:attr:`PeerStream.connect_time`, each :class:`Attempt`) count from
+            it. Default: when :meth:`run` starts.
         router: the :class:`InboundRouter` whose listener feeds ``inbound``; from
             our first dial of a candidate (not an IPv4 host one) until the race
             ends, its SYNs are dropped there (:meth:`InboundRouter.drop_syns_from`),
@@ -479,6 +484,7 @@ class Race:
     client_tls: Callable[[], ssl.SSLContext] | None = None
     other_locals: tuple[Endpoint, ...] = ()
     router: InboundRouter | None = None
+    introduced_at: float | None = None
     _ipv4_go: trio.Event = attrs.field(factory=trio.Event, init=False)
     _streams: set[trio.SocketStream] = attrs.field(factory=set, init=False)
     _states: list[_CandidateState] = attrs.field(factory=list, init=False)
@@ -508,7 +514,8 @@ class Race:
                 an ``ExceptionGroup`` of :class:`CandidateFailed` (one per
                 candidate) and :class:`HandshakeError` (one per failed inbound).
         """
-        self._started = trio.current_time()
+        at = self.introduced_at
+        self._started = trio.current_time() if at is None else at
         intro = self.introduction
         locals = (self.local, *self.other_locals)
         selection = select_candidates(intro.candidates, locals, self.own, intro.peer_name)
@@ -525,13 +532,16 @@ class Race:
         )
         keep = None
         try:
-            with trio.move_on_after(self.options.timeout) as self._deadline:
+            with trio.move_on_at(self._started + self.options.timeout) as self._deadline:
                 async with trio.open_nursery() as nursery:
                     self._scope = nursery.cancel_scope
-                    for state in self._states:
-                        nursery.start_soon(self._dial_loop, state)
+                    for index, state in enumerate(self._states):
+                        nursery.start_soon(self._dial_loop, state, index)
                     nursery.start_soon(self._accept_loop, nursery)
-                    nursery.start_soon(self._stagger)
+                    if self._ipv6_states():
+                        nursery.start_soon(self._stagger)
+                    else:  # no task and no checkpoint between the start and the SYNs
+                        self._ipv4_go.set()
             # only now is the winner ours to return: cancelled from outside, even a
             # nominated stream is closed with the rest, never leaked
             keep = self._winner.socket_stream if self._winner is not None else None
@@ -573,10 +583,9 @@ class Race:
         return [s for s in self._states if s.candidate.endpoint.family == socket.AF_INET6]
 
     async def _stagger(self) -> None:
-        """Let the IPv4 candidates go :attr:`PunchOptions.stagger` seconds in, or
-        at once when no IPv6 candidate is dialled (RFC 8305 §5)."""
-        if self._ipv6_states():
-            await trio.sleep(self.options.stagger)
+        """Let the IPv4 candidates go :attr:`PunchOptions.stagger` seconds in (run only
+        when an IPv6 candidate is dialled; else they go at once: RFC 8305 §5)."""
+        await trio.sleep(self.options.stagger)
         self._ipv4_go.set()
 
     def _ipv6_failed(self) -> None:
@@ -588,10 +597,20 @@ class Race:
         family = candidate.endpoint.family
         return next(e for e in (self.local, *self.other_locals) if e.family == family)
 
-    async def _dial_loop(self, state: _CandidateState) -> None:
-        """Dial one candidate, paced, until the race ends or the candidate is ruled out."""
+    async def _dial_loop(self, state: _CandidateState, index: int) -> None:
+        """Dial one candidate, paced, until the race ends or the candidate is ruled out.
+
+        ``index``: its place in the selection. Trio runs a batch of new tasks in
+        either order, and a dial runs without a checkpoint up to its SYN (an
+        unreachable one on to its failure), so every candidate but the first
+        lets one batch go by, and the first candidate's SYN leaves first (IPv6
+        first, then the introduction's order: server-reflexive first): behind a
+        failing host candidate's dial, it left up to 0.5 ms late.
+        """
+        if index:
+            await trio.lowlevel.checkpoint()
         local = self._local_for(state.candidate)
-        if state.candidate.endpoint.family == socket.AF_INET:
+        if state.candidate.endpoint.family == socket.AF_INET and not self._ipv4_go.is_set():
             await self._ipv4_go.wait()
         if state.redial is not None and self.router is not None:
             # from our first dial on, only our dials answer its SYNs (see MIN_PACING)
@@ -599,7 +618,8 @@ class Race:
             self.router.drop_syns_from(state.candidate.endpoint)
         next_start = trio.current_time()
         while not state.done:
-            await trio.sleep_until(next_start)
+            if state.attempts:  # the first dial goes at once (the dial checkpoints)
+                await trio.sleep_until(next_start)
             started = trio.current_time()
             next_start = started + self.options.pacing
             state.attempts += 1
@@ -742,6 +762,9 @@ class Race:
         intro = self.introduction
         shake = Handshake(intro.role, intro.attempt_id, intro.secret, encrypt=self.options.encrypt)
         await reader.send(shake.hello())  # at once, both roles: no wait for the peer's
+        # the initiator's ClientHello is made while the Proof is on its way (about 1 ms
+        # of CPU; made after it, it delayed every Nomination by that much)
+        tls = self._start_tls(reader.stream) if intro.role is Role.INITIATOR else None
         if peer_hello is not None:
             await reader.send(shake.receive(peer_hello))
         waiting = False
@@ -759,28 +782,30 @@ class Race:
             async with self._nominating:  # exactly one stream is ever nominated
                 if self._winner is not None:
                     return
-                nomination, tls = shake.nominate(), self._start_tls(reader)
+                nomination = shake.nominate()
                 if tls is not None:
-                    nomination += tls.client_hello()
+                    stream_tls, client_hello = tls
+                    nomination += client_hello
+                    stream_tls.feed(bytes(reader.buffer))  # read past the Proof: TLS's
+                    reader.buffer.clear()
                 await reader.send(nomination)
-                self._win(reader, won_by, remote, tls)
+                self._win(reader, won_by, remote, tls[0] if tls is not None else None)
         else:  # the loop above ended on a valid Nomination
             if self._winner is not None:
                 raise HandshakeError("a second nomination after one was accepted")
             self._win(reader, won_by, remote)
 
-    def _start_tls(self, reader: ExactReader) -> TLSStream | None:
-        """The initiator's TLS on the stream it nominates, or None (plaintext, or a
-        certificate OpenSSL cannot load: TLS after the race refuses it, typed)."""
+    def _start_tls(self, stream: trio.SocketStream) -> tuple[TLSStream, bytes] | None:
+        """The initiator's TLS on a stream it may nominate and its ClientHello, or None
+        (plaintext, or a certificate OpenSSL cannot load: TLS after the race refuses
+        it, typed). A stream that is not nominated drops it: nothing was sent."""
         if self.client_tls is None:
             return None
         try:
-            context = self.client_tls()
-        except (ssl.SSLError, ValueError):
+            tls = TLSStream(stream, self.client_tls(), server_side=False)
+            return tls, tls.client_hello()
+        except (ssl.SSLError, ValueError, trio.BrokenResourceError):
             return None
-        tls = TLSStream(reader.stream, context, server_side=False, pending=bytes(reader.buffer))
-        reader.buffer.clear()
-        return tls
 
     def _awaiting_nomination(self, change: int) -> None:
         """Responder: count the streams that lack only the Nomination; while any does,

@@ -50,10 +50,10 @@ def client_context(
 ) -> Callable[[], ssl.SSLContext] | None:
     """What makes the initiator's TLS client context, for the race to send the
     ClientHello alongside the Nomination; ``None`` for a responder or a plaintext
-    punch. Nothing is parsed or built before the SYNs (a first context costs
-    about 2-4 ms). Calling it raises :class:`ssl.SSLError` or ``ValueError``
-    for a certificate OpenSSL cannot load; :func:`encrypt` then refuses it
-    with its typed error.
+    punch. It is called at nomination, not before the SYNs; the context itself
+    is built as the host opens (:meth:`~punch.Identity.prepare_tls`). Calling
+    it raises :class:`ssl.SSLError` or ``ValueError`` for a certificate
+    OpenSSL cannot load; :func:`encrypt` then refuses it with its typed error.
     """
     if not encrypt or introduction.role is not Role.INITIATOR:
         return None

@@ -75,6 +75,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         else:
             self._incoming.write_eof()
 
+    def feed(self, data: bytes) -> None:
+        """Hand TLS bytes of the peer's that were read from the transport before
+        this stream took it over (as ``pending`` does at construction)."""
+        self._incoming.write(data)
+
     def client_hello(self) -> bytes:
         """The client's first flight (its ClientHello), to send now with other bytes;
         :meth:`do_handshake` then goes on from it.
