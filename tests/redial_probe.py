@@ -22,9 +22,13 @@ from punch._endpoint import Endpoint
 from punch.reuse import Redial, dial
 
 
-def syn_sequence_numbers(capture: socket.socket, source: int, target: int) -> list[int]:
-    """SYNs (no ACK) from ``source`` to ``target``, each once (lo shows it leaving and arriving)."""
-    seen: list[int] = []
+def segments(
+    capture: socket.socket, source: int, target: int, flags: int = 0x02
+) -> list[tuple[int, int]]:
+    """(sequence number, IP TTL) of each TCP segment from ``source`` to ``target`` whose
+    SYN and ACK flags are ``flags`` (default: a SYN without ACK), each once (lo shows
+    a segment leaving and arriving)."""
+    seen: list[tuple[int, int]] = []
     while True:
         try:
             frame = capture.recv(65535)
@@ -35,15 +39,26 @@ def syn_sequence_numbers(capture: socket.socket, source: int, target: int) -> li
             continue
         tcp = ip[(ip[0] & 15) * 4 :]
         sport, dport, seq = struct.unpack("!HHI", tcp[:8])
-        if (sport, dport) == (source, target) and tcp[13] & 0x12 == 0x02:
-            seen.append(seq)
+        if (sport, dport) == (source, target) and tcp[13] & 0x12 == flags:
+            seen.append((seq, ip[8]))
+
+
+def lo_capture() -> socket.socket:
+    """A non-blocking ``AF_PACKET`` socket that sees every frame on ``lo``."""
+    capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+    capture.bind(("lo", 0))
+    capture.setblocking(False)
+    return capture
+
+
+def syn_sequence_numbers(capture: socket.socket, source: int, target: int) -> list[int]:
+    """SYNs (no ACK) from ``source`` to ``target``: their sequence numbers."""
+    return [seq for seq, _ in segments(capture, source, target)]
 
 
 async def main(port_a: int, port_b: int) -> None:
     a, b = Endpoint("127.0.0.1", port_a), Endpoint("127.0.0.1", port_b)
-    capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-    capture.bind(("lo", 0))
-    capture.setblocking(False)
+    capture = lo_capture()
     redial = Redial()
     report: dict[str, object] = {"kept": [], "states": []}
     for _ in range(2):

@@ -27,6 +27,7 @@ from punch import (
 )
 from punch._endpoint import Candidate, CandidateType
 from punch._handshake import Handshake
+from punch._outcome import max_attempts_per_second
 from punch._race import InboundRouter, PunchOptions, Race
 from punch._tls import TLSStream
 from tests.helpers import (
@@ -434,6 +435,54 @@ async def test_our_listener_drops_a_dialled_candidate_s_syns_until_the_race_ends
     assert all(s == {refused, silent} for s in seen[refused][1:] + seen[lan][1:])
     assert all(lan not in s for s in seen[lan])
     assert router.dropping == frozenset()  # the race is over: every SYN is answered again
+
+
+async def test_after_an_rst_the_next_attempt_primes_our_nat_and_the_one_after_redials(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """An RST closed our NAT's entry and the peer's NAT refuses our SYNs: at once, a
+    priming SYN opens our entry (and dies on the way); the next attempt connects
+    that socket again. Refusal, prime, refusal..., at most 20 attempts in any second,
+    primes included. Never for an IPv4 host candidate (no NAT on a LAN path), after
+    an ICMP refusal (its socket is kept, and our NAT's entry with it), or after an
+    RST that took 30 ms (a round trip that wide lets the next plain SYN cross)."""
+    rst, icmp, far, lan = (Endpoint(f"192.0.2.{i}", i) for i in (1, 2, 3, 4))
+    intro, _ = introductions((), ())
+    srflx = tuple(Candidate(CandidateType.SERVER_REFLEXIVE, e) for e in (rst, icmp, far))
+    intro = attrs.evolve(intro, candidates=(*srflx, Candidate(CandidateType.HOST, lan)))
+    dialled: dict[Endpoint, list[float]] = {}
+    refuse = _fake_dial({rst: 0, icmp: 0, far: 0.03, lan: 0}, dialled)
+    primed: dict[Endpoint, list[float]] = {}
+
+    async def dial(
+        local: Endpoint, remote: Endpoint, own: object, *, redial: reuse.Redial | None
+    ) -> trio.SocketStream:
+        if remote == icmp and redial is not None:  # as reuse.dial does after an ICMP error
+            redial._keep(trio.socket.socket(), remote)
+        return await refuse(local, remote, own)
+
+    def prime(local: Endpoint, remote: Endpoint, redial: reuse.Redial, own: object) -> None:
+        primed.setdefault(remote, []).append(trio.current_time())
+
+    _, inbound = trio.open_memory_channel(0)
+    race = Race(
+        intro,
+        LOOPBACK,
+        inbound,
+        options=PunchOptions(timeout=2.5, pacing=0.1),
+        dial=dial,
+        prime=prime,
+    )
+    with pytest.raises(PunchFailed) as info:
+        await race.run()
+    assert list(primed) == [rst]
+    assert primed[rst][:3] == pytest.approx([0.0, 0.05, 0.1])  # each right after a refusal
+    assert dialled[rst][:3] == pytest.approx([0.0, 0.05, 0.1])
+    assert len(dialled[icmp]) == len(dialled[far]) == len(dialled[lan]) == 50  # every 50 ms
+    attempts = info.value.attempts
+    outcomes = [a.outcome for a in attempts if a.candidate.endpoint == rst]
+    assert outcomes == [Outcome.REFUSED, Outcome.PRIMED] * len(primed[rst])
+    assert max_attempts_per_second(attempts) == 20  # the cap holds the primes in, too
 
 
 async def test_failure_names_every_candidate_and_its_cause(

@@ -1,4 +1,5 @@
-"""A dial refused by an ICMP error keeps its socket, and its sequence (netns, root).
+"""A dial refused by an ICMP error keeps its socket, and its sequence; so does a
+primed one (netns, root).
 
 Linux's conntrack admits a later SYN of ours only within the window it tracked
 for the refused one once the peer's SYN has met the entry (SYN_SENT2); a fresh
@@ -12,6 +13,7 @@ from __future__ import annotations
 import pytest
 from netns.lab import missing_requirements
 
+from punch.reuse import PRIME_TTL
 from tests.helpers import probe_in_namespace
 
 REASON = missing_requirements()
@@ -40,3 +42,26 @@ def test_an_icmp_refused_socket_is_kept_and_answers_the_peer_s_syn_itself() -> N
     first, second = report["syns"]  # the peer's SYN made the open: no third SYN
     # the second attempt's SYN continues the first's sequence: disconnect adds 2
     assert second - first == 3
+
+
+EXPIRE = (  # what the next router does with a priming SYN
+    "table inet expire {\n"
+    "  chain in {\n"
+    "    type filter hook input priority 0;\n"
+    f"    ip ttl < 3 tcp dport {PORT_B} drop\n"
+    "  }\n"
+    "}\n"
+)
+
+
+def test_a_primed_socket_is_ttl_limited_deaf_and_its_next_syn_continues_the_sequence() -> None:
+    report = probe_in_namespace("prime", EXPIRE, "tests.prime_probe", str(PORT_A), str(PORT_B))
+    assert report["kept"] is True
+    assert report["ttl_after"] == 64  # the route's default again (sysctl ip_default_ttl)
+    # deaf until the next dial: the peer's SYN did not move it to SYN_RECV
+    assert report["state_after_peer_syn"] == TCP_SYN_SENT
+    assert report["connected"] is True
+    (primed, primed_ttl), (dialled, dialled_ttl) = report["syns"]
+    assert (primed_ttl, dialled_ttl) == (PRIME_TTL, 64)
+    assert dialled - primed == 3  # the same socket's next SYN: disconnect adds 2
+    assert report["syn_acks"] == []  # our next SYN made the open, not an answer to theirs

@@ -42,6 +42,10 @@ class Outcome(enum.Enum):
     lost or late: under loss, TCP retransmits them a timeout later)."""
     SELF_DIAL = "self-dial"
     """The candidate is our own endpoint: never dialled (or a TCP self-connect)."""
+    PRIMED = "primed"
+    """A SYN that opens our own NAT's entry and expires before the peer's NAT
+    (:func:`punch.reuse.prime`), sent after an RST refusal; the next attempt
+    connects the same socket."""
     CANCELLED = "cancelled"
     """Under way when another path won."""
     ERROR = "error"

@@ -40,6 +40,7 @@ __all__ = [
     "dial",
     "drop_syns_from",
     "open_listener",
+    "prime",
 ]
 
 _EndpointLike = Endpoint | tuple[str, int] | str
@@ -244,11 +245,9 @@ class Redial:
 
     Which refusal it was comes from the socket's error queue (ip(7)
     ``IP_RECVERR``, on while connecting): an ICMP error is queued there, an RST
-    is not. After an RST the socket is closed as before: the RST closed our own
-    NAT's entry, so nothing is tracked to stay within; and keeping it measured
-    worse where only crossing SYNs get through two RST-answering NATs (the
-    zero-delay ``cone-rst x cone-rst`` cells: 7 of 15 trials against 10 of 15
-    with fresh sockets, netns sweep of 2026-12-02).
+    is not. After an RST the socket is closed: the RST closed our own NAT's
+    entry, so nothing is tracked to stay within. :func:`prime` then reopens
+    that entry with a socket kept here, and the next dial goes on from it.
 
     An ICMP error that arrives while our own ``connect`` call still holds the
     socket (a path of microseconds, as in a lab with no delay) is only a soft
@@ -365,6 +364,7 @@ async def _connect(sock: trio.socket.SocketType, remote: Endpoint, refused_befor
     in SYN_SENT and may yet make a simultaneous open with the peer's SYN.
     """
     if refused_before:
+        _detach_filter(sock)  # a primed socket's (see prime)
         if _tcp_state(sock) == _TCP_ESTABLISHED:
             return
         _disconnect(sock)
@@ -411,19 +411,13 @@ async def dial(
     bound the connect with ``trio.move_on_after``, since the kernel then retries
     a SYN up to :data:`PUNCH_SYN_RETRIES` times.
     """
-    local, remote = as_endpoint(local, "local"), as_endpoint(remote, "remote")
-    if local.family != remote.family:
-        raise ValueError(f"cannot dial {remote} from {local}: different address families")
-    check_not_self(remote, local, own)
+    local, remote = _endpoints(local, remote, own)
     sock = redial._take(remote) if redial is not None else None
     refused_before = sock is not None
     if sock is None:
         sock = bind_reusable(local)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
-        cap_retransmission_timeout(sock)
-        if redial is not None:
-            _recverr(sock, True)
+        _before_connect(sock, redial is not None)
         await _connect(sock, remote, refused_before)
         if sock.getsockname() == sock.getpeername():
             raise SelfDialError(f"TCP self-connect on {remote}: the socket reached itself")
@@ -443,6 +437,111 @@ async def dial(
     return trio.SocketStream(sock)
 
 
+def _endpoints(
+    local: _EndpointLike, remote: _EndpointLike, own: Iterable[Endpoint]
+) -> tuple[Endpoint, Endpoint]:
+    local, remote = as_endpoint(local, "local"), as_endpoint(remote, "remote")
+    if local.family != remote.family:
+        raise ValueError(f"cannot dial {remote} from {local}: different address families")
+    check_not_self(remote, local, own)
+    return local, remote
+
+
+def _before_connect(sock: trio.socket.SocketType, keep_refused: bool) -> None:
+    """A dial's socket options: closed with an RST, retransmissions capped, and
+    (with a :class:`Redial`) ICMP errors queued, to tell a refusal's origin."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    cap_retransmission_timeout(sock)
+    if keep_refused:
+        _recverr(sock, True)
+
+
+PRIME_TTL = 2
+"""IPv4 TTL (IPv6 hop limit) of a priming SYN (:func:`prime`): the first router,
+our NAT, forwards it; the next one drops it."""
+
+
+def prime(
+    local: _EndpointLike,
+    remote: _EndpointLike,
+    redial: Redial,
+    own: Iterable[Endpoint] = (),
+    *,
+    ttl: int = PRIME_TTL,
+) -> None:
+    """Send one SYN to ``remote`` that opens our own NAT's entry and dies before
+    the peer's NAT, from a socket that ``redial`` then keeps; returns at once.
+
+    Against a NAT that answers unsolicited SYNs with an RST, crossing SYNs
+    must meet within one round trip between the NATs (microseconds in a lab
+    with no delay), and each SYN that comes too early draws an RST that closes
+    the sender's NAT entry. A SYN that expires on the way (ip(7) ``IP_TTL``,
+    ipv6(7) ``IPV6_UNICAST_HOPS``: ``ttl`` routers) provokes no RST: our NAT's
+    entry then stays open for the peer's SYN, which meets our socket (a
+    simultaneous open) or, once the router's ICMP time exceeded has aborted
+    it, is dropped by the listener's filter (:func:`drop_syns_from`) until the
+    next :func:`dial` with ``redial`` connects the same socket again, its SYN
+    continuing the sequence that entry tracks (see :class:`Redial`). The TTL
+    is back to the route's default before this returns, so that SYN goes all
+    the way. Until then the socket is deaf (a socket filter that drops every
+    segment; ICMP errors still reach it): the router's ICMP time exceeded can
+    come back after the peer's SYN, and it would abort a socket that had
+    answered that SYN, half-way through a simultaneous open the peer then
+    holds (the netns lab's 25 ms cells: 2 trials in 3 took 2 s, one failed).
+    The classic "TTL-limited SYN" of
+    TCP NAT traversal (Guha and Francis, IMC 2005, "Characterization and
+    measurement of TCP traversal through NATs and firewalls": STUNT).
+
+    Args:
+        local, remote, own: as for :func:`dial`.
+        redial: keeps the primed socket for the next :func:`dial` to ``remote``.
+        ttl: 1-255 routers the SYN may cross (default :data:`PRIME_TTL`: a NAT
+            one hop away; a NAT further away is not opened, and nothing else
+            changes).
+
+    Raises:
+        TypeError, ValueError: as for :func:`dial`, or ``ttl`` out of range.
+        SelfDialError, ReuseUnavailable: as for :func:`dial`.
+        OSError: the SYN could not be sent (``EADDRNOTAVAIL``, ``ENETUNREACH``...).
+    """
+    if not 1 <= ttl <= 255:
+        raise ValueError(f"ttl must be 1-255, not {ttl!r}")
+    local, remote = _endpoints(local, remote, own)
+    sock = redial._take(remote)
+    if sock is not None and _tcp_state(sock) == _TCP_ESTABLISHED:
+        redial._keep(sock, remote)  # connected meanwhile: the next dial returns it
+        return
+    if sock is not None:
+        _detach_filter(sock)
+    level, option = (
+        (socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS)
+        if remote.family == socket.AF_INET6
+        else (socket.IPPROTO_IP, socket.IP_TTL)
+    )
+    try:
+        if sock is None:
+            sock = bind_reusable(local)
+        else:
+            _disconnect(sock)
+        _before_connect(sock, True)
+        sock.setsockopt(level, option, ttl)
+        try:  # the SYN leaves within connect(2); trio's connect would wait for an answer
+            with socket.fromfd(sock.fileno(), sock.family, sock.type) as dup:
+                dup.setblocking(False)
+                code = dup.connect_ex(remote.sockaddr())
+        finally:
+            sock.setsockopt(level, option, -1)  # the route's default (ip(7), ipv6(7))
+        if code not in (0, errno.EINPROGRESS):
+            raise OSError(code, f"priming SYN to {remote}: {os.strerror(code)}")
+        if sys.platform.startswith("linux"):
+            _attach_filter(sock, _DROP_ALL)  # deaf until the next dial: see above
+    except BaseException:
+        if sock is not None:
+            abort(sock)
+        raise
+    redial._keep(sock, remote)
+
+
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
 SO_DETACH_FILTER = getattr(socket, "SO_DETACH_FILTER", 27)
 """socket(7) option numbers (asm-generic/socket.h); Python's socket module lacks them."""
@@ -453,6 +552,8 @@ _SKF_NET_OFF = -0x100000
 """Classic BPF's offset of the network header (linux/filter.h); a TCP socket's
 filter otherwise sees the packet from its TCP header on."""
 _LD_W, _LD_H, _LD_B, _AND, _JEQ, _RET = 0x20, 0x28, 0x30, 0x54, 0x15, 0x06
+_DROP_ALL = [(_RET, 0, 0, 0)]
+"""The classic BPF program that drops every packet (a primed socket's, see :func:`prime`)."""
 
 
 def _syn_filter(endpoints: tuple[Endpoint, ...]) -> list[tuple[int, int, int, int]]:
@@ -514,16 +615,25 @@ def drop_syns_from(listener: trio.socket.SocketType, endpoints: Iterable[Endpoin
     if not sys.platform.startswith("linux"):
         return False
     if not chosen:
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # none attached
-                raise
-        return True
-    program = b"".join(
-        struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF) for code, jt, jf, k in _syn_filter(chosen)
-    )
-    buffer = ctypes.create_string_buffer(program)
-    fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(buffer))
-    listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        _detach_filter(listener)
+    else:
+        _attach_filter(listener, _syn_filter(chosen))
     return True
+
+
+def _attach_filter(sock: trio.socket.SocketType, program: list[tuple[int, int, int, int]]) -> None:
+    """Attach a classic BPF ``program`` to ``sock`` (socket(7) ``SO_ATTACH_FILTER``)."""
+    code = b"".join(struct.pack("HBBI", c, jt, jf, k & 0xFFFFFFFF) for c, jt, jf, k in program)
+    buffer = ctypes.create_string_buffer(code)
+    fprog = struct.pack("HL", len(code) // 8, ctypes.addressof(buffer))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def _detach_filter(sock: trio.socket.SocketType) -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:  # none attached
+            raise
