@@ -199,7 +199,9 @@ def test_hold_back_makes_one_introduction_late_and_nothing_else() -> None:
         alice, bob = run_in_lab(lab, topology, **verbose)
     assert (alice.returncode, bob.returncode) == (0, 0), (alice.stderr, bob.stderr)
     late = _introduced_at(bob) - _introduced_at(alice)
-    assert 0.3 <= late < 0.3 + 0.1
+    # each time is logged as that peer handles its introduction: a few ms of either
+    # peer's own work (alice's TLS contexts, built in a thread as her host opens) move it
+    assert 0.3 - 0.005 <= late < 0.3 + 0.1
     connected = alice.event("connected")
     assert connected
     # alice waited for bob's late SYN; cone x cone at no link delay needs little more

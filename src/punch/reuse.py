@@ -477,20 +477,21 @@ def prime(
     with no delay), and each SYN that comes too early draws an RST that closes
     the sender's NAT entry. A SYN that expires on the way (ip(7) ``IP_TTL``,
     ipv6(7) ``IPV6_UNICAST_HOPS``: ``ttl`` routers) provokes no RST: our NAT's
-    entry then stays open for the peer's SYN, which meets our socket (a
-    simultaneous open) or, once the router's ICMP time exceeded has aborted
-    it, is dropped by the listener's filter (:func:`drop_syns_from`) until the
-    next :func:`dial` with ``redial`` connects the same socket again, its SYN
-    continuing the sequence that entry tracks (see :class:`Redial`). The TTL
-    is back to the route's default before this returns, so that SYN goes all
-    the way. Until then the socket is deaf (a socket filter that drops every
-    segment; ICMP errors still reach it): the router's ICMP time exceeded can
-    come back after the peer's SYN, and it would abort a socket that had
-    answered that SYN, half-way through a simultaneous open the peer then
-    holds (the netns lab's 25 ms cells: 2 trials in 3 took 2 s, one failed).
-    The classic "TTL-limited SYN" of
-    TCP NAT traversal (Guha and Francis, IMC 2005, "Characterization and
-    measurement of TCP traversal through NATs and firewalls": STUNT).
+    entry then stays open for the peer's SYN, which is dropped at our end (by
+    this socket, and by the listener's filter, :func:`drop_syns_from`, once
+    the router's ICMP time exceeded has aborted it) until the next
+    :func:`dial` with ``redial`` connects the same socket again, its SYN
+    continuing the sequence that entry tracks (see :class:`Redial`) and
+    meeting the peer's socket in a simultaneous open. The TTL is back to the
+    route's default before this returns, so that SYN goes all the way. Until
+    then the socket is deaf (a socket filter that drops every segment; ICMP
+    errors still reach it): the router's ICMP time exceeded can come back
+    after the peer's SYN, and it would abort a socket that had answered that
+    SYN, half-way through a simultaneous open the peer then holds (the netns
+    lab's 25 ms cells: 2 trials in 3 took 2 s, one failed). The classic
+    "TTL-limited SYN" of TCP NAT traversal (Guha and Francis, IMC 2005,
+    "Characterization and measurement of TCP traversal through NATs and
+    firewalls": STUNT).
 
     Args:
         local, remote, own: as for :func:`dial`.
