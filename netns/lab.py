@@ -235,8 +235,9 @@ class Lab:
         """Undo :meth:`block` (``family`` ``"ip6"`` for an IPv6 one)."""
         self.sh(ns, "nft", "delete", "table", family, "punchblock")
 
-    def nat(self, ns: str, profile: str) -> None:
-        """Make ``ns`` a router and load ``rulesets/<profile>.nft`` into it."""
+    def nat(self, ns: str, profile: str, public_ip: str) -> None:
+        """Make ``ns`` a router and load ``rulesets/<profile>.nft`` into it, with
+        ``$PUBLIC`` defined as its WAN address (``nft -D``; ``symmetric-seq``)."""
         self.sh(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
         # Where br_netfilter is loaded (Docker loads it), bridged LAN-to-LAN frames
         # would cross the router's IP firewall; a home router's switch does not do
@@ -247,7 +248,7 @@ class Lab:
             "-c",
             "f=/proc/sys/net/bridge/bridge-nf-call-iptables; [ ! -e $f ] || echo 0 > $f",
         )
-        self.sh(ns, "nft", "-f", str(RULESETS / f"{profile}.nft"))
+        self.sh(ns, "nft", "-D", f"PUBLIC={public_ip}", "-f", str(RULESETS / f"{profile}.nft"))
 
     def firewall6(self, ns: str, profile: str) -> None:
         """Make ``ns`` an IPv6 router and load ``rulesets/<profile>.nft`` (``fw6-*``) into it."""
@@ -281,7 +282,15 @@ class Topology:
     rendezvous_ip6: str = RENDEZVOUS_IP6
 
 
-PROFILES = ("public", "cone", "cone-rst", "cone-icmp", "cone-icmp-admin", "symmetric")
+PROFILES = (
+    "public",
+    "cone",
+    "cone-rst",
+    "cone-icmp",
+    "cone-icmp-admin",
+    "symmetric",
+    "symmetric-seq",
+)
 """Per-site NAT behaviours; ``public`` is a host on the WAN with no NAT."""
 PROFILES6 = ("fw6-drop", "fw6-reject")
 """Per-site IPv6 firewalls (no NAT, RFC 6092): ``fw6-drop`` passes established and
@@ -399,7 +408,7 @@ def _router(
             lab.address(ns, "eth0", f"{ip6}/64")
             lab.sh(ns, "ip", "-6", "route", "add", "default", "via", f"{lan6}1")
         placed[host] = (ns, ip, ip6)
-    lab.nat(nat, profile)
+    lab.nat(nat, profile, public_ip)
     if profile6 is not None:
         lab.firewall6(nat, profile6)
     return placed

@@ -114,6 +114,12 @@ class Cell:
         )
 
 
+NOT_YET_IN_MATRIX = ("symmetric-seq",)
+"""Profiles the lab has that the matrix does not pair yet: ``symmetric-seq`` is
+there for ``punch natcheck`` (:mod:`tests.test_natcheck_lab`); its cells come
+with port prediction (issue 16)."""
+
+
 IPV6_CELLS = (
     Cell("symmetric+fw6-drop", "symmetric+fw6-reject"),
     Cell("symmetric+fw6-reject", "symmetric+fw6-drop"),
@@ -130,7 +136,8 @@ def cells() -> list[Cell]:
     under each fault."""
     special = [Cell("hairpin", "hairpin"), Cell("overlap", "overlap")]
     faults = [Cell("cone", "cone", fault) for fault in FAULTS]
-    pairs = [Cell(a, b) for a in PROFILES for b in PROFILES]
+    profiles = [p for p in PROFILES if p not in NOT_YET_IN_MATRIX]
+    pairs = [Cell(a, b) for a in profiles for b in profiles]
     return pairs + special + list(IPV6_CELLS) + faults
 
 

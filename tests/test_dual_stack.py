@@ -316,7 +316,7 @@ async def _first_of(
             raise RendezvousError("unreachable", f"cannot reach the rendezvous at {server}")
         return SimpleNamespace(socket=server)
 
-    monkeypatch.setattr(punch._host, "_connect_control", connect)
+    monkeypatch.setattr(punch._host, "connect_control", connect)
     monkeypatch.setattr(punch.reuse, "abort", closed.append)
     locals_ = (Endpoint("0.0.0.0", 4000), Endpoint("::", 4000))
     registration = punch._host._Registration(

@@ -273,12 +273,12 @@ def test_a_registration_does_not_wait_on_the_servers_syn_ack_backoff() -> None:
 CONNECT_PAST_SYN_RETRIES = """
 import trio
 from punch import Endpoint
-from punch._host import _connect_control
+from punch._control import connect_control
 
 async def main() -> None:
     with trio.move_on_after(8.5):  # tcp_syn_retries (6), a second apart, end at 7 s
         try:
-            await _connect_control(
+            await connect_control(
                 Endpoint("10.99.0.1", 0), Endpoint("10.99.0.2", 7000), 10.0, None, ""
             )
         except OSError as exc:

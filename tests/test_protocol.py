@@ -5,11 +5,22 @@ from __future__ import annotations
 import json
 import struct
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from punch import Candidate, CandidateType, Endpoint, LocalProtocolError, RemoteProtocolError, Role
+from punch import (
+    Allocation,
+    Candidate,
+    CandidateType,
+    Endpoint,
+    LocalProtocolError,
+    Mapping,
+    RemoteProtocolError,
+    Role,
+)
+from punch._nat import NatFacts
 from punch._protocol import (
     MAX_FRAME,
     PROTOCOL_VERSION,
@@ -19,9 +30,13 @@ from punch._protocol import (
     Introduction,
     Keepalive,
     Message,
+    Probed,
+    Reach,
+    Reached,
     Register,
     Registered,
     RendezvousConnection,
+    Report,
     Side,
     check_name,
     encode_frame,
@@ -82,11 +97,18 @@ def registered_pair() -> tuple[RendezvousConnection, RendezvousConnection]:
 def test_every_message_round_trips_byte_by_byte(message: Message) -> None:
     client, server = registered_pair()
     sender, receiver = (client, server) if isinstance(message, ConnectRequest) else (server, client)
+    assert trickle(sender, receiver, message) == [message]
+
+
+def trickle(
+    sender: RendezvousConnection, receiver: RendezvousConnection, message: Message
+) -> list[Message]:
+    """``message`` sent, and received one byte at a time."""
     data = sender.send(message)
     received: list[Message] = []
     for i in range(len(data)):
         received += receiver.receive_data(data[i : i + 1])
-    assert received == [message]
+    return received
 
 
 def test_register_and_registered_round_trip() -> None:
@@ -281,18 +303,35 @@ field_names = st.sampled_from(
         "code",
         "text",
         "observed",
+        "nonce",
+        "endpoint",
+        "reached",
+        "outcome",
     ]
 )
-types = st.sampled_from(["register", "registered", "connect", "introduction", "error", "x"])
+types = st.sampled_from(
+    [
+        "challenge",
+        "register",
+        "registered",
+        "connect",
+        "introduction",
+        "probed",
+        "reach",
+        "reached",
+        "error",
+        "x",
+    ]
+)
 
 
-@given(types, st.dictionaries(field_names, json_values, max_size=8))
+@given(types, st.dictionaries(field_names, json_values, max_size=8), st.booleans())
 def test_arbitrary_json_frames_raise_only_remote_protocol_error(
-    kind: str, fields: dict[str, object]
+    kind: str, fields: dict[str, object], probe: bool
 ) -> None:
     for side in Side:
         try:
-            RendezvousConnection(side).receive_data(_frame({**fields, "type": kind}))
+            RendezvousConnection(side, probe=probe).receive_data(_frame({**fields, "type": kind}))
         except RemoteProtocolError:
             pass
 
@@ -322,3 +361,103 @@ def test_a_register_carries_a_bounded_certificate_and_an_exact_signature() -> No
     wire["certificate"] = wire["certificate"].upper()  # hex is lowercase, strictly
     with pytest.raises(RemoteProtocolError, match="lowercase hex"):
         challenged(Side.SERVER).receive_data(_frame(wire))
+
+
+def test_the_challenge_tells_the_observed_endpoint() -> None:
+    challenge = Challenge(bytes(32), Endpoint("203.0.113.11", 40000))
+    client = RendezvousConnection(Side.CLIENT)
+    assert client.receive_data(encode_frame(challenge)) == [challenge]
+    assert json.loads(encode_frame(challenge)[4:])["observed"] == {
+        "ip": "203.0.113.11",
+        "port": 40000,
+    }
+    wire = json.loads(encode_frame(challenge)[4:])
+    del wire["observed"]  # strict: the field is there, null at most
+    with pytest.raises(RemoteProtocolError, match="missing field 'observed'"):
+        RendezvousConnection(Side.CLIENT).receive_data(_frame(wire))
+
+
+def probe_pair() -> tuple[RendezvousConnection, RendezvousConnection]:
+    return RendezvousConnection(Side.CLIENT, probe=True), RendezvousConnection(
+        Side.SERVER, probe=True
+    )
+
+
+def test_the_probe_port_order_round_trips_byte_by_byte() -> None:
+    client, server = probe_pair()
+    exchange = [
+        (server, client, Probed(Endpoint("203.0.113.11", 30001))),
+        (client, server, Reach(Endpoint("203.0.113.11", 30002))),
+        (server, client, Reached(False, "timed out")),
+    ]
+    for sender, receiver, message in exchange:
+        assert trickle(sender, receiver, message) == [message]
+
+
+def test_the_probe_port_order_is_enforced_both_ways() -> None:
+    client, server = probe_pair()
+    with pytest.raises(LocalProtocolError, match="out of the probe port's order"):
+        client.send(Reach(Endpoint("203.0.113.11", 1)))  # before Probed
+    with pytest.raises(RemoteProtocolError, match="out of the probe port's order"):
+        server.receive_data(encode_frame(Reach(Endpoint("203.0.113.11", 1))))
+    client, server = probe_pair()
+    with pytest.raises(RemoteProtocolError, match="not sent on the probe port"):
+        server.receive_data(encode_frame(reg("alice")))
+    with pytest.raises(LocalProtocolError, match="not sent on the probe port"):
+        RendezvousConnection(Side.SERVER, probe=True).send(Challenge(bytes(32)))
+    client, server = probe_pair()
+    client.receive_data(server.send(Probed(Endpoint("203.0.113.11", 1))))
+    server.receive_data(client.send(Reach(Endpoint("203.0.113.11", 2))))
+    with pytest.raises(LocalProtocolError, match="out of the probe port's order"):
+        client.send(Reach(Endpoint("203.0.113.11", 2)))  # one Reach only
+    assert client.receive_data(server.send(Error("busy", "later"))) == [Error("busy", "later")]
+    # and the control connection has none of the probe port's frames
+    with pytest.raises(RemoteProtocolError, match="not sent on a control connection"):
+        challenged(Side.CLIENT).receive_data(encode_frame(Probed(Endpoint("203.0.113.11", 1))))
+
+
+def test_a_reached_outcome_is_bounded_text() -> None:
+    with pytest.raises(ValueError, match="1-64"):
+        Reached(True, "")
+    with pytest.raises(ValueError, match="1-64"):
+        Reached(True, "x" * 65)
+    with pytest.raises(TypeError):
+        Reached("yes", "connected")  # type: ignore[arg-type]
+
+
+FACTS = NatFacts(Mapping.ENDPOINT_DEPENDENT, False, Allocation.SEQUENTIAL, 1, (30000, 30001))
+
+
+def test_a_report_comes_once_after_registration_and_round_trips() -> None:
+    with pytest.raises(LocalProtocolError, match="before registration"):
+        challenged(Side.CLIENT).send(Report(FACTS))
+    client, server = registered_pair()
+    assert trickle(client, server, Report(FACTS)) == [Report(FACTS)]
+    with pytest.raises(LocalProtocolError, match="only once"):
+        client.send(Report(FACTS))
+    with pytest.raises(RemoteProtocolError, match="only once"):
+        server.receive_data(encode_frame(Report(FACTS)))
+    introduction = attrs.evolve(INTRO, peer_nat=FACTS)
+    assert trickle(server, client, introduction) == [introduction]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("mapping", "full-cone"),
+        ("allocation", "clever"),
+        ("step", 65),
+        ("step", True),
+        ("ports", []),
+        ("ports", [0]),
+        ("ports", [70000]),
+        ("ports", list(range(1, 10))),
+        ("port_preserving", "yes"),
+    ],
+)
+def test_a_report_with_impossible_facts_is_refused(field: str, value: object) -> None:
+    _, server = registered_pair()
+    wire = json.loads(encode_frame(Report(FACTS))[4:])
+    wire["nat"][field] = value
+    with pytest.raises(RemoteProtocolError):
+        server.receive_data(_frame(wire))

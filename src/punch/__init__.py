@@ -34,6 +34,11 @@ from ._host import connect as connect
 from ._host import open_host as open_host
 from ._identity import Identity as Identity
 from ._identity import peer_id as peer_id
+from ._nat import Allocation as Allocation
+from ._nat import Filtering as Filtering
+from ._nat import Mapping as Mapping
+from ._natcheck import NatReport as NatReport
+from ._natcheck import natcheck as natcheck
 from ._outcome import Attempt as Attempt
 from ._outcome import Outcome as Outcome
 from ._race import PunchOptions as PunchOptions
@@ -46,17 +51,21 @@ from .reuse import reuse_available as reuse_available
 __version__ = "0.1.0"
 
 __all__ = [
+    "Allocation",
     "Attempt",
     "Candidate",
     "CandidateFailed",
     "CandidateType",
     "Endpoint",
+    "Filtering",
     "HandshakeError",
     "HandshakeInterrupted",
     "Host",
     "Identity",
     "LocalProtocolError",
+    "Mapping",
     "NameTaken",
+    "NatReport",
     "Outcome",
     "PeerStream",
     "PeerVerificationError",
@@ -72,6 +81,7 @@ __all__ = [
     "ServerLimits",
     "WonBy",
     "connect",
+    "natcheck",
     "open_host",
     "peer_id",
     "reuse_available",

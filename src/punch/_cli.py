@@ -460,14 +460,7 @@ def _subcommand(commands: Any, name: str) -> argparse.ArgumentParser:
         metavar="FILE",
         help="the rendezvous's access token, read from FILE (surrounding whitespace dropped)",
     )
-    sub.add_argument(
-        "--tls",
-        action="store_true",
-        help="speak TLS to the rendezvous, checking its certificate against the system CAs",
-    )
-    sub.add_argument(
-        "--tls-ca", type=Path, metavar="FILE", help="like --tls, trusting the CA(s) in FILE (PEM)"
-    )
+    tls_client_arguments(sub)
     _identity_argument(sub)
     sub.add_argument(
         "--peer-id",
@@ -524,6 +517,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Print the peer ID of our key, creating the key if it is missing.",
     )
     _identity_argument(show_id)
+    from ._natcheck_cli import NATCHECK_DESCRIPTION, natcheck_arguments  # it imports us
+
+    natcheck_arguments(
+        commands.add_parser(
+            "natcheck",
+            help="measure our NAT through the rendezvous (RFC 4787 mapping, allocation, filtering)",
+            description=NATCHECK_DESCRIPTION,
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     return parser
 
 
@@ -558,12 +562,7 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optio
         family = args.local.family
     if not MIN_STAGGER <= args.stagger <= MAX_STAGGER:
         parser.error(f"--stagger must be {MIN_STAGGER:g}-{MAX_STAGGER:g} s, not {args.stagger:g}")
-    context = None
-    if args.tls or args.tls_ca:
-        try:
-            context = ssl.create_default_context(cafile=args.tls_ca)
-        except (OSError, ssl.SSLError) as exc:
-            parser.error(f"--tls-ca {args.tls_ca}: {exc}")
+    context = tls_client_context(parser, args)
     specific = {
         field.name: getattr(args, field.name)
         for field in attrs.fields(Options)
@@ -589,6 +588,30 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optio
     if problem is not None:
         parser.error(problem)
     return options
+
+
+def tls_client_context(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> ssl.SSLContext | None:
+    """The client context ``--tls`` / ``--tls-ca`` ask for; a usage error if unreadable."""
+    if not (args.tls or args.tls_ca):
+        return None
+    try:
+        return ssl.create_default_context(cafile=args.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error(f"--tls-ca {args.tls_ca}: {exc}")
+
+
+def tls_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tls`` and ``--tls-ca``, for :func:`tls_client_context`."""
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="speak TLS to the rendezvous, checking its certificate against the system CAs",
+    )
+    parser.add_argument(
+        "--tls-ca", type=Path, metavar="FILE", help="like --tls, trusting the CA(s) in FILE (PEM)"
+    )
 
 
 def _token(parser: argparse.ArgumentParser, path: Path | None) -> str | None:
@@ -617,6 +640,14 @@ def _network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _probe_port(text: str) -> int | str:
+    if text == "off":
+        return text
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535 or off, not {text!r}")
+    return int(text)
+
+
 def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerLimits()
     parser.add_argument(
@@ -627,6 +658,13 @@ def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to listen, repeatable (default 0.0.0.0:7000; [::]:7000 alone serves "
         "IPv6 and IPv4 where the OS allows; port 0 picks one); each bound IP:PORT is "
         "printed on stdout, one a line",
+    )
+    parser.add_argument(
+        "--probe-port",
+        type=_probe_port,
+        metavar="PORT|off",
+        help="also listen on this port of every --listen address, for 'punch natcheck' "
+        "(default the first --listen port + 1; 0 picks one; off: none)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     limits = parser.add_argument_group(
@@ -771,6 +809,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "id":
         print(_identity(parser, args.identity_file).peer_id)
         return EXIT_OK
+    if args.command == "natcheck":
+        from ._natcheck_cli import run_natcheck
+
+        return run_natcheck(parser, args)
     options = _options(parser, args)
     report = Reporter(options.json)
     _logging([logging.WARNING, logging.INFO, logging.DEBUG][min(options.verbose, 2)], report)
@@ -809,6 +851,11 @@ def _raise_fd_limit() -> None:
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     limits, context = _server_options(parser, args)
     listen = args.listen or [Endpoint("0.0.0.0", 7000)]
+    probe_port = args.probe_port
+    if probe_port is None:  # the first port + 1; with port 0, one the kernel picks
+        probe_port = listen[0].port and listen[0].port + 1
+        if probe_port > 65535:
+            parser.error("--listen port 65535 has no port + 1: give --probe-port")
     bound: list[Endpoint] = []
     _logging(logging.WARNING if args.quiet else logging.INFO)
     _raise_fd_limit()
@@ -825,6 +872,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     ssl_context=context,
                     stop=stop,
                     persist_names=args.persist_names,
+                    probe_port=None if probe_port == "off" else probe_port,
                 )
                 await nursery.start(serve)
                 print(*bound, sep="\n", flush=True)

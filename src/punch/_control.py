@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ssl
 from collections import deque
 
 import attrs
 import trio
 
-from ._protocol import Message, RendezvousConnection
+from . import reuse
+from ._endpoint import Endpoint
+from ._errors import RendezvousError
+from ._protocol import Message, RendezvousConnection, Side
 
 _RECEIVE_SIZE = 4096
 
@@ -60,3 +64,40 @@ class ControlChannel:
         """
         async with self._send_lock:
             await self.stream.send_all(frame)
+
+
+async def connect_control(
+    local: Endpoint,
+    server: Endpoint,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None,
+    hostname: str,
+) -> ControlChannel:
+    """A control connection from ``local`` (bound reusable) to ``server``, TLS with
+    ``ssl_context``, within ``timeout`` seconds.
+
+    Raises:
+        RendezvousError: ``unreachable``: refused, timed out or the TLS handshake failed.
+        OSError: ``local`` cannot be bound.
+    """
+    sock = reuse.bind_reusable(local)
+    # Register, Introductions and keepalives are few and small, and a punch waits on them
+    reuse.cap_retransmission_timeout(sock)
+    stream: trio.abc.Stream
+    try:
+        with trio.fail_after(timeout):
+            await sock.connect(server.sockaddr())
+            stream = trio.SocketStream(sock)
+            if ssl_context is not None:
+                stream = trio.SSLStream(stream, ssl_context, server_hostname=hostname)
+                await stream.do_handshake()
+    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+        reuse.abort(sock)
+        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+        raise RendezvousError(
+            "unreachable", f"cannot reach the rendezvous at {server}: {cause or exc}"
+        ) from exc
+    except BaseException:
+        reuse.abort(sock)
+        raise
+    return ControlChannel(stream, sock, RendezvousConnection(Side.CLIENT))

@@ -16,10 +16,12 @@ import trio
 
 from . import _secure, reuse
 from ._candidates import interface_addresses
-from ._control import ControlChannel
+from ._control import ControlChannel, connect_control
 from ._endpoint import Endpoint, as_endpoint
 from ._errors import NameTaken, PunchFailed, RemoteProtocolError, RendezvousError, ReuseUnavailable
 from ._identity import Identity, check_peer_id
+from ._nat import Mapping, NatFacts
+from ._natcheck import registration_facts
 from ._protocol import (
     MAX_CANDIDATES,
     Challenge,
@@ -29,8 +31,7 @@ from ._protocol import (
     Keepalive,
     Register,
     Registered,
-    RendezvousConnection,
-    Side,
+    Report,
     check_name,
     registration_transcript,
 )
@@ -142,7 +143,7 @@ class _Registration:
 
         async def attempt(local: Endpoint, server: Endpoint, failed: trio.Event) -> None:
             try:
-                channel = await _connect_control(
+                channel = await connect_control(
                     local, server, self.timeout, self.ssl_context, self.hostname or server.ip
                 )
             except RendezvousError as exc:
@@ -208,6 +209,11 @@ class Host:
             first, then the other family's interface addresses on its port).
         rendezvous: the server endpoint we registered with (the first of
             :func:`open_host`'s that we reached).
+        nat: what our NAT did to two probes of the rendezvous's probe port
+            just after registering (:class:`~punch._nat.NatFacts`; the
+            rendezvous passes them to our peers in their introductions);
+            ``None`` until measured, and for good when the rendezvous has no
+            probe port or was reached over IPv6.
     """
 
     name: str
@@ -228,6 +234,8 @@ class Host:
     _introduced_at: dict[bytes, float] = attrs.field(factory=dict, init=False)
     """Attempt ID -> trio time its introduction arrived, until its race starts."""
     _closed: RendezvousError | None = attrs.field(default=None, init=False)
+    nat: NatFacts | None = attrs.field(default=None, init=False)
+    _nat_measured: trio.Event = attrs.field(factory=trio.Event, init=False)
     _legs: dict[socket.AddressFamily, ControlChannel] = attrs.field(factory=dict, init=False)
     _leg_observed: dict[socket.AddressFamily, Endpoint] = attrs.field(factory=dict, init=False)
     _legs_tried: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -375,14 +383,11 @@ class Host:
             )
             stream = await race.run()
         except PunchFailed as exc:
-            if self.observed.port == self.host_candidate.port:
+            hint = self._hint(introduction)
+            if hint is None:
                 raise
-            # RFC 4787 §4.1: a NAT that does not keep our port may map per destination
             raise PunchFailed(
-                f"{exc}; hint: the rendezvous saw us at port {self.observed.port}, not our "
-                f"port {self.host_candidate.port}: this NAT does not preserve ports and may map "
-                "each destination to a new port (endpoint-dependent mapping), so a direct path "
-                "may not exist",
+                f"{exc}; hint: {hint}",
                 attempts=exc.attempts,
                 authentication_failed=exc.authentication_failed,
             ) from exc.__cause__
@@ -391,6 +396,28 @@ class Host:
         if options.encrypt:
             await _secure.encrypt(stream, self.identity, introduction, expected, options.timeout)
         return stream
+
+    def _hint(self, introduction: Introduction) -> str | None:
+        """Why a failed punch may have had no direct path: a NAT that maps each
+        destination to a new port (RFC 4787 §4.1), as the probes found it."""
+        symmetric = "maps each destination to a new port (endpoint-dependent mapping, "
+        for whose, facts in (
+            ("our", self.nat),
+            (f"{introduction.peer_name!r}'s", introduction.peer_nat),
+        ):
+            if facts is not None and facts.mapping is Mapping.ENDPOINT_DEPENDENT:
+                return (
+                    f"{whose} NAT {symmetric}{facts.allocation.value} ports, as 'punch natcheck' "
+                    "shows), so the endpoint the rendezvous saw is no use to the other side, "
+                    "and a direct path may not exist"
+                )
+        if self.nat is None and self.observed.port != self.host_candidate.port:
+            return (
+                f"the rendezvous saw us at port {self.observed.port}, not our port "
+                f"{self.host_candidate.port}: this NAT does not preserve ports and may map each "
+                "destination to a new port (endpoint-dependent mapping); run 'punch natcheck'"
+            )
+        return None
 
     async def _respond(self, introduction: Introduction) -> None:
         outcome: PeerStream | OSError
@@ -410,6 +437,39 @@ class Host:
             log.warning("%s: dropping %r", why, outcome)
             if isinstance(outcome, PeerStream):
                 reuse.abort(outcome.socket)
+
+    async def measured_nat(self) -> NatFacts | None:
+        """:attr:`nat`, once the probes after registering are done (they take two
+        round trips to the rendezvous, at most
+        :data:`~punch._natcheck.REPORT_TIMEOUT` s): ``None`` if they found nothing."""
+        await self._nat_measured.wait()
+        return self.nat
+
+    async def _report_nat(self, probe_port: int | None) -> None:
+        """Measure our NAT on the rendezvous's probe port and tell the rendezvous
+        (``Report``), once; never raises."""
+        try:
+            # an IPv6 path has no NAT to measure (RFC 6092 firewalls at most)
+            if probe_port != 0 and self.rendezvous.family == socket.AF_INET:
+                await self._measure_and_report(probe_port)
+        finally:
+            self._nat_measured.set()
+
+    async def _measure_and_report(self, probe_port: int | None) -> None:
+        channel = self._channel
+        try:
+            local = Endpoint.from_sockaddr(channel.socket.getsockname())
+        except OSError:
+            return
+        facts = await registration_facts(local, self.observed, self.rendezvous, probe_port)
+        if facts is None:
+            return
+        self.nat = facts
+        log.info("our NAT: %s (ports %s)", facts, " ".join(map(str, facts.ports)))
+        try:
+            await channel.send(Report(facts))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the registration is gone; its successor measures nothing new
 
     async def _run_registrations(self, legs: Iterable[_Registration]) -> None:
         """Our registration (:meth:`_run_control`) and one :meth:`_run_leg` per other
@@ -550,9 +610,10 @@ class Host:
             arrived = trio.current_time()
             if message.request_id is None:
                 log.info(
-                    "introduced to %r as responder; its candidates: %s",
+                    "introduced to %r as responder; its candidates: %s; its NAT: %s",
                     message.peer_name,
                     _listed(message.candidates),
+                    message.peer_nat or "not reported",
                 )
                 self._router.open_route(message.attempt_id)
                 self._introduced_at[message.attempt_id] = arrived
@@ -560,9 +621,10 @@ class Host:
                 return None
             if message.request_id in self._waiters:
                 log.info(
-                    "introduced to %r as initiator; its candidates: %s",
+                    "introduced to %r as initiator; its candidates: %s; its NAT: %s",
                     message.peer_name,
                     _listed(message.candidates),
+                    message.peer_nat or "not reported",
                 )
                 if self._reply(message.request_id, message):
                     self._router.open_route(message.attempt_id)
@@ -608,6 +670,7 @@ async def open_host(
     encrypt: bool = True,
     family: socket.AddressFamily | None = None,
     stagger: float = DEFAULT_STAGGER,
+    probe_port: int | None = None,
 ) -> AsyncIterator[Host]:
     """Bind one port, register ``name`` at the rendezvous, and keep both open.
 
@@ -634,6 +697,9 @@ async def open_host(
             that family only (the CLI's ``-4``/``-6``); default both.
         stagger: seconds (0.01-2.0) IPv4 candidates wait while IPv6 ones are
             dialled (:class:`PunchOptions`); default 0.1.
+        probe_port: the rendezvous's probe port (1-65535), where the host
+            measures its NAT after registering (:attr:`Host.nat`); default the
+            rendezvous's port + 1 (``punch-rendezvous``'s default); 0: do not.
         timeout: seconds (float, finite, > 0) one punch, and one rendezvous
             exchange, may take.
         pacing: seconds (float, finite, >= 0.05) between connect attempts to
@@ -679,6 +745,12 @@ async def open_host(
     """
     check_name(name)
     options = PunchOptions(timeout=timeout, pacing=pacing, encrypt=encrypt, stagger=stagger)
+    if probe_port is not None and (
+        not isinstance(probe_port, int)
+        or isinstance(probe_port, bool)
+        or not 0 <= probe_port < 65536
+    ):
+        raise ValueError(f"probe_port must be 0-65535, not {probe_port!r}")
     if identity is None:
         identity = Identity.generate()
     elif not isinstance(identity, Identity):
@@ -738,6 +810,7 @@ async def open_host(
                 nursery.start_soon(host._run_registrations, registration.legs(server))
                 if options.encrypt:
                     nursery.start_soon(_prepare_tls, identity)
+                nursery.start_soon(host._report_nat, probe_port)
                 try:
                     yield host
                 finally:
@@ -829,36 +902,6 @@ def _listen_on_one_port(wanted: tuple[Endpoint, ...]) -> list[trio.SocketListene
             continue
         return listeners
     raise OSError(errno.EADDRINUSE, f"no port free in both families after {SAME_PORT_TRIES} tries")
-
-
-async def _connect_control(
-    local: Endpoint,
-    server: Endpoint,
-    timeout: float,
-    ssl_context: ssl.SSLContext | None,
-    hostname: str,
-) -> ControlChannel:
-    sock = reuse.bind_reusable(local)
-    # Register, Introductions and keepalives are few and small, and a punch waits on them
-    reuse.cap_retransmission_timeout(sock)
-    stream: trio.abc.Stream
-    try:
-        with trio.fail_after(timeout):
-            await sock.connect(server.sockaddr())
-            stream = trio.SocketStream(sock)
-            if ssl_context is not None:
-                stream = trio.SSLStream(stream, ssl_context, server_hostname=hostname)
-                await stream.do_handshake()
-    except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-        reuse.abort(sock)
-        cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-        raise RendezvousError(
-            "unreachable", f"cannot reach the rendezvous at {server}: {cause or exc}"
-        ) from exc
-    except BaseException:
-        reuse.abort(sock)
-        raise
-    return ControlChannel(stream, sock, RendezvousConnection(Side.CLIENT))
 
 
 def signed_register(

@@ -19,7 +19,8 @@ Order (client = a punch host, server = the rendezvous):
   ``Challenge`` (optional; see below); ``Register`` once, after the
   ``Challenge``, signed over it with the client's key (the name is bound to
   that key); then any number of ``ConnectRequest`` and ``Keepalive`` once
-  ``Registered`` has arrived.
+  ``Registered`` has arrived, and at most one ``Report`` (its NAT's facts,
+  measured on the probe port meanwhile; later introductions carry them).
 
 Why the early ``Keepalive``: the server speaks first, so a client that sent
 nothing leaves the last ACK of the TCP handshake, if lost, to the server's
@@ -27,6 +28,13 @@ SYN-ACK retransmissions, which Linux backs off (1, 2, 4 s) and
 ``TCP_RTO_MAX_MS`` does not bound; a data segment is retransmitted by the
 client, at most a second apart. (The 20% loss cell of the lab lost two
 registrations in twenty to this.)
+
+The probe port (``punch serve --probe-port``, issue 16) speaks a second,
+shorter order on the same framing, for :func:`punch.natcheck`:
+
+- server → client: ``Probed`` once, first, as soon as the connection is up;
+  then ``Reached`` once, answering ``Reach``; ``Error`` at any time.
+- client → server: at most one ``Reach``, after ``Probed``.
 
 Bytes (attempt ids, secrets, nonces, certificates, signatures) travel as
 lowercase hex strings.
@@ -46,9 +54,11 @@ import attrs
 from ._endpoint import Candidate, CandidateType, Endpoint, Role
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._identity import MAX_CERTIFICATE, SIGNATURE_BYTES
+from ._nat import Allocation, Mapping, NatFacts
 
-PROTOCOL_VERSION = 2
-"""2 since issue 14: the server's Challenge, signed Registers, keys in introductions."""
+PROTOCOL_VERSION = 3
+"""2 since issue 14: the server's Challenge, signed Registers, keys in introductions;
+3 since issue 16: the Challenge tells the observed endpoint, and the probe port's frames."""
 MAX_FRAME = 4096
 """Largest frame in bytes, header included."""
 _HEADER = struct.Struct("!cBH")
@@ -129,11 +139,17 @@ def registration_transcript(challenge: bytes, name: str) -> bytes:
     return b"punch-register-v2\x00" + challenge + name.encode()
 
 
+_optional_endpoint = attrs.validators.optional(attrs.validators.instance_of(Endpoint))
+
+
 @attrs.frozen
 class Challenge:
-    """server → client, first: 32 fresh random bytes the Register must sign."""
+    """server → client, first: 32 fresh random bytes the Register must sign, and
+    the client's endpoint as the server sees it (``None`` only from a test):
+    what a STUN Binding response tells (RFC 8489 §14.2), before any Register."""
 
     nonce: bytes = attrs.field(validator=_exact_bytes(CHALLENGE_BYTES), repr=lambda b: b.hex())
+    observed: Endpoint | None = attrs.field(default=None, validator=_optional_endpoint)
 
 
 def _token(_: object, __: object, value: str | None) -> None:
@@ -239,6 +255,55 @@ class Introduction:
     )
     certificate: bytes = attrs.field(validator=_certificate, repr=False)
     request_id: int | None = attrs.field(default=None, validator=_optional_request_id)
+    peer_nat: NatFacts | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(NatFacts))
+    )
+    """The other peer's :class:`~punch._nat.NatFacts`, if it reported them (``Report``)."""
+
+
+@attrs.frozen
+class Report:
+    """client → server, once, after registration: what we measured of our NAT."""
+
+    nat: NatFacts = attrs.field(validator=attrs.validators.instance_of(NatFacts))
+
+
+@attrs.frozen
+class Probed:
+    """server → client on the probe port, first: the client's endpoint as seen there."""
+
+    observed: Endpoint = attrs.field(validator=attrs.validators.instance_of(Endpoint))
+
+
+@attrs.frozen
+class Reach:
+    """client → server on the probe port: dial ``endpoint`` from the probe port.
+
+    The server dials only the address the probe came from (another port of
+    it is fine), so it cannot be aimed at anyone else; see :class:`Reached`.
+    """
+
+    endpoint: Endpoint = attrs.field(validator=attrs.validators.instance_of(Endpoint))
+
+
+@attrs.frozen
+class Reached:
+    """server → client, answering :class:`Reach`: did the dial complete a TCP handshake?
+
+    Args:
+        reached: True when the server's SYN drew a SYN-ACK (the NAT let it in
+            and something listened); False when it was refused or timed out.
+        outcome: how it ended, for people: ``"connected"``, ``"timed out"``,
+            ``"refused"`` or an errno name (at most 64 characters).
+    """
+
+    reached: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+    outcome: str = attrs.field()
+
+    @outcome.validator
+    def _check_outcome(self, _: object, value: str) -> None:
+        if not isinstance(value, str) or not 0 < len(value) <= 64:
+            raise ValueError(f"outcome must be 1-64 characters, not {value!r}")
 
 
 @attrs.frozen
@@ -261,7 +326,17 @@ class Error:
 
 
 Message: TypeAlias = (
-    Challenge | Register | Registered | ConnectRequest | Keepalive | Introduction | Error
+    Challenge
+    | Register
+    | Registered
+    | ConnectRequest
+    | Keepalive
+    | Introduction
+    | Report
+    | Probed
+    | Reach
+    | Reached
+    | Error
 )
 
 # --- wire form: one encoder and one strict decoder per type -------------------
@@ -275,9 +350,22 @@ def _candidate_to_wire(c: Candidate) -> dict[str, Any]:
     return {"type": c.type.value, "ip": c.endpoint.ip, "port": c.endpoint.port}
 
 
+def _nat_to_wire(facts: NatFacts | None) -> dict[str, Any] | None:
+    if facts is None:
+        return None
+    return {
+        "mapping": facts.mapping.value,
+        "port_preserving": facts.port_preserving,
+        "allocation": facts.allocation.value,
+        "step": facts.step,
+        "ports": list(facts.ports),
+    }
+
+
 def _to_wire(m: Message) -> dict[str, Any]:
     if isinstance(m, Challenge):
-        return {"type": "challenge", "nonce": m.nonce.hex()}
+        observed = None if m.observed is None else _endpoint_to_wire(m.observed)
+        return {"type": "challenge", "nonce": m.nonce.hex(), "observed": observed}
     if isinstance(m, Register):
         return {
             "type": "register",
@@ -307,7 +395,16 @@ def _to_wire(m: Message) -> dict[str, Any]:
             "candidates": [_candidate_to_wire(c) for c in m.candidates],
             "certificate": m.certificate.hex(),
             "request_id": m.request_id,
+            "peer_nat": _nat_to_wire(m.peer_nat),
         }
+    if isinstance(m, Report):
+        return {"type": "report", "nat": _nat_to_wire(m.nat)}
+    if isinstance(m, Probed):
+        return {"type": "probed", "observed": _endpoint_to_wire(m.observed)}
+    if isinstance(m, Reach):
+        return {"type": "reach", "endpoint": _endpoint_to_wire(m.endpoint)}
+    if isinstance(m, Reached):
+        return {"type": "reached", "reached": m.reached, "outcome": m.outcome}
     if isinstance(m, Error):
         return {"type": "error", "code": m.code, "text": m.text, "request_id": m.request_id}
     raise LocalProtocolError(f"not a rendezvous message: {m!r}")
@@ -353,11 +450,31 @@ def _candidate_from_wire(obj: object) -> Candidate:
     return candidate
 
 
+def _nat_from_wire(obj: object) -> NatFacts:
+    f = _Fields(obj, "nat")
+    facts = NatFacts(
+        Mapping(f.get("mapping", str)),
+        f.get("port_preserving", bool),
+        Allocation(f.get("allocation", str)),
+        f.get("step", (int, type(None))),
+        tuple(f.get("ports", list)),
+    )
+    f.done()
+    return facts
+
+
 def _list(f: _Fields, key: str, item: Callable[[object], Any]) -> tuple[Any, ...]:
     return tuple(item(v) for v in f.get(key, list))
 
 
 _OPTIONAL_INT = (int, type(None))
+
+
+def _optional(obj: object, read: Callable[[object], Any]) -> Any:
+    """``read(obj)``, or None for a JSON null."""
+    return None if obj is None else read(obj)
+
+
 _HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
 
 
@@ -373,7 +490,8 @@ def _from_wire(obj: object) -> Message:
     kind = f.get("type", str)
     message: Message
     if kind == "challenge":
-        message = Challenge(_hex(f, "nonce"))
+        observed = f.get("observed", (dict, type(None)))
+        message = Challenge(_hex(f, "nonce"), _optional(observed, _endpoint_from_wire))
     elif kind == "register":
         message = Register(
             f.get("name", str),
@@ -399,7 +517,16 @@ def _from_wire(obj: object) -> Message:
             candidates=_list(f, "candidates", _candidate_from_wire),
             certificate=_hex(f, "certificate"),
             request_id=f.get("request_id", _OPTIONAL_INT),
+            peer_nat=_optional(f.get("peer_nat", (dict, type(None))), _nat_from_wire),
         )
+    elif kind == "report":
+        message = Report(_nat_from_wire(f.get("nat", dict)))
+    elif kind == "probed":
+        message = Probed(_endpoint_from_wire(f.get("observed", dict)))
+    elif kind == "reach":
+        message = Reach(_endpoint_from_wire(f.get("endpoint", dict)))
+    elif kind == "reached":
+        message = Reached(f.get("reached", bool), f.get("outcome", str))
     elif kind == "error":
         message = Error(f.get("code", str), f.get("text", str), f.get("request_id", _OPTIONAL_INT))
     else:
@@ -466,10 +593,16 @@ _SENT_BY = {
     Register: Side.CLIENT,
     ConnectRequest: Side.CLIENT,
     Keepalive: Side.CLIENT,
+    Report: Side.CLIENT,
     Registered: Side.SERVER,
     Introduction: Side.SERVER,
+    Probed: Side.SERVER,
+    Reach: Side.CLIENT,
+    Reached: Side.SERVER,
     Error: Side.SERVER,
 }
+_PROBE_PORT = (Probed, Reach, Reached, Error)
+"""What the probe port's order allows; its connection allows nothing else."""
 
 
 class RendezvousConnection:
@@ -479,6 +612,8 @@ class RendezvousConnection:
         our_side: :class:`Side` we play.
         max_frame: the largest frame we accept, in bytes, header included
             (:data:`MIN_FRAME` .. :data:`MAX_FRAME`; a server may lower it).
+        probe: the probe port's order (see the module) instead of the control
+            connection's.
 
     ``send(message)`` returns the bytes to write; ``receive_data(data)`` takes
     bytes read (``b""`` for end of stream) and returns the messages completed.
@@ -486,7 +621,7 @@ class RendezvousConnection:
     further ``receive_data`` raises again: close it.
     """
 
-    def __init__(self, our_side: Side, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, our_side: Side, max_frame: int = MAX_FRAME, *, probe: bool = False) -> None:
         if not MIN_FRAME <= max_frame <= MAX_FRAME:
             raise ValueError(f"max_frame must be {MIN_FRAME}..{MAX_FRAME} bytes, not {max_frame}")
         self.our_side = our_side
@@ -495,8 +630,11 @@ class RendezvousConnection:
         self._registered = False  # Register sent/received and Registered answered
         self._register_seen = False
         self._early_keepalive = False  # the one Keepalive a client may send first
+        self._reported = False
         self._challenge: bytes | None = None
         self._broken: RemoteProtocolError | None = None
+        self.probe = probe
+        self._probe_seen: list[type[Message]] = []  # the probe order's frames so far
 
     @property
     def challenge(self) -> bytes | None:
@@ -573,7 +711,9 @@ class RendezvousConnection:
         return messages
 
     def _check_order(self, message: Message, error: type[Exception]) -> None:
-        if isinstance(message, Challenge):
+        if self.probe or isinstance(message, Probed | Reach | Reached):
+            self._check_probe_order(message, error)
+        elif isinstance(message, Challenge):
             if self._challenge is not None:
                 raise error("Challenge may be sent only once")
             self._challenge = message.nonce
@@ -591,5 +731,21 @@ class RendezvousConnection:
             if self._register_seen or self._early_keepalive:
                 raise error("Keepalive before registration completed (one may come first)")
             self._early_keepalive = True
-        elif isinstance(message, ConnectRequest | Introduction) and not self._registered:
+        elif isinstance(message, ConnectRequest | Introduction | Report) and not self._registered:
             raise error(f"{type(message).__name__} before registration completed")
+        elif isinstance(message, Report):
+            if self._reported:
+                raise error("Report may be sent only once")
+            self._reported = True
+
+    def _check_probe_order(self, message: Message, error: type[Exception]) -> None:
+        """The probe port's order: Probed, then at most one Reach and its Reached."""
+        kind = type(message)
+        if not self.probe or kind not in _PROBE_PORT:
+            where = "on the probe port" if self.probe else "on a control connection"
+            raise error(f"{kind.__name__} is not sent {where}")
+        expected = {0: Probed, 1: Reach, 2: Reached}.get(len(self._probe_seen))
+        if kind is not Error and kind is not expected:
+            raise error(f"{kind.__name__} out of the probe port's order (Probed, Reach, Reached)")
+        if kind is not Error:
+            self._probe_seen.append(kind)

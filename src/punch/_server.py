@@ -8,6 +8,8 @@ a typed code, sent before that one connection is closed.
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import hmac
 import ipaddress
 import json
@@ -17,7 +19,7 @@ import os
 import secrets
 import socket
 import ssl
-from collections.abc import Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ from ._control import ControlChannel
 from ._endpoint import Candidate, CandidateType, Endpoint, Role, as_endpoint
 from ._errors import LocalProtocolError, PeerVerificationError, RemoteProtocolError
 from ._identity import certificate_key, check_peer_id, peer_id, verify_signature
+from ._nat import NatFacts
 from ._protocol import (
     ATTEMPT_ID_BYTES,
     CHALLENGE_BYTES,
@@ -44,9 +47,14 @@ from ._protocol import (
     Error,
     Introduction,
     Keepalive,
+    Message,
+    Probed,
+    Reach,
+    Reached,
     Register,
     Registered,
     RendezvousConnection,
+    Report,
     Side,
     check_idle_timeout,
     check_name,
@@ -65,6 +73,12 @@ _DRAIN_LIMIT = 65536
 """Bytes a refused connection may still send us before it is reset."""
 SHUTDOWN_GRACE = 2.0
 """Seconds, on shutdown, to tell every registered peer ``shutting-down``."""
+REACH_TIMEOUT = 2.0
+"""Seconds a probe port's dial (:class:`~punch._protocol.Reach`) may take: one SYN
+retransmission (at 1 s, :func:`punch.reuse.cap_retransmission_timeout`) fits, so
+one lost SYN is not taken for a filtering NAT."""
+MAX_REACHES = 16
+"""Probe-port dials under way at once, server-wide; beyond, a Reach gets ``busy``."""
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK: tuple[_Network, ...] = (
@@ -214,6 +228,13 @@ class _Peer:
     legs: list[_Peer] = attrs.field(factory=list)
     """Registrations of this name and key over another address family (a dual-stack
     host registers once per family): their endpoints are this peer's too."""
+    nat: NatFacts | None = None
+    """What it reported of its NAT (a ``Report`` on this registration)."""
+
+    @property
+    def nat_facts(self) -> NatFacts | None:
+        """The first report among its registrations (the IPv4 one has the NAT)."""
+        return next((p.nat for p in (self, *self.legs) if p.nat is not None), None)
 
     @property
     def candidates(self) -> tuple[Candidate, ...]:
@@ -353,13 +374,26 @@ class RendezvousServer:
     _registrations: RateLimit = attrs.field(init=False)
     _introductions: RateLimit = attrs.field(init=False)
     _protocol_warnings: WarningThrottle = attrs.field(factory=WarningThrottle, init=False)
+    _reaches: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(MAX_REACHES), init=False)
 
     def __attrs_post_init__(self) -> None:
         self._registrations = RateLimit(self.limits.registrations_per_minute)
         self._introductions = RateLimit(self.limits.introductions_per_minute)
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        """Serve one control connection until it closes; never raises but Cancelled.
+        """Serve one control connection until it closes; never raises but Cancelled."""
+        await self._guarded(stream, self._handle)
+
+    async def handle_probe(self, stream: trio.SocketStream) -> None:
+        """Serve one probe-port connection (:func:`punch.natcheck`); never raises but Cancelled."""
+        await self._guarded(stream, self._probe)
+
+    async def _guarded(
+        self,
+        stream: trio.SocketStream,
+        serve: Callable[[trio.SocketStream, Endpoint], Awaitable[None]],
+    ) -> None:
+        """Run ``serve(stream, observed)`` so that nothing escapes but Cancelled.
 
         Everything, from the first line, runs under one guard: a peer can
         reset its connection before we ask for its address (``ENOTCONN`` from
@@ -375,21 +409,27 @@ class RendezvousServer:
             # an Introduction lost on the way is part of the punch's cost: resent each second
             reuse.cap_retransmission_timeout(stream.socket)
             try:
-                await self._handle(stream, observed)
+                await serve(stream, observed)
             except Exception:  # one connection's bug must never take the server down
                 log.exception("%s: unexpected error, closing this connection", observed)
         finally:
             reuse.abort(stream.socket)
 
-    async def _handle(self, stream: trio.SocketStream, observed: Endpoint) -> None:
+    @contextlib.asynccontextmanager
+    async def _session(
+        self, stream: trio.SocketStream, observed: Endpoint, *, probe: bool = False
+    ) -> AsyncIterator[ControlChannel]:
+        """One connection's channel, counted against its source's limit; a refusal,
+        a protocol error or a lost connection inside ends it (told, then closed)."""
         source = source_key(observed.address)
         counted = not self.limits.is_exempt(observed.address)
         if counted:
             self.connections[source] += 1
         channel = ControlChannel(
-            stream, stream.socket, RendezvousConnection(Side.SERVER, self.limits.max_frame)
+            stream,
+            stream.socket,
+            RendezvousConnection(Side.SERVER, self.limits.max_frame, probe=probe),
         )
-        peer: _Peer | None = None
         try:
             if counted and self.connections[source] > self.limits.max_connections_per_ip:
                 raise _Refused(
@@ -398,23 +438,7 @@ class RendezvousServer:
                         f"more than {self.limits.max_connections_per_ip} connections from {source}",
                     )
                 )
-            with trio.move_on_after(self.limits.registration_timeout) as registering:
-                if self.ssl_context is not None:
-                    channel.stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
-                    await channel.stream.do_handshake()
-                await channel.send(Challenge(secrets.token_bytes(CHALLENGE_BYTES)))
-                # In the registry from here: the finally below removes it, however
-                # the reply fails (a reset, the registration timeout).
-                peer = await self._register(channel, observed)
-                if peer is not None:
-                    await channel.send(Registered(observed, self.limits.idle_timeout))
-            if registering.cancelled_caught:
-                log.info(
-                    "%s: no registration within %g s", observed, self.limits.registration_timeout
-                )
-                raise _Refused(Error("registration-timeout", "no Register in time"))
-            if peer is not None:
-                await self._serve(peer)
+            yield channel
         except _Refused as refusal:
             log.info("%s: refused: %s: %s", observed, refusal.error.code, refusal.error.text)
             await self._refuse(channel, refusal.error)
@@ -430,8 +454,77 @@ class RendezvousServer:
                 self.connections[source] -= 1
                 if not self.connections[source]:
                     del self.connections[source]
-            if peer is not None:
-                self._remove(peer)
+
+    async def _handle(self, stream: trio.SocketStream, observed: Endpoint) -> None:
+        peer: _Peer | None = None
+        async with self._session(stream, observed) as channel:
+            try:
+                with trio.move_on_after(self.limits.registration_timeout) as registering:
+                    if self.ssl_context is not None:
+                        channel.stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+                        await channel.stream.do_handshake()
+                    nonce = secrets.token_bytes(CHALLENGE_BYTES)
+                    await channel.send(Challenge(nonce, observed))
+                    # In the registry from here: the finally below removes it, however
+                    # the reply fails (a reset, the registration timeout).
+                    peer = await self._register(channel, observed)
+                    if peer is not None:
+                        await channel.send(Registered(observed, self.limits.idle_timeout))
+                if registering.cancelled_caught:
+                    log.info(
+                        "%s: no registration within %g s",
+                        observed,
+                        self.limits.registration_timeout,
+                    )
+                    raise _Refused(Error("registration-timeout", "no Register in time"))
+                if peer is not None:
+                    await self._serve(peer)
+            finally:
+                if peer is not None:
+                    self._remove(peer)
+
+    async def _probe(self, stream: trio.SocketStream, observed: Endpoint) -> None:
+        """The probe port: tell the observed endpoint; dial back once if asked."""
+        async with self._session(stream, observed, probe=True) as channel:
+            with trio.move_on_after(self.limits.registration_timeout):
+                await channel.send(Probed(observed))
+                request = await channel.receive()
+                if request is None:
+                    return
+                assert isinstance(request, Reach)  # the protocol state machine ensures it
+                here = Endpoint.from_sockaddr(stream.socket.getsockname())
+                await channel.send(await self._reach(here, observed, request.endpoint))
+                await stream.send_eof()
+                await channel.receive()  # its FIN: closing first would answer with an RST
+
+    async def _reach(self, here: Endpoint, observed: Endpoint, target: Endpoint) -> Message:
+        """Dial ``target`` from ``here`` (the probe port), at most :data:`REACH_TIMEOUT` s.
+
+        Only the address the probe came from may be dialled, and at most
+        :data:`MAX_REACHES` dials run at once: the probe port is no way to
+        aim SYNs at anyone else. The connection, if made, is reset at once.
+        """
+        if target.address != observed.address:
+            raise _Refused(Error("reach-elsewhere", f"only {observed.ip} may be reached"))
+        try:
+            self._reaches.acquire_nowait()
+        except trio.WouldBlock:
+            raise _Refused(Error("busy", f"{MAX_REACHES} dials under way")) from None
+        try:
+            with trio.move_on_after(REACH_TIMEOUT):
+                try:
+                    reached = await reuse.dial(here, target)
+                except OSError as exc:
+                    log.info("%s: reach from %s: %s", target, here, exc)
+                    name = errno.errorcode.get(exc.errno or 0, "error")
+                    return Reached(False, "refused" if exc.errno == errno.ECONNREFUSED else name)
+                reuse.abort(reached.socket)
+                log.info("%s: reached from %s", target, here)
+                return Reached(True, "connected")
+            log.info("%s: reach from %s timed out after %g s", target, here, REACH_TIMEOUT)
+            return Reached(False, "timed out")
+        finally:
+            self._reaches.release()
 
     def _remove(self, peer: _Peer) -> None:
         """Take ``peer`` out of the registry; a leg of its name takes its place."""
@@ -553,6 +646,9 @@ class RendezvousServer:
                     return
                 if isinstance(message, ConnectRequest):
                     await self._introduce(peer, message)
+                elif isinstance(message, Report):
+                    peer.nat = message.nat
+                    log.info("%s: %r reports %s", peer.observed, peer.name, message.nat)
                 else:
                     assert isinstance(message, Keepalive)  # the only other client message
                 continue
@@ -621,6 +717,7 @@ class RendezvousServer:
             target.candidates,
             target.certificate,
             request_id,
+            target.nat_facts,
         )
         to_target = Introduction(
             requester.name,
@@ -629,6 +726,7 @@ class RendezvousServer:
             secret,
             requester.candidates,
             requester.certificate,
+            peer_nat=requester.nat_facts,
         )
         return (requester, to_requester), (target, to_target)
 
@@ -698,6 +796,28 @@ def _server_listener(bind: Endpoint, dual_stack: bool) -> trio.SocketListener:
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
+def _probe_listeners(
+    binds: list[Endpoint], port: int, dual_stack: bool
+) -> list[trio.SocketListener]:
+    """One probe listener per listening address, on ``port`` (0: the first one's
+    choice for all); ``SO_REUSEPORT``, since a Reach dials from the same port.
+    A dual-stack ``[::]`` gets an IPv4 ``0.0.0.0`` one beside it, since a
+    reusable IPv6 socket is IPv6-only."""
+    addresses = [b.ip for b in binds]
+    if dual_stack and any(b.family == socket.AF_INET6 and b.address.is_unspecified for b in binds):
+        addresses.append("0.0.0.0")
+    listeners: list[trio.SocketListener] = []
+    try:
+        for ip in addresses:
+            listeners.append(reuse.open_listener(Endpoint(ip, port)))
+            port = port or listeners[0].socket.getsockname()[1]
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
+
+
 async def serve_rendezvous(
     host: str = "0.0.0.0",
     port: int = 0,
@@ -709,6 +829,8 @@ async def serve_rendezvous(
     persist_names: str | os.PathLike[str] | None = None,
     listen: Sequence[Endpoint | tuple[str, int] | str] = (),
     bound: list[Endpoint] | None = None,
+    probe_port: int | None = None,
+    probe_bound: list[Endpoint] | None = None,
     task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a rendezvous server until cancelled, or until ``stop`` is set.
@@ -740,6 +862,16 @@ async def serve_rendezvous(
             their holder is connected.
         bound: a list that gets every bound :class:`Endpoint`, in ``listen``'s
             order, before ``task_status`` is told.
+        probe_port: also listen on this TCP port (0..65535; 0: the kernel
+            chooses one) of every listening address, for :func:`punch.natcheck`:
+            each connection there is told its observed endpoint (a second one,
+            to compare with the control connection's: RFC 4787 §4.1 mapping),
+            and may ask once to be dialled back from this port (the filtering
+            test, RFC 4787 §5; only the address it came from, at most
+            :data:`REACH_TIMEOUT` s, :data:`MAX_REACHES` at once). Plain TCP,
+            also beside ``ssl_context``: it tells nothing secret. ``None``
+            (default): no probe port.
+        probe_bound: a list that gets every bound probe :class:`Endpoint`.
         task_status: receives the (first) bound :class:`Endpoint` once listening.
 
     Raises:
@@ -757,9 +889,12 @@ async def serve_rendezvous(
     server = RendezvousServer(limits, ssl_context, on_loopback, bindings)
     dual_stack = not any(b.family == socket.AF_INET for b in binds)
     listeners: list[trio.SocketListener] = []
+    probes: list[trio.SocketListener] = []
     try:
         for bind in binds:
             listeners.append(_server_listener(bind, dual_stack))
+        if probe_port is not None:
+            probes = _probe_listeners(binds, probe_port, dual_stack)
     except BaseException:
         for listener in listeners:
             listener.socket.close()
@@ -767,21 +902,31 @@ async def serve_rendezvous(
     endpoints = [Endpoint.from_sockaddr(listener.socket.getsockname()) for listener in listeners]
     for where in endpoints:
         log.info("rendezvous listening on %s%s", where, " (TLS)" if ssl_context else "")
+    probe_endpoints = [Endpoint.from_sockaddr(p.socket.getsockname()) for p in probes]
+    for where in probe_endpoints:
+        log.info("probe port listening on %s", where)
     if bound is not None:
         bound[:] = endpoints
+    if probe_bound is not None:
+        probe_bound[:] = probe_endpoints
     async with trio.open_nursery() as handlers:
         async with trio.open_nursery() as acceptor:
             serve = partial(
                 trio.serve_listeners, server.handle, listeners, handler_nursery=handlers
             )
             await acceptor.start(serve)
+            if probes:
+                serve_probes = partial(
+                    trio.serve_listeners, server.handle_probe, probes, handler_nursery=handlers
+                )
+                await acceptor.start(serve_probes)
             task_status.started(endpoints[0])
             if stop is None:
                 await trio.sleep_forever()
             await stop.wait()
             acceptor.cancel_scope.cancel()
         log.info("shutting down: %d peer(s) registered", len(server.peers))
-        for listener in listeners:
+        for listener in (*listeners, *probes):
             await listener.aclose()
         with trio.move_on_after(SHUTDOWN_GRACE):
             await server.say_goodbye()
