@@ -11,13 +11,14 @@ IPv6 firewall instead of a NAT.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -236,8 +237,8 @@ class Lab:
         self.sh(ns, "nft", "delete", "table", family, "punchblock")
 
     def nat(self, ns: str, profile: str, public_ip: str) -> None:
-        """Make ``ns`` a router and load ``rulesets/<profile>.nft`` into it, with
-        ``$PUBLIC`` defined as its WAN address (``nft -D``; ``symmetric-seq``)."""
+        """Make ``ns`` a router and load ``rulesets/<profile>.nft`` into it
+        (:func:`render_ruleset`: its WAN address and port sequence filled in)."""
         self.sh(ns, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
         # Where br_netfilter is loaded (Docker loads it), bridged LAN-to-LAN frames
         # would cross the router's IP firewall; a home router's switch does not do
@@ -248,7 +249,7 @@ class Lab:
             "-c",
             "f=/proc/sys/net/bridge/bridge-nf-call-iptables; [ ! -e $f ] || echo 0 > $f",
         )
-        self.sh(ns, "nft", "-D", f"PUBLIC={public_ip}", "-f", str(RULESETS / f"{profile}.nft"))
+        self.sh(ns, "nft", "-f", "-", stdin=render_ruleset(profile, public_ip))
 
     def firewall6(self, ns: str, profile: str) -> None:
         """Make ``ns`` an IPv6 router and load ``rulesets/<profile>.nft`` (``fw6-*``) into it."""
@@ -272,6 +273,9 @@ class Site:
     public_ip: str
     peer_ip6: str | None = None
     """The peer's global IPv6 address (no NAT: it is public); None without IPv6."""
+    cross_ns: str | None = None
+    """A second host on the peer's LAN (10.0.<site>.3), for cross traffic through
+    the NAT (:func:`cross_traffic`); only where asked for."""
 
 
 @attrs.frozen
@@ -415,7 +419,12 @@ def _router(
 
 
 def _site(
-    lab: Lab, attach: Callable[[str, str], None], name: str, profile: str, index: int
+    lab: Lab,
+    attach: Callable[[str, str], None],
+    name: str,
+    profile: str,
+    index: int,
+    cross: bool = False,
 ) -> Site:
     v4, v6 = split_profile(profile)
     if v4 == "public":
@@ -427,12 +436,14 @@ def _site(
         return Site(name, peer, ip, None, ip, wan6_ip(ip))
     public_ip = f"{WAN_PREFIX}.{10 + index}"
     nat_profile = "cone" if v4 == "none" else v4  # an IPv6-only LAN: nothing crosses it
-    host = f"peer-{name}"
+    host, other = f"peer-{name}", f"cross-{name}"
+    hosts = {host: 2, other: 3} if cross else {host: 2}
     placed = _router(
-        lab, attach, name, nat_profile, public_ip, f"10.0.{index}", {host: 2}, v6, v4 != "none"
+        lab, attach, name, nat_profile, public_ip, f"10.0.{index}", hosts, v6, v4 != "none"
     )
     peer, ip, ip6 = placed[host]
-    return Site(name, peer, ip, lab.prefix + f"nat-{name}", public_ip, ip6)
+    cross_ns = placed[other][0] if cross else None
+    return Site(name, peer, ip, lab.prefix + f"nat-{name}", public_ip, ip6, cross_ns)
 
 
 def _rendezvous(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
@@ -442,7 +453,9 @@ def _rendezvous(lab: Lab) -> tuple[str, Callable[[str, str], None]]:
     return rendezvous, attach
 
 
-def build_two_nats(lab: Lab, profile_a: str = "cone", profile_b: str = "cone") -> Topology:
+def build_two_nats(
+    lab: Lab, profile_a: str = "cone", profile_b: str = "cone", cross: bool = False
+) -> Topology:
     """A WAN router (203.0.113.1) with the rendezvous host and two sites, one peer at each.
 
     ::
@@ -455,6 +468,8 @@ def build_two_nats(lab: Lab, profile_a: str = "cone", profile_b: str = "cone") -
     Routers have no default route: packets for a private address of the other
     LAN die at the first router, as on the internet.
 
+    ``cross``: each NAT'd site gets a second LAN host too (:attr:`Site.cross_ns`).
+
     A site profile with ``+fw6-*`` (:data:`PROFILES6`) gives its peer a global
     IPv6 address too, ``2001:db8:<1 or 2>::2``, behind that firewall; every WAN
     host (the rendezvous at ``2001:db8::10`` included) has both families.
@@ -465,7 +480,10 @@ def build_two_nats(lab: Lab, profile_a: str = "cone", profile_b: str = "cone") -
     for profile in (profile_a, profile_b):
         split_profile(profile)
     rendezvous, attach = _rendezvous(lab)
-    sites = (_site(lab, attach, "a", profile_a, 1), _site(lab, attach, "b", profile_b, 2))
+    sites = (
+        _site(lab, attach, "a", profile_a, 1, cross and profile_a != "public"),
+        _site(lab, attach, "b", profile_b, 2, cross and profile_b != "public"),
+    )
     return Topology(rendezvous, RENDEZVOUS_IP, sites)
 
 
@@ -513,3 +531,57 @@ def build_overlap(lab: Lab) -> tuple[Topology, tuple[str, str]]:
     stray_ns, stray_ip, _ = a_hosts["stray"]
     assert stray_ip is not None
     return Topology(rendezvous, RENDEZVOUS_IP, sites), (stray_ns, stray_ip)
+
+
+SEQUENCE_START = 30000
+SEQUENCE_LENGTH = 4000
+"""``symmetric-seq`` gives ports 30000 to 33999 in turn, then starts again: about
+150 trials of the matrix (a trial takes 10 to 30 ports) before a wrap. A 200-port
+sequence wrapped in the middle of 2 trials of 120, whose reports then looked
+random; real NATs wrap too, at the end of a range of thousands."""
+
+
+def render_ruleset(profile: str, public_ip: str) -> str:
+    """``rulesets/<profile>.nft`` with ``$PUBLIC`` (the router's WAN address),
+    ``$SEQUENCE`` (a map from numgen's count to the port it stands for) and
+    ``$LENGTH`` (its size, :data:`SEQUENCE_LENGTH`) filled in.
+
+    A map, since nft 1.0.6 hands a bare numgen value to snat in host byte order,
+    which snat reads as network order (``numgen inc mod N offset 30000`` stepped
+    by 256, measured); a map's values are ports, in network order. And nft
+    cannot take a map through ``-D`` (it aborts), hence the text.
+    """
+    text = (RULESETS / f"{profile}.nft").read_text()
+    ports = ", ".join(f"{i} : {SEQUENCE_START + i}" for i in range(SEQUENCE_LENGTH))
+    text = text.replace("$SEQUENCE", f"{{ {ports} }}").replace("$LENGTH", str(SEQUENCE_LENGTH))
+    return text.replace("$PUBLIC", public_ip)
+
+
+CROSS_PORT = 9
+"""Where cross traffic goes: a closed port of the rendezvous host (an RST answers
+each SYN); the NAT maps each SYN all the same."""
+
+
+@contextlib.contextmanager
+def cross_traffic(lab: Lab, ns: str, per_second: float, seconds: float) -> Iterator[None]:
+    """While the block runs, ``ns`` opens a TCP connection to the rendezvous host
+    every ``1 / per_second`` s, each a new mapping on its NAT (a second LAN host's
+    own traffic, issue 16); at most ``per_second * seconds`` of them, and the
+    sender stops by itself after ``seconds`` (the network rule), or at the
+    block's end."""
+    count = int(per_second * seconds)
+    script = (
+        "import socket, time\n"
+        f"for _ in range({count}):\n"
+        "    s = socket.socket()\n"
+        "    s.settimeout(0.2)\n"
+        f"    s.connect_ex(({RENDEZVOUS_IP!r}, {CROSS_PORT}))\n"
+        "    s.close()\n"
+        f"    time.sleep({1 / per_second!r})\n"
+    )
+    sender = subprocess.Popen([*lab.exec_prefix(ns), sys.executable, "-c", script])
+    try:
+        yield
+    finally:
+        sender.kill()
+        sender.wait()

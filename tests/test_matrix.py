@@ -28,6 +28,11 @@ QUICK_TRIALS = 3
         ("none+fw6-drop", "cone", False),  # no family in common
         ("none+fw6-drop", "none+fw6-reject", True),
         ("public", "public", True),
+        ("symmetric-seq", "cone", True),  # the cone side predicts its ports (issue 16)
+        ("cone-rst", "symmetric-seq", True),
+        ("symmetric-seq", "public", True),
+        ("symmetric-seq", "symmetric", False),
+        ("symmetric-seq", "symmetric-seq", False),
     ],
 )
 def test_which_cells_have_a_direct_path(a: str, b: str, direct: bool) -> None:
@@ -36,7 +41,7 @@ def test_which_cells_have_a_direct_path(a: str, b: str, direct: bool) -> None:
 
 def test_the_matrix_covers_every_ordered_pair_and_the_special_cells() -> None:
     names = [c.name for c in cells()]
-    assert len(names) == len(set(names)) == 6 * 6 + 2 + 5 + 2
+    assert len(names) == len(set(names)) == 7 * 7 + 2 + 5 + 2
     assert "symmetric+fw6-drop x symmetric+fw6-reject" in names
     assert "none+fw6-drop x none+fw6-reject" in names
     assert {"hairpin", "overlap", "cone-rst x symmetric", "symmetric x cone-rst"} <= set(names)

@@ -10,6 +10,7 @@ import struct
 import subprocess
 from collections.abc import Iterator
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -18,9 +19,16 @@ from hypothesis import strategies as st
 from netns.scenario import PUNCH, PairRun, wait_for
 
 import punch
-from punch import Allocation, Endpoint, Filtering, Mapping
+from punch import Allocation, CandidateType, Endpoint, Filtering, Mapping
 from punch._control import ControlChannel
-from punch._nat import MAX_SEQUENTIAL_STEP, NatFacts, classify_allocation
+from punch._nat import (
+    CONTIGUOUS_STEP,
+    MAX_SEQUENTIAL_STEP,
+    PREDICTION_WINDOW,
+    NatFacts,
+    classify_allocation,
+    predict,
+)
 from punch._protocol import (
     ConnectRequest,
     Error,
@@ -300,3 +308,31 @@ async def test_reported_facts_travel_in_the_other_peers_introduction(
     assert isinstance(to_target, Introduction)
     assert to_target.peer_nat == FACTS  # the asker reported
     assert to_asker.peer_nat is None  # the target did not
+
+
+def test_only_a_sequential_endpoint_dependent_nat_s_ports_are_predicted() -> None:
+    srflx = Endpoint("203.0.113.11", 30000)
+    predicted = predict(FACTS, srflx, window=4)
+    assert [c.endpoint for c in predicted] == [
+        Endpoint("203.0.113.11", p) for p in range(30002, 30006)
+    ]
+    assert {c.type for c in predicted} == {CandidateType.PREDICTED}
+    assert str(predicted[0]) == "predicted 203.0.113.11:30002"
+    down = attrs.evolve(FACTS, step=-2, ports=(3,))
+    assert [c.endpoint.port for c in predict(down, srflx, window=4)] == [2, 1]  # not 0 or below
+    # a small step may be other hosts' connections in between: every port on
+    two = attrs.evolve(FACTS, step=2, ports=(30000, 30002))
+    assert [c.endpoint.port for c in predict(two, srflx, window=3)] == [30003, 30004, 30005]
+    wide = attrs.evolve(FACTS, step=CONTIGUOUS_STEP + 1, ports=(30000,))
+    assert [c.endpoint.port for c in predict(wide, srflx, window=2)] == [
+        30000 + CONTIGUOUS_STEP + 1,
+        30000 + 2 * (CONTIGUOUS_STEP + 1),
+    ]
+    assert len(predict(FACTS, srflx)) == PREDICTION_WINDOW
+    for facts in (
+        None,
+        attrs.evolve(FACTS, mapping=Mapping.ENDPOINT_INDEPENDENT),  # its srflx is its mapping
+        attrs.evolve(FACTS, allocation=Allocation.RANDOM, step=None),
+        attrs.evolve(FACTS, allocation=Allocation.PRESERVING, step=0),
+    ):
+        assert predict(facts, srflx) == ()

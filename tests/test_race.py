@@ -27,6 +27,7 @@ from punch import (
 )
 from punch._endpoint import Candidate, CandidateType
 from punch._handshake import Handshake
+from punch._nat import PREDICTION_WINDOW, Allocation, Mapping, NatFacts
 from punch._outcome import max_attempts_per_second
 from punch._race import InboundRouter, PunchOptions, Race
 from punch._tls import TLSStream
@@ -944,3 +945,52 @@ async def test_no_stagger_when_no_ipv6_candidate_is_dialled(
 def test_a_stagger_outside_rfc_8305s_bounds_is_refused(stagger: float) -> None:
     with pytest.raises(ValueError, match="stagger"):
         PunchOptions(stagger=stagger)
+
+
+async def test_a_sequential_symmetric_peer_s_next_ports_are_dialled_too(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Issue 16: the peer reported endpoint-dependent mapping with ports in sequence,
+    so its next ports at its server-reflexive address are dialled beside the rest,
+    once each (a dropped SYN's socket waits in SYN_SENT), past the cap of eight."""
+    srflx = Endpoint("203.0.113.11", 30000)
+    hosts = tuple(Endpoint(f"10.0.1.{i}", 5000) for i in range(2, 10))  # 8 more: at the cap
+    facts = NatFacts(Mapping.ENDPOINT_DEPENDENT, False, Allocation.SEQUENTIAL, 1, (30000, 30002))
+    intro, _ = introductions((), ())
+    intro = attrs.evolve(
+        intro,
+        candidates=(
+            Candidate(CandidateType.SERVER_REFLEXIVE, srflx),
+            *(Candidate(CandidateType.HOST, h) for h in hosts),
+        ),
+        peer_nat=facts,
+    )
+    predicted = tuple(Endpoint(srflx.ip, 30002 + i) for i in range(1, PREDICTION_WINDOW + 1))
+    attempts: dict[Endpoint, list[float]] = {}
+    behaviour: dict[Endpoint, float | None] = dict.fromkeys((srflx, *hosts[:7]), 0)
+    behaviour.update(dict.fromkeys(predicted, None))  # dropped: unanswered
+    _, inbound = trio.open_memory_channel(0)
+    race = Race(
+        intro,
+        Endpoint("10.0.2.2", 40000),
+        inbound,
+        options=PunchOptions(timeout=1.0),
+        dial=_fake_dial(behaviour, attempts),
+    )
+    with pytest.raises(PunchFailed) as info:
+        await race.run()
+    assert set(attempts) == {srflx, *hosts[:7], *predicted}  # the 8 selected, then 16 more
+    assert all(attempts[p] == [0.0] for p in predicted)  # each once, at the introduction
+    assert {a.candidate.type for a in info.value.attempts} >= {CandidateType.PREDICTED}
+    # without the report, nothing is predicted
+    attempts.clear()
+    plain = Race(
+        attrs.evolve(intro, peer_nat=None),
+        Endpoint("10.0.2.2", 40000),
+        inbound,
+        options=PunchOptions(timeout=1.0),
+        dial=_fake_dial(behaviour, attempts),
+    )
+    with pytest.raises(PunchFailed):
+        await plain.run()
+    assert set(attempts) == {srflx, *hosts[:7]}

@@ -140,6 +140,10 @@ class CandidateType(enum.Enum):
     """An address bound on the peer's own interface."""
     SERVER_REFLEXIVE = "srflx"
     """The peer's public mapping as the rendezvous server saw it."""
+    PREDICTED = "predicted"
+    """A port the peer's NAT is predicted to give its next mapping, from the
+    sequential allocation it reported (:func:`punch._nat.predict`); made by the
+    dialling side, never sent by a rendezvous."""
 
 
 @attrs.frozen(order=True)

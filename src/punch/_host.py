@@ -21,7 +21,7 @@ from ._endpoint import Endpoint, as_endpoint
 from ._errors import NameTaken, PunchFailed, RemoteProtocolError, RendezvousError, ReuseUnavailable
 from ._identity import Identity, check_peer_id
 from ._nat import Mapping, NatFacts
-from ._natcheck import registration_facts
+from ._natcheck import REPORT_TIMEOUT, registration_facts
 from ._protocol import (
     MAX_CANDIDATES,
     Challenge,
@@ -305,6 +305,12 @@ class Host:
         timeout = options.timeout
         if self._closed is not None and not self._legs:
             raise RendezvousError(self._closed.code, self._closed.detail)
+        if self.observed.port != self.host_candidate.port:
+            # A NAT that moved our port may map per destination and allocate in
+            # sequence: the peer predicts our next port from our report, so the
+            # report goes first (two round trips, once; a port-keeping NAT waits not)
+            with trio.move_on_after(REPORT_TIMEOUT):
+                await self._nat_measured.wait()
         request_id = next(self._requests)
         reply: _Reply | None = None
         send, receive = trio.open_memory_channel[_Reply](1)

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import attrs
 
+from ._endpoint import Candidate, CandidateType, Endpoint
+
 MAX_SEQUENTIAL_STEP = 64
 """The largest step (in ports) still called sequential: a NAT that allocates
 ``+Δ`` with a bigger Δ is as good as random to a predictor with a small window."""
@@ -121,3 +123,64 @@ class NatFacts:
         step = f" {self.step:+d}" if self.allocation is Allocation.SEQUENTIAL else ""
         kind = "cone" if self.mapping is Mapping.ENDPOINT_INDEPENDENT else "symmetric"
         return f"{self.mapping.value} mapping ({kind}), {self.allocation.value}{step} ports"
+
+
+PREDICTION_WINDOW = 16
+"""Ports dialled ahead of a sequential NAT's last reported one (:func:`predict`).
+
+Measured cost (lab, 2026-12-02): the predicting side's NAT holds one conntrack
+entry per predicted port, left in SYN_SENT (120 s, nf_conntrack's default) once
+the punch ends, since a socket closed in SYN_SENT sends nothing; the side with
+the sequential NAT spends no more than a cone does. 16 descriptors more during
+the punch, all closed when it ends.
+
+The peer's first SYN takes the next port when nothing else went through its
+NAT since its report; each new mapping in between (a retry after an RST, a
+second LAN host's connection) moves it one step on. Each predicted port is
+one socket in SYN_SENT, its SYN sent once and retransmitted by the kernel at
+most each second (:func:`punch.reuse.cap_retransmission_timeout`): 16 SYNs
+at the introduction, then at most 16 a second, under the 200 a second issue
+16 allows a peer."""
+
+
+CONTIGUOUS_STEP = 4
+"""Steps up to this many ports are dialled as a contiguous run (:func:`predict`): a
+step measured from two or three ports mixes the NAT's own step with the other
+LAN hosts' connections in between. In the lab (``symmetric-seq``, a second LAN
+host connecting 10 times a second in every other trial), predicting by the
+reported step missed the peer's port in 5 of 120 trials, where a report said
+step 2; as a contiguous run, 120 of 120 connected (2026-12-02)."""
+
+
+def predict(
+    facts: NatFacts | None, srflx: Endpoint, window: int = PREDICTION_WINDOW
+) -> tuple[Candidate, ...]:
+    """The ports a sequential, endpoint-dependent NAT will give its next mappings.
+
+    Args:
+        facts: what the peer reported of its NAT (its introduction's ``peer_nat``).
+        srflx: the peer's server-reflexive candidate (its NAT's public address).
+        window: how many ports ahead (>= 1).
+
+    Returns:
+        ``window`` :data:`~punch.CandidateType.PREDICTED` candidates at
+        ``srflx``'s address, ``last + step``, ``last + 2 * step``... (ports
+        outside 1..65535 left out), the step taken as ±1 up to
+        :data:`CONTIGUOUS_STEP`; none unless ``facts`` say endpoint-dependent
+        mapping with sequential allocation: an endpoint-independent NAT's
+        server-reflexive candidate is its mapping, and a random one cannot be
+        predicted.
+    """
+    if facts is None or facts.mapping is not Mapping.ENDPOINT_DEPENDENT:
+        return ()
+    if facts.allocation is not Allocation.SEQUENTIAL or not facts.step:
+        return ()
+    last, step = facts.ports[-1], facts.step
+    if abs(step) <= CONTIGUOUS_STEP:  # every port on, in the step's direction
+        step = 1 if step > 0 else -1
+    ports = (last + step * i for i in range(1, window + 1))
+    return tuple(
+        Candidate(CandidateType.PREDICTED, Endpoint(srflx.ip, port))
+        for port in ports
+        if 0 < port < 65536
+    )

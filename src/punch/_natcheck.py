@@ -137,8 +137,8 @@ class NatReport:
             return "a cone NAT: punching works against any peer that has a direct path"
         if self.allocation is Allocation.SEQUENTIAL:
             return (
-                "a symmetric NAT with sequential ports: direct to a public peer; "
-                "to others only by port prediction (not yet in punch)"
+                "a symmetric NAT with sequential ports: direct to a public peer, "
+                "and to a cone peer, which predicts our next ports"
             )
         return (
             "a symmetric NAT with random ports: direct to a public peer; "

@@ -33,6 +33,7 @@ from ._errors import (
     _describe,
 )
 from ._handshake import HELLO_SIZE, Handshake, Hello, Stage, parse_hello
+from ._nat import predict
 from ._outcome import REFUSALS, Attempt, Outcome
 from ._protocol import Introduction
 from ._stream import ExactReader, PeerStream, WonBy
@@ -568,7 +569,8 @@ class Race:
         selection = select_candidates(intro.candidates, locals, self.own, intro.peer_name)
         for skip in selection.skipped:
             log.info("%s: skip %s: %s", self._label, skip.candidate, skip.reason)
-        self._states = [_CandidateState(c) for c in selection.dial]
+        dial = (*selection.dial, *self._predicted(selection.dial))
+        self._states = [_CandidateState(c) for c in dial]
         log.info(
             "%s: racing accept on %s against %d candidate(s): %s",
             self._label,
@@ -625,6 +627,35 @@ class Race:
             attempts=tuple(self._attempts),
             authentication_failed=Outcome.HANDSHAKE_FAILED in outcomes or inbound_failed,
         ) from group
+
+    def _predicted(self, dial: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
+        """The ports the peer's NAT will give next, when it reported sequential,
+        endpoint-dependent allocation (:func:`punch._nat.predict`); dialled
+        beside the rest, from the same port, past the selection's cap."""
+        srflx = next(
+            (
+                c.endpoint
+                for c in dial
+                if c.type is CandidateType.SERVER_REFLEXIVE and c.endpoint.family == socket.AF_INET
+            ),
+            None,
+        )
+        if srflx is None:
+            return ()
+        taken = {c.endpoint for c in dial} | set(self.own)
+        predicted = tuple(
+            c for c in predict(self.introduction.peer_nat, srflx) if c.endpoint not in taken
+        )
+        if predicted:
+            log.info(
+                "%s: its NAT gives ports in sequence (%s): predicting %d, %s to %s",
+                self._label,
+                self.introduction.peer_nat,
+                len(predicted),
+                predicted[0].endpoint,
+                predicted[-1].endpoint.port,
+            )
+        return predicted
 
     def _ipv6_states(self) -> list[_CandidateState]:
         return [s for s in self._states if s.candidate.endpoint.family == socket.AF_INET6]
