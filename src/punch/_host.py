@@ -212,8 +212,9 @@ class Host:
         nat: what our NAT did to two probes of the rendezvous's probe port
             just after registering (:class:`~punch._nat.NatFacts`; the
             rendezvous passes them to our peers in their introductions);
-            ``None`` until measured, and for good when the rendezvous has no
-            probe port or was reached over IPv6.
+            ``None`` until measured (:meth:`measured_nat` waits), and for good
+            when the rendezvous has no probe port, was reached over IPv6, or
+            ``open_host(probe_port=0)`` said not to probe.
     """
 
     name: str
@@ -409,7 +410,7 @@ class Host:
         symmetric = "maps each destination to a new port (endpoint-dependent mapping, "
         for whose, facts in (
             ("our", self.nat),
-            (f"{introduction.peer_name!r}'s", introduction.peer_nat),
+            (f"{introduction.peer_name}'s", introduction.peer_nat),
         ):
             if facts is not None and facts.mapping is Mapping.ENDPOINT_DEPENDENT:
                 return (
