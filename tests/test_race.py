@@ -7,6 +7,7 @@ import errno
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import pytest
@@ -29,7 +30,8 @@ from punch._endpoint import Candidate, CandidateType
 from punch._handshake import Handshake
 from punch._nat import PREDICTION_WINDOW, Allocation, Mapping, NatFacts
 from punch._outcome import max_attempts_per_second
-from punch._race import InboundRouter, PunchOptions, Race
+from punch._protocol import Introduction
+from punch._race import Inbound, InboundRouter, PunchOptions, Race
 from punch._tls import TLSStream
 from tests.helpers import (
     IDENTITY,
@@ -304,6 +306,12 @@ async def test_the_initiator_holds_its_stream_once_it_nominates_without_an_answe
 REFUSED = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
 
 
+def dialling_race(introduction: Introduction, local: Endpoint, **options: Any) -> Race:
+    """A :class:`Race` that only dials: nothing ever arrives on its inbound channel."""
+    _, inbound = trio.open_memory_channel[Inbound](0)
+    return Race(introduction, local, inbound, **options)
+
+
 def _fake_dial(  # type: ignore[no-untyped-def]
     behaviour: dict[Endpoint, float | None],
     log: dict[Endpoint, list[float]],
@@ -335,11 +343,10 @@ async def test_the_first_candidate_s_syn_leaves_first_whatever_order_trio_picks(
     for _ in range(16):
         dialled: dict[Endpoint, list[float]] = {}
         intro, _ = introductions((), endpoints)
-        _, inbound = trio.open_memory_channel(0)
         options = PunchOptions(timeout=0.1, pacing=0.05)
         dial = _fake_dial({e: 0 for e in endpoints}, dialled)
         with pytest.raises(PunchFailed):
-            await Race(intro, LOOPBACK, inbound, options=options, dial=dial).run()
+            await dialling_race(intro, LOOPBACK, options=options, dial=dial).run()
         assert next(iter(dialled)) == endpoints[0]
 
 
@@ -350,12 +357,10 @@ async def test_the_deadline_and_every_time_count_from_the_introduction(
     task in between are part of the punch's cost, and of its timeout."""
     silent = Endpoint("192.0.2.2", 2)
     intro, _ = introductions((), (silent,))
-    _, inbound = trio.open_memory_channel(0)
     start = trio.current_time()
-    race = Race(
+    race = dialling_race(
         intro,
         LOOPBACK,
-        inbound,
         options=PunchOptions(timeout=1.0, pacing=0.5),
         dial=_fake_dial({silent: None}, {}),
         introduced_at=start - 0.25,
@@ -465,11 +470,9 @@ async def test_after_an_rst_the_next_attempt_primes_our_nat_and_the_one_after_re
     def prime(local: Endpoint, remote: Endpoint, redial: reuse.Redial, own: object) -> None:
         primed.setdefault(remote, []).append(trio.current_time())
 
-    _, inbound = trio.open_memory_channel(0)
-    race = Race(
+    race = dialling_race(
         intro,
         LOOPBACK,
-        inbound,
         options=PunchOptions(timeout=2.5, pacing=0.1),
         dial=dial,
         prime=prime,
@@ -492,11 +495,9 @@ async def test_failure_names_every_candidate_and_its_cause(
     refused, silent = Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), (refused, silent))
-    _, inbound = trio.open_memory_channel(0)
-    race = Race(
+    race = dialling_race(
         intro,
         LOOPBACK,
-        inbound,
         options=PunchOptions(timeout=0.95, pacing=0.1),
         dial=_fake_dial({refused: 0, silent: None}, attempts),
     )
@@ -537,12 +538,10 @@ async def test_pacing_holds_between_attempts_to_one_candidate(
     fast, slow = Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), (fast, slow))
-    _, inbound = trio.open_memory_channel(0)
     start = trio.current_time()
-    race = Race(
+    race = dialling_race(
         intro,
         LOOPBACK,
-        inbound,
         options=PunchOptions(timeout=2.0, pacing=0.25),
         dial=_fake_dial({fast: 0, slow: 0.4}, attempts, ConnectionResetError(errno.ECONNRESET, "")),
     )
@@ -571,12 +570,11 @@ async def test_a_refused_attempt_is_dialled_again_as_soon_as_the_rate_allows(
     at_once, after_a_round_trip, late = (Endpoint(f"192.0.2.{i}", i) for i in (1, 2, 3))
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), (at_once, after_a_round_trip, late))
-    _, inbound = trio.open_memory_channel(0)
     start = trio.current_time()
     behaviour = {at_once: 0.0, after_a_round_trip: 0.03, late: 0.07}
     options = PunchOptions(timeout=0.2, pacing=0.1)
-    race = Race(
-        intro, LOOPBACK, inbound, options=options, dial=_fake_dial(behaviour, attempts, error)
+    race = dialling_race(
+        intro, LOOPBACK, options=options, dial=_fake_dial(behaviour, attempts, error)
     )
     with pytest.raises(PunchFailed):
         await race.run()
@@ -596,10 +594,9 @@ async def test_every_candidate_being_our_own_is_a_self_dial_error(
 ) -> None:
     local, observed = Endpoint("10.0.1.2", 4000), Endpoint("203.0.113.11", 4000)
     intro, _ = introductions((), (local, observed))
-    _, inbound = trio.open_memory_channel(0)
     start = trio.current_time()
     with pytest.raises(SelfDialError, match="every candidate"):
-        await Race(intro, local, inbound, own=frozenset({observed})).run()
+        await dialling_race(intro, local, own=frozenset({observed})).run()
     assert trio.current_time() == start  # at once, never a hang
 
 
@@ -609,11 +606,9 @@ async def test_our_own_endpoint_is_skipped_and_the_others_dialled(
     local, other = Endpoint("10.0.1.2", 4000), Endpoint("203.0.113.12", 4000)
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), (local, other))
-    _, inbound = trio.open_memory_channel(0)
-    race = Race(
+    race = dialling_race(
         intro,
         local,
-        inbound,
         options=PunchOptions(timeout=0.5),
         dial=_fake_dial({other: 0}, attempts),
     )
@@ -754,10 +749,9 @@ async def test_a_silent_attempt_after_a_refusal_is_dialled_again(
         raise AssertionError("unreachable")
 
     intro, _ = introductions((), (remote,))
-    _, inbound = trio.open_memory_channel(0)
     start = trio.current_time()
     with pytest.raises(PunchFailed):
-        await Race(intro, LOOPBACK, inbound, options=PunchOptions(5.0, 0.1), dial=dial).run()
+        await dialling_race(intro, LOOPBACK, options=PunchOptions(5.0, 0.1), dial=dial).run()
     # refused at 0; silent from 0.05 (MIN_PACING after a refusal), given up at
     # 1.05 and dialled again at once, refused; silent from 1.1, given up at 2.1;
     # silent again from 2.1 to the deadline, for a silence that follows a
@@ -771,11 +765,9 @@ async def test_a_silent_first_attempt_is_left_to_the_kernel(
     silent = Endpoint("192.0.2.2", 2)
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), (silent,))
-    _, inbound = trio.open_memory_channel(0)
-    race = Race(
+    race = dialling_race(
         intro,
         LOOPBACK,
-        inbound,
         options=PunchOptions(5.0),
         dial=_fake_dial({silent: None}, attempts),
     )
@@ -789,11 +781,9 @@ async def test_at_most_eight_remote_candidates_are_dialled(autojump_clock: trio.
     many = tuple(Endpoint(f"192.0.2.{i}", 5000) for i in range(1, 10))  # 9, as 1 srflx + 8 hosts
     attempts: dict[Endpoint, list[float]] = {}
     intro, _ = introductions((), many)
-    _, inbound = trio.open_memory_channel(0)
-    race = Race(
+    race = dialling_race(
         intro,
         local,
-        inbound,
         options=PunchOptions(timeout=0.5),
         dial=_fake_dial(dict.fromkeys(many, 0), attempts),
     )
@@ -851,14 +841,13 @@ async def test_an_attempt_connected_but_mute_at_the_deadline_says_so(
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     mute = Endpoint.from_sockaddr(listener.socket.getsockname())
     intro, _ = introductions((), (mute,))
-    _, inbound = trio.open_memory_channel(0)
 
     async def dial(
         local: Endpoint, remote: Endpoint, own: object, **_: object
     ) -> trio.SocketStream:
         return await trio.open_tcp_stream(remote.ip, remote.port)
 
-    race = Race(intro, LOOPBACK, inbound, options=PunchOptions(timeout=1.0), dial=dial)
+    race = dialling_race(intro, LOOPBACK, options=PunchOptions(timeout=1.0), dial=dial)
     async with listener, trio.open_nursery() as nursery:
         accepted: list[trio.SocketStream] = []
         nursery.start_soon(lambda: _accept_into(listener, accepted))
@@ -888,7 +877,6 @@ async def _staggered(
     attempts: dict[Endpoint, list[float]] = {}
     froms: list[Endpoint] = []
     intro, _ = introductions((), tuple(behaviour))
-    _, inbound = trio.open_memory_channel(0)
     dial = _fake_dial(behaviour, attempts)
 
     async def recording_dial(
@@ -897,10 +885,9 @@ async def _staggered(
         froms.append(local)
         return await dial(local, remote, own)
 
-    race = Race(
+    race = dialling_race(
         intro,
         LOOPBACK,
-        inbound,
         options=PunchOptions(timeout=1.0, pacing=0.5, stagger=stagger),
         dial=recording_dial,
         other_locals=(LOOPBACK6,),
@@ -969,11 +956,9 @@ async def test_a_sequential_symmetric_peer_s_next_ports_are_dialled_too(
     attempts: dict[Endpoint, list[float]] = {}
     behaviour: dict[Endpoint, float | None] = dict.fromkeys((srflx, *hosts[:7]), 0)
     behaviour.update(dict.fromkeys(predicted, None))  # dropped: unanswered
-    _, inbound = trio.open_memory_channel(0)
-    race = Race(
+    race = dialling_race(
         intro,
         Endpoint("10.0.2.2", 40000),
-        inbound,
         options=PunchOptions(timeout=1.0),
         dial=_fake_dial(behaviour, attempts),
     )
@@ -984,10 +969,9 @@ async def test_a_sequential_symmetric_peer_s_next_ports_are_dialled_too(
     assert {a.candidate.type for a in info.value.attempts} >= {CandidateType.PREDICTED}
     # without the report, nothing is predicted
     attempts.clear()
-    plain = Race(
+    plain = dialling_race(
         attrs.evolve(intro, peer_nat=None),
         Endpoint("10.0.2.2", 40000),
-        inbound,
         options=PunchOptions(timeout=1.0),
         dial=_fake_dial(behaviour, attempts),
     )

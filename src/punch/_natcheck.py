@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import ssl
 import time
 from typing import Any
@@ -190,7 +191,7 @@ async def natcheck(
         raise ValueError(f"probes must be {MIN_PROBES}..{MAX_PROBES}, not {probes!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise ValueError(f"timeout must be seconds > 0, not {timeout!r}")
-    any_address = Endpoint("::" if server.family.name == "AF_INET6" else "0.0.0.0", 0)
+    any_address = _any_address(server)
     first = as_endpoint(local, "local") if local is not None else any_address
     check = _Check(server, probe, rendezvous_ssl_context, rendezvous_hostname or server.ip)
     started = time.monotonic()
@@ -203,6 +204,11 @@ async def natcheck(
         raise RendezvousError("protocol-error", f"rendezvous sent garbage: {exc}") from exc
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise RendezvousError("closed", f"connection lost: {exc}") from exc
+
+
+def _any_address(server: Endpoint) -> Endpoint:
+    """Any local address of ``server``'s family, a port the kernel picks."""
+    return Endpoint("::" if server.family == socket.AF_INET6 else "0.0.0.0", 0)
 
 
 @attrs.define
@@ -323,7 +329,7 @@ async def registration_facts(
     """
     probe = Endpoint(server.ip, server.port + 1 if probe_port is None else probe_port)
     check = _Check(server, probe, None, server.ip)
-    any_address = Endpoint("::" if server.family.name == "AF_INET6" else "0.0.0.0", 0)
+    any_address = _any_address(server)
     try:
         with trio.fail_after(REPORT_TIMEOUT):
             same = await check._connect_probe(local)

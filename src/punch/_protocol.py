@@ -601,7 +601,8 @@ _SENT_BY = {
     Reached: Side.SERVER,
     Error: Side.SERVER,
 }
-_PROBE_PORT = (Probed, Reach, Reached, Error)
+_PROBE_ORDER = (Probed, Reach, Reached)
+_PROBE_PORT = (*_PROBE_ORDER, Error)
 """What the probe port's order allows; its connection allows nothing else."""
 
 
@@ -634,7 +635,7 @@ class RendezvousConnection:
         self._challenge: bytes | None = None
         self._broken: RemoteProtocolError | None = None
         self.probe = probe
-        self._probe_seen: list[type[Message]] = []  # the probe order's frames so far
+        self._probe_step = 0  # the probe order's frames so far (Error aside)
 
     @property
     def challenge(self) -> bytes | None:
@@ -744,8 +745,9 @@ class RendezvousConnection:
         if not self.probe or kind not in _PROBE_PORT:
             where = "on the probe port" if self.probe else "on a control connection"
             raise error(f"{kind.__name__} is not sent {where}")
-        expected = {0: Probed, 1: Reach, 2: Reached}.get(len(self._probe_seen))
+        order = _PROBE_ORDER
+        expected = order[self._probe_step] if self._probe_step < len(order) else None
         if kind is not Error and kind is not expected:
             raise error(f"{kind.__name__} out of the probe port's order (Probed, Reach, Reached)")
         if kind is not Error:
-            self._probe_seen.append(kind)
+            self._probe_step += 1
