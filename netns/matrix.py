@@ -9,9 +9,9 @@ behaviours, ``netns/rulesets/``), plus ``hairpin``
 subnet, and a stray punch peer on A's LAN at the very ip:port B advertises).
 Each cell builds its own lab and runs the real ``punch`` commands ``N`` times.
 
-A direct path exists unless a symmetric NAT faces anything but a public host,
-or, for one that allocates ports in sequence (``symmetric-seq``), anything but
-a public host or a cone (whose side predicts its ports: issue 16).
+A direct path exists unless a symmetric NAT faces another symmetric one
+(issue 16: a cone side predicts a ``symmetric-seq`` NAT's ports, and meets a
+``symmetric`` one's random ports by the birthday paradox, :mod:`punch._birthday`).
 Where one exists, every trial must connect, straight to the other side's NAT
 public address (its LAN address for hairpin), with data both ways. Where none
 exists, both peers must exit with "punch failed" within the deadline, the
@@ -73,6 +73,12 @@ each side dialling the other's predicted ports, each SYN taking its own NAT's ne
 port: a SYN pair meets only when the two NATs' counters happen to line up (2 of 3
 trials connected on 2026-12-02, the third failed at the deadline). No strategy
 for it yet; asserting either outcome would make CI flaky."""
+BIRTHDAY_RATE = 0.9
+"""Issue 16: a cell where a ``symmetric`` NAT (random ports) faces a cone NAT connects
+by the birthday paradox (:mod:`punch._birthday`), so each trial fails by chance (2 to 3%
+behind a NAT that answers with an RST or an ICMP error, measured 2026-12-02), and the
+cell asserts a rate, at least 18 trials in 20: it may miss
+:meth:`Cell.allowed_misses` trials, each one a clean "punch failed" on both sides."""
 WAN_DELAY = 0.005
 """Seconds every packet spends crossing the WAN router, one way (10 ms between sites and
 to the rendezvous, there and back: peers in one metro area). With no delay, cone-rst x
@@ -99,6 +105,26 @@ class Cell:
     def asserted(self) -> bool:
         """Whether this row must meet its expectation (else it is measured only)."""
         return self.fault not in MEASURED_ONLY and (self.a, self.b) not in MEASURED_PAIRS
+
+    @property
+    def birthday(self) -> bool:
+        """Whether this cell punches by the birthday paradox: a ``symmetric`` NAT against
+        a cone one, over IPv4."""
+        if self.a in ("hairpin", "overlap") or self.ipv6:
+            return False
+        profiles = {split_profile(p)[0] for p in (self.a, self.b)}
+        if "symmetric" not in profiles or len(profiles) != 2:
+            return False
+        (other,) = profiles - {"symmetric"}
+        return other.startswith("cone")
+
+    def allowed_misses(self, trials: int) -> int:
+        """Trials a cell may miss: none, but in a :attr:`birthday` cell a tenth of them
+        (:data:`BIRTHDAY_RATE`), and at least one (at 3% a trial, 2 misses in 3 come once in
+        400 quick runs, where requiring 3 of 3 would fail one run in 11 over six cells)."""
+        if not self.birthday:
+            return 0
+        return max(1, int(trials * (1 - BIRTHDAY_RATE) + 1e-9))
 
     @property
     def cross_traffic(self) -> bool:
@@ -128,12 +154,10 @@ class Cell:
 
 def _direct_v4(a: str, b: str) -> bool:
     """Whether ``a``'s NAT lets a direct IPv4 path to ``b`` exist: any but a
-    symmetric one does; a symmetric one with sequential ports does to a peer
-    whose NAT maps endpoint-independently (it predicts ``a``'s next port, issue
-    16); one with random ports, to a public peer only."""
-    if a == "symmetric":
-        return b == "public"
-    if a == "symmetric-seq":
+    symmetric one does; a symmetric one does to a peer whose NAT maps
+    endpoint-independently (issue 16: the peer predicts ``a``'s next port when
+    it allocates in sequence, else the two meet by the birthday paradox)."""
+    if a.startswith("symmetric"):
         return not b.startswith("symmetric")
     return True
 
@@ -178,9 +202,18 @@ class CellResult:
     trials: tuple[Trial, ...]
 
     @property
+    def misses(self) -> int:
+        """Trials of a :attr:`Cell.birthday` cell whose punch failed cleanly."""
+        return sum(self.cell.birthday and not t.connected for t in self.trials)
+
+    @property
     def ok(self) -> bool:
-        """Every trial as expected, or a measured-only row."""
-        return not self.cell.asserted or all(t.ok for t in self.trials)
+        """Every trial as expected (in a birthday cell, but for the misses it may have),
+        or a measured-only row."""
+        if not self.cell.asserted:
+            return True
+        missed_cleanly = all(t.ok or (self.cell.birthday and not t.connected) for t in self.trials)
+        return missed_cleanly and self.misses <= self.cell.allowed_misses(len(self.trials))
 
     @property
     def problems(self) -> list[str]:
@@ -196,6 +229,7 @@ class CellResult:
         return {
             "cell": self.cell.name,
             "expect": ("direct" if self.cell.direct else "no direct path")
+            + (f" (>= {BIRTHDAY_RATE:.0%}: birthday)" if self.cell.birthday else "")
             + ("" if self.cell.asserted else " (measured, not asserted)"),
             "trials": len(self.trials),
             "connected": sum(t.connected for t in self.trials),
@@ -222,7 +256,8 @@ def max_attempts_per_second(*runs: PeerRun) -> int:
     for run in runs:
         for kind in ("connected", "error"):
             attempts = (run.event(kind) or {}).get("attempts", [])
-            worst = max(worst, peak_rate((a["candidate"], a["started"]) for a in attempts))
+            paced = [a for a in attempts if not a.get("probe")]  # birthday probes: SYN budget
+            worst = max(worst, peak_rate((a["candidate"], a["started"]) for a in paced))
     return worst
 
 

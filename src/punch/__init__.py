@@ -12,6 +12,7 @@ peer's registered Ed25519 key (:class:`Identity`) encrypts it::
 from __future__ import annotations
 
 from . import reuse as reuse
+from ._birthday import ProbeReport as ProbeReport
 from ._endpoint import Candidate as Candidate
 from ._endpoint import CandidateType as CandidateType
 from ._endpoint import Endpoint as Endpoint
@@ -69,6 +70,7 @@ __all__ = [
     "Outcome",
     "PeerStream",
     "PeerVerificationError",
+    "ProbeReport",
     "ProtocolError",
     "PunchError",
     "PunchFailed",

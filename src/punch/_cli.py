@@ -325,6 +325,7 @@ def _connected_fields(stream: PeerStream) -> dict[str, Any]:
         "peer_id": stream.peer_id,
         "encrypted": stream.encrypted,
         "attempts": [a.as_json() for a in stream.attempts],
+        "probes": stream.probes.as_json() if stream.probes is not None else None,
     }
 
 
@@ -823,7 +824,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TransferError, trio.BrokenResourceError) as exc:
         code, text = _failure(exc)
         attempts = [a.as_json() for a in getattr(exc, "attempts", ())]
-        report("error", f"error: {text}", code=code, error=text, attempts=attempts)
+        probes = getattr(exc, "probes", None)
+        probes = probes.as_json() if probes is not None else None
+        report("error", f"error: {text}", code=code, error=text, attempts=attempts, probes=probes)
         return code
     return EXIT_OK
 

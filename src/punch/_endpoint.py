@@ -142,7 +142,8 @@ class CandidateType(enum.Enum):
     """The peer's public mapping as the rendezvous server saw it."""
     PREDICTED = "predicted"
     """A port the peer's NAT is predicted to give its next mapping, from the
-    sequential allocation it reported (:func:`punch._nat.predict`); made by the
+    sequential allocation it reported (:func:`punch._nat.predict`), or a random
+    port a birthday punch's scan dials (:mod:`punch._birthday`); made by the
     dialling side, never sent by a rendezvous."""
 
 

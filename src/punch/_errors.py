@@ -129,6 +129,9 @@ class PunchFailed(PunchError, OSError):
         authentication_failed: some stream connected but failed the
             handshake's proof (a stranger, or the wrong secret), outbound or
             inbound; an interrupted handshake does not count.
+        probes: a birthday punch's probes (``punch.ProbeReport``: side, probes
+            sent, their outcomes, descriptors open at once), or None when the
+            punch made none.
 
     ``__cause__`` is an :class:`ExceptionGroup` holding one
     :class:`CandidateFailed` per candidate dialled (and one
@@ -136,11 +139,16 @@ class PunchFailed(PunchError, OSError):
     """
 
     def __init__(
-        self, message: str, attempts: tuple[Any, ...] = (), authentication_failed: bool = False
+        self,
+        message: str,
+        attempts: tuple[Any, ...] = (),
+        authentication_failed: bool = False,
+        probes: Any = None,
     ) -> None:
         super().__init__(message)
         self.attempts = attempts
         self.authentication_failed = authentication_failed
+        self.probes = probes
 
 
 class CandidateFailed(PunchError, OSError):

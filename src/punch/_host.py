@@ -15,12 +15,13 @@ import attrs
 import trio
 
 from . import _secure, reuse
+from ._birthday import failure_hint, needs_own_facts
 from ._candidates import interface_addresses
 from ._control import ControlChannel, connect_control
 from ._endpoint import Endpoint, as_endpoint
 from ._errors import NameTaken, PunchFailed, RemoteProtocolError, RendezvousError, ReuseUnavailable
 from ._identity import Identity, check_peer_id
-from ._nat import Mapping, NatFacts
+from ._nat import NatFacts
 from ._natcheck import REPORT_TIMEOUT, registration_facts
 from ._protocol import (
     MAX_CANDIDATES,
@@ -377,6 +378,7 @@ class Host:
         try:
             if expected is not None:  # a lying rendezvous is caught before any SYN
                 _secure.introduced_peer_id(introduction, expected)
+            own_nat = await self._nat_for(introduction)
             race = Race(
                 introduction,
                 self.local,
@@ -387,6 +389,7 @@ class Host:
                 other_locals=self.locals[1:],
                 router=self._router,
                 introduced_at=introduced_at,
+                own_nat=own_nat,
             )
             stream = await race.run()
         except PunchFailed as exc:
@@ -397,6 +400,7 @@ class Host:
                 f"{exc}; hint: {hint}",
                 attempts=exc.attempts,
                 authentication_failed=exc.authentication_failed,
+                probes=exc.probes,
             ) from exc.__cause__
         finally:
             self._router.close_route(introduction.attempt_id)
@@ -404,20 +408,25 @@ class Host:
             await _secure.encrypt(stream, self.identity, introduction, expected, options.timeout)
         return stream
 
+    async def _nat_for(self, introduction: Introduction) -> NatFacts | None:
+        """Our NAT's facts for a race (:attr:`nat`): None when the rendezvous saw one
+        of our own addresses (no NAT: a birthday punch's probes reach our listener,
+        so we never probe); when the peer's NAT calls for a birthday punch and ours
+        is not measured yet, waits for it first (two round trips to the rendezvous,
+        at most :data:`~punch._natcheck.REPORT_TIMEOUT` s, counted in the punch)."""
+        if self.observed.address in {e.address for e in self.host_candidates}:
+            return None
+        if self.nat is None and needs_own_facts(introduction.peer_nat):
+            with trio.move_on_after(REPORT_TIMEOUT):
+                await self._nat_measured.wait()
+        return self.nat
+
     def _hint(self, introduction: Introduction) -> str | None:
         """Why a failed punch may have had no direct path: a NAT that maps each
         destination to a new port (RFC 4787 §4.1), as the probes found it."""
-        symmetric = "maps each destination to a new port (endpoint-dependent mapping, "
-        for whose, facts in (
-            ("our", self.nat),
-            (f"{introduction.peer_name}'s", introduction.peer_nat),
-        ):
-            if facts is not None and facts.mapping is Mapping.ENDPOINT_DEPENDENT:
-                return (
-                    f"{whose} NAT {symmetric}{facts.allocation.value} ports, as 'punch natcheck' "
-                    "shows), so the endpoint the rendezvous saw is no use to the other side, "
-                    "and a direct path may not exist"
-                )
+        hint = failure_hint(self.nat, introduction.peer_nat, introduction.peer_name)
+        if hint is not None:
+            return hint
         if self.nat is None and self.observed.port != self.host_candidate.port:
             return (
                 f"the rendezvous saw us at port {self.observed.port}, not our port "

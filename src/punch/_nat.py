@@ -1,7 +1,8 @@
 """RFC 4787's names for what a NAT does, and what a host tells the rendezvous of its own.
 
 Sans-IO: :mod:`punch._natcheck` measures, :mod:`punch._protocol` carries
-:class:`NatFacts`, the race will read them (issue 16).
+:class:`NatFacts`, the race reads them: :func:`predict` here for a sequential
+NAT, :mod:`punch._birthday` for a random one.
 """
 
 from __future__ import annotations

@@ -142,8 +142,8 @@ class NatReport:
                 "and to a cone peer, which predicts our next ports"
             )
         return (
-            "a symmetric NAT with random ports: direct to a public peer; "
-            "to others only by birthday punching (not yet in punch)"
+            "a symmetric NAT with random ports: direct to a public peer, and to a "
+            "cone peer by birthday punching (a second or two); none to another symmetric NAT"
         )
 
 

@@ -82,6 +82,10 @@ class Attempt:
         outcome: :class:`Outcome`.
         error: the error in one line (``ConnectionRefusedError: ...``), or
             ``None`` when it connected.
+        probe: a birthday punch's probe that connected (:mod:`punch._birthday`;
+            the rest are counted on :class:`~punch.ProbeReport`): paced with
+            the host's SYNs, not per candidate, so left out of
+            :func:`max_attempts_per_second`.
     """
 
     candidate: Candidate
@@ -90,6 +94,7 @@ class Attempt:
     ended: float
     outcome: Outcome
     error: str | None = None
+    probe: bool = False
 
     @classmethod
     def failed(
@@ -107,6 +112,7 @@ class Attempt:
             "ended": round(self.ended, 6),
             "outcome": self.outcome.value,
             "error": self.error,
+            "probe": self.probe,
         }
 
 
@@ -134,4 +140,4 @@ def peak_rate(starts: Iterable[tuple[Hashable, float]]) -> int:
 
 def max_attempts_per_second(attempts: Iterable[Attempt]) -> int:
     """The most attempts started to one candidate within any one second (RFC 8445 §14 pacing)."""
-    return peak_rate((a.candidate, a.started) for a in attempts)
+    return peak_rate((a.candidate, a.started) for a in attempts if not a.probe)

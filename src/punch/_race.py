@@ -21,8 +21,8 @@ from typing import Protocol
 import attrs
 import trio
 
-from . import reuse
-from ._candidates import select_candidates
+from . import _birthday, reuse
+from ._candidates import Selection, Skipped, select_candidates
 from ._endpoint import Candidate, CandidateType, Endpoint, Role
 from ._errors import (
     CandidateFailed,
@@ -33,7 +33,7 @@ from ._errors import (
     _describe,
 )
 from ._handshake import HELLO_SIZE, Handshake, Hello, Stage, parse_hello
-from ._nat import predict
+from ._nat import NatFacts, predict
 from ._outcome import REFUSALS, Attempt, Outcome
 from ._protocol import Introduction
 from ._stream import ExactReader, PeerStream, WonBy
@@ -208,6 +208,7 @@ class DialFn(Protocol):
         own: Iterable[Endpoint],
         *,
         redial: reuse.Redial | None,
+        shared: bool = True,
     ) -> Awaitable[trio.SocketStream]: ...
 
 
@@ -435,6 +436,42 @@ class InboundRouter:
                 reuse.abort(stream.socket)
 
 
+NO_PATH_TIMEOUT = 2.0
+"""Seconds a race lasts when both IPv4 NATs map endpoint-dependent, one at random
+(:func:`punch._birthday.no_direct_path`), and no IPv6 candidate is dialled: only
+host candidates are, for a shared LAN, which answers within milliseconds; 2 s
+covers one lost SYN (retransmitted after 1 s, RFC 6298 §2.1)."""
+NO_PATH = "both NATs map endpoint-dependent, one at random: no direct path but a shared LAN"
+BIRTHDAY_INSTEAD = "its NAT's other ports are probed instead (birthday punching)"
+
+
+def _without_srflx_v4(selection: Selection, why: str) -> Selection:
+    """``selection`` without its IPv4 server-reflexive candidates, skipped for ``why``:
+    an endpoint-dependent NAT's public port is its mapping toward the rendezvous only
+    (RFC 4787 §4.1)."""
+
+    def srflx_v4(c: Candidate) -> bool:
+        v4 = c.endpoint.family == socket.AF_INET
+        return v4 and c.type is CandidateType.SERVER_REFLEXIVE
+
+    return Selection(
+        tuple(c for c in selection.dial if not srflx_v4(c)),
+        selection.skipped + tuple(Skipped(c, why) for c in selection.dial if srflx_v4(c)),
+    )
+
+
+def _srflx_v4(dial: Iterable[Candidate]) -> Endpoint | None:
+    """The first IPv4 server-reflexive candidate's endpoint (a NAT's public side)."""
+    return next(
+        (
+            c.endpoint
+            for c in dial
+            if c.type is CandidateType.SERVER_REFLEXIVE and c.endpoint.family == socket.AF_INET
+        ),
+        None,
+    )
+
+
 def _kind(error: BaseException | None) -> tuple[type[BaseException] | None, int | None]:
     """What counts as "the same outcome" for two attempts: class and errno."""
     return (type(error) if error is not None else None, getattr(error, "errno", None))
@@ -520,6 +557,11 @@ class Race:
             ends, its SYNs are dropped there (:meth:`InboundRouter.drop_syns_from`),
             so that only our dials, a refused one's next with the same sequence
             numbers, answer them (see :data:`MIN_PACING`).
+        own_nat: what we measured of our NAT (:attr:`punch.Host.nat`); with the
+            introduction's ``peer_nat`` it decides a birthday punch
+            (:func:`punch._birthday.side`: probes beside the candidates) or
+            that no direct path exists (:func:`punch._birthday.no_direct_path`:
+            host candidates only, for :data:`NO_PATH_TIMEOUT` s).
     """
 
     introduction: Introduction
@@ -533,6 +575,7 @@ class Race:
     other_locals: tuple[Endpoint, ...] = ()
     router: InboundRouter | None = None
     introduced_at: float | None = None
+    own_nat: NatFacts | None = None
     _ipv4_go: trio.Event = attrs.field(factory=trio.Event, init=False)
     _streams: set[trio.SocketStream] = attrs.field(factory=set, init=False)
     _states: list[_CandidateState] = attrs.field(factory=list, init=False)
@@ -544,6 +587,8 @@ class Race:
     _scope: trio.CancelScope | None = attrs.field(default=None, init=False)
     _deadline: trio.CancelScope | None = attrs.field(default=None, init=False)
     _waiting_for_nomination: int = attrs.field(default=0, init=False)
+    _prober: _birthday.Prober | None = attrs.field(default=None, init=False)
+    _scanning: Endpoint | None = attrs.field(default=None, init=False)
 
     @property
     def _label(self) -> str:
@@ -567,10 +612,18 @@ class Race:
         intro = self.introduction
         locals = (self.local, *self.other_locals)
         selection = select_candidates(intro.candidates, locals, self.own, intro.peer_name)
+        srflx = _srflx_v4(selection.dial)
+        side = _birthday.side(self.own_nat, intro.peer_nat) if srflx is not None else None
+        no_path = _birthday.no_direct_path(self.own_nat, intro.peer_nat)
+        if no_path or side is not None:
+            selection = _without_srflx_v4(selection, NO_PATH if no_path else BIRTHDAY_INSTEAD)
         for skip in selection.skipped:
             log.info("%s: skip %s: %s", self._label, skip.candidate, skip.reason)
         dial = (*selection.dial, *self._predicted(selection.dial))
         self._states = [_CandidateState(c) for c in dial]
+        if side is not None and srflx is not None:
+            self._prober = self._birthday_prober(side, srflx)
+        no_path &= not self._ipv6_states()
         log.info(
             "%s: racing accept on %s against %d candidate(s): %s",
             self._label,
@@ -580,13 +633,16 @@ class Race:
             or "none",
         )
         keep = None
+        timeout = min(self.options.timeout, NO_PATH_TIMEOUT) if no_path else self.options.timeout
         try:
-            with trio.move_on_at(self._started + self.options.timeout) as self._deadline:
+            with trio.move_on_at(self._started + timeout) as self._deadline:
                 async with trio.open_nursery() as nursery:
                     self._scope = nursery.cancel_scope
                     for index, state in enumerate(self._states):
                         nursery.start_soon(self._dial_loop, state, index)
                     nursery.start_soon(self._accept_loop, nursery)
+                    if self._prober is not None:
+                        nursery.start_soon(self._probe_loop, self._prober)
                     if self._ipv6_states():
                         nursery.start_soon(self._stagger)
                     else:  # no task and no checkpoint between the start and the SYNs
@@ -604,8 +660,12 @@ class Race:
                     state.redial.close()
                 if state.dropping and self.router is not None:
                     self.router.stop_dropping_syns_from(state.candidate.endpoint)
+            if self._scanning is not None and self.router is not None:
+                self.router.stop_dropping_syns_from(self._scanning)
+        probes = self._prober.report() if self._prober is not None else None
         if self._winner is not None:
             self._winner.attempts = tuple(self._attempts)
+            self._winner.probes = probes
             return self._winner
         errors: list[Exception] = [s.failure() for s in self._states] + [
             e for e in self._inbound_errors if isinstance(e, Exception)
@@ -613,6 +673,13 @@ class Race:
         for error in errors:
             log.info("%s: failed: %s", self._label, error)
         summary = "; ".join(str(e) for e in errors) or "no candidates and no inbound connection"
+        if probes is not None:
+            summary += f"; birthday {probes.side}: {probes.sent} probes, none matched"
+        summary += "".join(
+            f"; {s.candidate}: not dialled: {s.reason}"
+            for s in selection.skipped
+            if s.reason in (NO_PATH, BIRTHDAY_INSTEAD)
+        )
         group = ExceptionGroup(
             f"every path to {intro.peer_name!r} failed", errors or [TimeoutError()]
         )
@@ -623,23 +690,71 @@ class Race:
             for e in self._inbound_errors
         )
         raise PunchFailed(
-            f"punch to {intro.peer_name!r} failed within {self.options.timeout:g} s: {summary}",
+            f"punch to {intro.peer_name!r} failed within {timeout:g} s: {summary}",
             attempts=tuple(self._attempts),
             authentication_failed=Outcome.HANDSHAKE_FAILED in outcomes or inbound_failed,
+            probes=probes,
         ) from group
+
+    def _birthday_prober(self, chosen: _birthday.Side, srflx: Endpoint) -> _birthday.Prober:
+        """The probes of a birthday punch (:mod:`punch._birthday`) toward the peer's
+        IPv4 server-reflexive endpoint, paced to leave room for the candidates'
+        SYNs (:func:`punch._birthday.probe_rate`)."""
+        local = next(e for e in (self.local, *self.other_locals) if e.family == srflx.family)
+        log.info(
+            "%s: birthday punch (%s; ours: %s; theirs: %s): %s",
+            self._label,
+            chosen.value,
+            self.own_nat or "not measured",
+            self.introduction.peer_nat or "not reported",
+            f"from new ports to {srflx}"
+            if chosen is _birthday.Side.SPRAY
+            else f"from {local} to random ports at {srflx.ip}",
+        )
+        rate = _birthday.probe_rate(len(self._states), MAX_ATTEMPTS_PER_SECOND)
+        return _birthday.Prober(chosen, local, srflx, self.dial, frozenset(self.own), rate)
+
+    async def _probe_loop(self, prober: _birthday.Prober) -> None:
+        """Run the birthday probes once IPv4 may go; a scan's peer address is
+        dropped at our listener meanwhile (see :mod:`punch._birthday`)."""
+        await self._ipv4_go.wait()
+        if prober.side is _birthday.Side.SCAN and self.router is not None:
+            self._scanning = Endpoint(prober.target.ip, 0)
+            self.router.drop_syns_from(self._scanning)
+        await prober.run(self._probe_connected)
+
+    async def _probe_connected(
+        self, stream: trio.SocketStream, candidate: Candidate, started: float
+    ) -> None:
+        """Authenticate a probe's stream (that started at ``started``, trio time) like a
+        candidate's; recorded as an attempt."""
+        self._streams.add(stream)
+        assert self._prober is not None
+        log.info(
+            "%s: birthday %s probe connected to %s from %s (%d probes so far)",
+            self._label,
+            self._prober.side.value,
+            candidate,
+            Endpoint.from_sockaddr(stream.socket.getsockname()),
+            self._prober.sent,
+        )
+        outcome: Outcome | BaseException | None = None
+        try:
+            await self._authenticate(ExactReader(stream), WonBy.CONNECT, _peer(stream), None)
+            won = self._winner is not None and self._winner.socket_stream is stream
+            outcome = Outcome.NOMINATED if won else Outcome.AUTHENTICATED
+        except OSError as exc:
+            outcome = exc
+            self._drop(stream)
+            log.info("%s: %s: handshake failed: %s", self._label, candidate, exc)
+        finally:
+            self._record(_CandidateState(candidate, attempts=1), started, outcome, probe=True)
 
     def _predicted(self, dial: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
         """The ports the peer's NAT will give next, when it reported sequential,
         endpoint-dependent allocation (:func:`punch._nat.predict`); dialled
         beside the rest, from the same port, past the selection's cap."""
-        srflx = next(
-            (
-                c.endpoint
-                for c in dial
-                if c.type is CandidateType.SERVER_REFLEXIVE and c.endpoint.family == socket.AF_INET
-            ),
-            None,
-        )
+        srflx = _srflx_v4(dial)
         if srflx is None:
             return ()
         taken = {c.endpoint for c in dial} | set(self.own)
@@ -762,7 +877,11 @@ class Race:
                 self._record(state, started, outcome)
 
     def _record(
-        self, state: _CandidateState, started: float, outcome: Outcome | BaseException | None
+        self,
+        state: _CandidateState,
+        started: float,
+        outcome: Outcome | BaseException | None,
+        probe: bool = False,
     ) -> None:
         """Keep the attempt that started at ``started`` (trio time) as an :class:`Attempt`.
 
@@ -779,7 +898,7 @@ class Race:
             attempt = Attempt.failed(state.candidate, state.attempts, begin, end, outcome)
         else:
             attempt = Attempt(state.candidate, state.attempts, begin, end, outcome)
-        self._attempts.append(attempt)
+        self._attempts.append(attrs.evolve(attempt, probe=probe))
 
     def _prime(self, state: _CandidateState, local: Endpoint) -> Outcome | OSError:
         """Send a priming SYN to the candidate (:func:`punch.reuse.prime`); the next

@@ -9,6 +9,7 @@ import attrs
 import trio
 
 from . import reuse
+from ._birthday import ProbeReport
 from ._endpoint import Endpoint, Role
 from ._errors import HandshakeInterrupted
 from ._outcome import Attempt
@@ -98,6 +99,9 @@ class PeerStream(trio.abc.HalfCloseableStream):
             (:class:`~punch.Attempt`: candidate, number, start and end in
             seconds from the introduction, outcome, error); the winning one,
             if we won by connect, has the outcome ``NOMINATED``.
+        probes: a birthday punch's probes (:class:`~punch.ProbeReport`), or
+            None when the punch made none (a probe that connected is in
+            ``attempts`` too).
         peer_id: the peer's peer ID (:attr:`punch.Identity.peer_id`), proven
             by its TLS certificate; ``None`` on a plaintext stream.
         tls_time: seconds the TLS handshake took after nomination (0.0 on a
@@ -114,6 +118,7 @@ class PeerStream(trio.abc.HalfCloseableStream):
     connect_time: float
     _pending: bytearray = attrs.field(factory=bytearray, converter=bytearray, alias="pending")
     attempts: tuple[Attempt, ...] = ()
+    probes: ProbeReport | None = None
     peer_id: str | None = None
     tls_time: float = 0.0
     _started_tls: TLSStream | None = attrs.field(default=None, alias="started_tls")

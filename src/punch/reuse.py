@@ -118,6 +118,27 @@ def bind_reusable(local: _EndpointLike) -> trio.socket.SocketType:
     return trio.socket.from_stdlib_socket(sock)
 
 
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+"""ip(7) option number (Linux 4.2+); Python's socket module lacks it."""
+
+
+def _bind_new_port(local: Endpoint) -> trio.socket.SocketType:
+    """A new TCP socket bound to ``local``'s address, its port left to ``connect``: one
+    free for the 4-tuple, from ``ip_local_port_range`` (ip(7)
+    ``IP_BIND_ADDRESS_NO_PORT``), shared with nothing (no reuse options)."""
+    sock = socket.socket(local.family, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        except OSError:
+            pass  # not Linux: bind picks the port
+        sock.bind(Endpoint(local.ip, 0).sockaddr())
+    except BaseException:
+        sock.close()
+        raise
+    return trio.socket.from_stdlib_socket(sock)
+
+
 def open_listener(local: _EndpointLike) -> trio.SocketListener:
     """A listening socket on ``local`` that dials on the same port can share.
 
@@ -377,6 +398,7 @@ async def dial(
     own: Iterable[Endpoint] = (),
     *,
     redial: Redial | None = None,
+    shared: bool = True,
 ) -> trio.SocketStream:
     """Connect from ``local`` (shared with the listener) to ``remote``.
 
@@ -389,6 +411,10 @@ async def dial(
             (see :class:`Redial`): the next dial with the same ``redial`` and
             ``remote`` connects that socket again, or returns it if it connected
             meanwhile.
+        shared: False: a socket of its own, without the reuse options, from a
+            new port of ``local``'s address that ``connect`` picks (``local``'s
+            port is ignored; ip(7) ``IP_BIND_ADDRESS_NO_PORT``): a birthday
+            punch's probe (:mod:`punch._birthday`).
 
     Returns:
         a connected :class:`trio.SocketStream`.
@@ -415,7 +441,7 @@ async def dial(
     sock = redial._take(remote) if redial is not None else None
     refused_before = sock is not None
     if sock is None:
-        sock = bind_reusable(local)
+        sock = bind_reusable(local) if shared else _bind_new_port(local)
     try:
         _before_connect(sock, redial is not None)
         await _connect(sock, remote, refused_before)
@@ -566,7 +592,9 @@ def _syn_filter(endpoints: tuple[Endpoint, ...]) -> list[tuple[int, int, int, in
         block = []
         for i, (word,) in enumerate(struct.iter_unpack("!I", packed)):
             block += [(_LD_W, _SKF_NET_OFF + source + 4 * i), (_JEQ, word)]
-        blocks.append([*block, (_LD_H, 0), (_JEQ, endpoint.port)])  # TCP source port
+        if endpoint.port:  # port 0: any port of the address
+            block += [(_LD_H, 0), (_JEQ, endpoint.port)]  # TCP source port
+        blocks.append(block)
     body = sum(len(b) for b in blocks)
     program = [(_LD_B, 0, 0, 13), (_AND, 0, 0, 0x12), (_JEQ, 0, body, 0x02)]  # SYN, no ACK
     after = body
@@ -596,7 +624,8 @@ def drop_syns_from(listener: trio.socket.SocketType, endpoints: Iterable[Endpoin
     (socket(7) ``SO_ATTACH_FILTER``; no privilege needed) replaces any earlier
     one; an empty ``endpoints`` removes it. Endpoints of the other family are
     left out. Connections already accepted, and segments other than a SYN
-    without ACK, pass.
+    without ACK, pass. An endpoint with port 0 stands for every port of its
+    address (a birthday punch's peer, :mod:`punch._birthday`).
 
     Args:
         listener: a listening TCP socket.
