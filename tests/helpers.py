@@ -23,12 +23,20 @@ from punch._identity import Identity
 from punch._protocol import Challenge, Error, Introduction, RendezvousConnection, Side
 from punch._race import InboundRouter, Race
 from punch._stream import ExactReader
-from punch.reuse import TCP_RTO_MAX_MS, bind_reusable
+from punch.reuse import TCP_RTO_MAX_MS, TCP_RTO_MIN_US, bind_reusable
 
 
 def open_fds() -> int:
     """How many file descriptors this process holds now."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def rto_min_us(sock: trio.socket.SocketType) -> int | None:
+    """``TCP_RTO_MIN_US`` of ``sock``, None on a kernel without it (before Linux 6.15)."""
+    try:
+        return int(sock.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MIN_US))
+    except OSError:
+        return None
 
 
 def rto_max_ms(sock: trio.socket.SocketType) -> int | None:

@@ -16,6 +16,7 @@ from tests.helpers import (
     nonblocking_client,
     open_fds,
     rto_max_ms,
+    rto_min_us,
     tcp_state,
 )
 
@@ -141,9 +142,14 @@ async def test_a_dial_retransmits_every_second_at_most_until_it_is_given_back() 
             if rto_max_ms(stream.socket) is None:
                 pytest.skip("this kernel has no TCP_RTO_MAX_MS (Linux 6.15+)")
             assert rto_max_ms(stream.socket) == reuse.PUNCH_RTO_MAX_MS == 1000
+            # and falls to 50 ms above the smoothed round trip (kept in jiffies: 4 ms at HZ 250)
+            assert rto_min_us(stream.socket) == pytest.approx(reuse.PUNCH_RTO_MIN_US, abs=4000)
             reuse.restore_retransmission_timeout(stream.socket)
-            system = reuse._system_rto_max_ms()  # net.ipv4.tcp_rto_max_ms
+            system = reuse._sysctl("tcp_rto_max_ms", reuse.DEFAULT_RTO_MAX_MS)
             assert rto_max_ms(stream.socket) == system != 1000
+            floor = reuse._sysctl("tcp_rto_min_us", reuse.DEFAULT_RTO_MIN_US)
+            assert rto_min_us(stream.socket) == pytest.approx(floor, abs=4000)
+            assert floor > 100_000
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
