@@ -53,12 +53,13 @@ import collections
 import enum
 import random
 import resource
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 import attrs
 import trio
 
+from . import reuse
 from ._endpoint import Candidate, CandidateType, Endpoint
 from ._nat import Allocation, Mapping, NatFacts
 from ._outcome import Outcome, classify
@@ -241,7 +242,20 @@ class ProbeReport:
 ProbeConnected = Callable[[trio.SocketStream, Candidate, float], Awaitable[None]]
 """What a :class:`Prober` calls with a probe's connected stream, its candidate and
 when it started (trio time): authenticate it."""
-DialFn = Callable[..., Awaitable[trio.SocketStream]]
+
+
+class DialFn(Protocol):
+    """The shape of :func:`punch.reuse.dial`, which tests swap for fakes."""
+
+    def __call__(
+        self,
+        local: Endpoint,
+        remote: Endpoint,
+        own: Iterable[Endpoint],
+        *,
+        redial: reuse.Redial | None,
+        shared: bool = True,
+    ) -> Awaitable[trio.SocketStream]: ...
 
 
 @attrs.define(eq=False)

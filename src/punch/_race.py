@@ -15,13 +15,14 @@ import logging
 import math
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import attrs
 import trio
 
 from . import _birthday, reuse
+from ._birthday import DialFn
 from ._candidates import Selection, Skipped, select_candidates
 from ._endpoint import Candidate, CandidateType, Endpoint, Role
 from ._errors import (
@@ -196,20 +197,6 @@ class PunchOptions:
     def _check_stagger(self, attribute: attrs.Attribute[float], value: float) -> None:
         if value > MAX_STAGGER:
             raise ValueError(f"stagger must be <= {MAX_STAGGER:g} s (RFC 8305 §8), not {value!r}")
-
-
-class DialFn(Protocol):
-    """The shape of :func:`punch.reuse.dial`, which tests swap for fakes."""
-
-    def __call__(
-        self,
-        local: Endpoint,
-        remote: Endpoint,
-        own: Iterable[Endpoint],
-        *,
-        redial: reuse.Redial | None,
-        shared: bool = True,
-    ) -> Awaitable[trio.SocketStream]: ...
 
 
 class PrimeFn(Protocol):
@@ -450,26 +437,20 @@ def _without_srflx_v4(selection: Selection, why: str) -> Selection:
     an endpoint-dependent NAT's public port is its mapping toward the rendezvous only
     (RFC 4787 §4.1)."""
 
-    def srflx_v4(c: Candidate) -> bool:
-        v4 = c.endpoint.family == socket.AF_INET
-        return v4 and c.type is CandidateType.SERVER_REFLEXIVE
-
     return Selection(
-        tuple(c for c in selection.dial if not srflx_v4(c)),
-        selection.skipped + tuple(Skipped(c, why) for c in selection.dial if srflx_v4(c)),
+        tuple(c for c in selection.dial if not _is_srflx_v4(c)),
+        selection.skipped + tuple(Skipped(c, why) for c in selection.dial if _is_srflx_v4(c)),
     )
+
+
+def _is_srflx_v4(candidate: Candidate) -> bool:
+    family = candidate.endpoint.family
+    return candidate.type is CandidateType.SERVER_REFLEXIVE and family == socket.AF_INET
 
 
 def _srflx_v4(dial: Iterable[Candidate]) -> Endpoint | None:
     """The first IPv4 server-reflexive candidate's endpoint (a NAT's public side)."""
-    return next(
-        (
-            c.endpoint
-            for c in dial
-            if c.type is CandidateType.SERVER_REFLEXIVE and c.endpoint.family == socket.AF_INET
-        ),
-        None,
-    )
+    return next((c.endpoint for c in dial if _is_srflx_v4(c)), None)
 
 
 def _kind(error: BaseException | None) -> tuple[type[BaseException] | None, int | None]:
