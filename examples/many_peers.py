@@ -46,7 +46,7 @@ async def main() -> None:
                     await stream.send_all(b"ping")
                     reply = (await stream.receive_some()).decode()
                     print(f"hub {stream.local} <-> {name} {stream.remote}: {reply}")
-            assert len({s.local for s in streams.values()}) == 1  # one port for all
+            assert len({s.local.port for s in streams.values()}) == 1  # one port for all
         nursery.cancel_scope.cancel()
 
 

@@ -94,12 +94,31 @@ class Cell:
     a: str
     b: str
     fault: str = ""
+    relay: bool = False
+    """The rendezvous runs a relay (``--relay``; issue 17): where no direct path
+    exists the peers connect through it, and where one does it must still win."""
 
     @property
     def name(self) -> str:
         if self.a == self.b and self.a in ("hairpin", "overlap"):
             return self.a
-        return f"{self.a} x {self.b}" + (f", {FAULTS[self.fault]}" if self.fault else "")
+        return (
+            f"{self.a} x {self.b}"
+            + (f", {FAULTS[self.fault]}" if self.fault else "")
+            + (", relay" if self.relay else "")
+        )
+
+    @property
+    def paths(self) -> frozenset[str]:
+        """The :attr:`punch.PeerStream.path` values a trial may end on: ``direct`` where
+        a direct path exists, ``relayed`` where none does but a relay runs, either in a
+        :attr:`birthday` cell with a relay (its 2 s stagger against the punch's
+        chance); none: both peers must fail."""
+        if self.relay and self.birthday:
+            return frozenset({"direct", "relayed"})
+        if self.direct:
+            return frozenset({"direct"})
+        return frozenset({"relayed"}) if self.relay else frozenset()
 
     @property
     def asserted(self) -> bool:
@@ -122,7 +141,7 @@ class Cell:
         """Trials a cell may miss: none, but in a :attr:`birthday` cell a tenth of them
         (:data:`BIRTHDAY_RATE`), and at least one (at 3% a trial, 2 misses in 3 come once in
         400 quick runs, where requiring 3 of 3 would fail one run in 11 over six cells)."""
-        if not self.birthday:
+        if not self.birthday or self.relay:
             return 0
         return max(1, int(trials * (1 - BIRTHDAY_RATE) + 1e-9))
 
@@ -162,6 +181,16 @@ def _direct_v4(a: str, b: str) -> bool:
     return True
 
 
+RELAY_CELLS = (
+    Cell("symmetric", "symmetric", relay=True),
+    Cell("symmetric-seq", "symmetric", relay=True),
+    Cell("cone", "cone", relay=True),
+    Cell("cone-rst", "symmetric", relay=True),
+)
+"""Issue 17's rows: two endpoint-dependent NATs, relayed at once (both sides know no
+direct path exists); a cone pair, direct with the relay offered at 2 s; a birthday
+punch, which may end on either (median 1.5-3.4 s against the relay's 2 s stagger)."""
+
 IPV6_CELLS = (
     Cell("symmetric+fw6-drop", "symmetric+fw6-reject"),
     Cell("symmetric+fw6-reject", "symmetric+fw6-drop"),
@@ -179,7 +208,7 @@ def cells() -> list[Cell]:
     special = [Cell("hairpin", "hairpin"), Cell("overlap", "overlap")]
     faults = [Cell("cone", "cone", fault) for fault in FAULTS]
     pairs = [Cell(a, b) for a in PROFILES for b in PROFILES]
-    return pairs + special + list(IPV6_CELLS) + faults
+    return pairs + special + list(IPV6_CELLS) + list(RELAY_CELLS) + faults
 
 
 @attrs.frozen
@@ -228,7 +257,7 @@ class CellResult:
         failed_in = [t.seconds for t in self.trials if not t.connected]
         return {
             "cell": self.cell.name,
-            "expect": ("direct" if self.cell.direct else "no direct path")
+            "expect": (" or ".join(sorted(self.cell.paths)) or "no direct path")
             + (f" (>= {BIRTHDAY_RATE:.0%}: birthday)" if self.cell.birthday else "")
             + ("" if self.cell.asserted else " (measured, not asserted)"),
             "trials": len(self.trials),
@@ -274,7 +303,7 @@ def judge(cell: Cell, topology: Topology, alice: PeerRun, bob: PeerRun, seconds:
     attempts = max_attempts_per_second(alice, bob)
     if attempts > MAX_ATTEMPTS_PER_SECOND:
         problems.append(f"{attempts} attempts/s to one candidate (limit {MAX_ATTEMPTS_PER_SECOND})")
-    if cell.direct:
+    if cell.paths:
         if (alice.returncode, bob.returncode) != (0, 0) or not (connected_a and connected_b):
             error = alice.event("error") or bob.event("error") or {}
             problems.append(
@@ -282,6 +311,14 @@ def judge(cell: Cell, topology: Topology, alice: PeerRun, bob: PeerRun, seconds:
             )
         else:
             hairpin = cell.a == "hairpin"
+            relayed = connected_a.get("path") == "relayed"
+            if connected_a.get("path") not in cell.paths or connected_b.get("path") != (
+                connected_a.get("path")
+            ):
+                problems.append(
+                    f"paths {connected_a.get('path')}/{connected_b.get('path')}, "
+                    f"expected {' or '.join(sorted(cell.paths))}"
+                )
             for run, connected, registered, other in (
                 (alice, connected_a, registered_b, site_b),
                 (bob, connected_b, registered_a, site_a),
@@ -289,11 +326,13 @@ def judge(cell: Cell, topology: Topology, alice: PeerRun, bob: PeerRun, seconds:
                 expected_ip = other.peer_ip if hairpin else other.public_ip
                 if cell.ipv6:  # both sites have IPv6: it is tried first, and wins
                     expected_ip = other.peer_ip6
+                if relayed:  # the relay, at the rendezvous's address
+                    expected_ip = topology.rendezvous_ip
                 if _ip(connected["remote"]) != expected_ip:
                     problems.append(
                         f"{run.name}'s stream goes to {connected['remote']}, not {expected_ip}"
                     )
-                port_preserved = not hairpin and not cell.ipv6
+                port_preserved = not hairpin and not cell.ipv6 and not relayed
                 port_preserved &= not any(p.startswith("symmetric") for p in (cell.a, cell.b))
                 if port_preserved and registered and connected["remote"] != registered["observed"]:
                     problems.append(
@@ -320,6 +359,7 @@ def judge(cell: Cell, topology: Topology, alice: PeerRun, bob: PeerRun, seconds:
         connected=bool(connected_a and connected_b),
         time_ms=connected_a["connect_time"] * 1000 if connected_a else None,
         won_by=f"{connected_a['won_by']}/{connected_b['won_by']}"
+        + (" relayed" if connected_a.get("path") == "relayed" else "")
         if connected_a and connected_b
         else None,
         seconds=seconds,
@@ -364,6 +404,8 @@ def run_cell(cell: Cell, trials: int) -> CellResult:
             options: dict[str, Any] = dict(verbose)
             if stray is not None:
                 options["after_rendezvous"] = start_stray
+            if cell.relay:
+                options["rendezvous_args"] = ("--relay",)
             start = time.monotonic()
             if cell.fault == "rendezvous-dies":
                 alice, bob, carol = run_rendezvous_dies(lab, topology)

@@ -209,9 +209,12 @@ def run_on_loopback() -> tuple[PeerRun, PeerRun, str]:
         pair.close()
 
 
-def run_in_lab(lab: Lab, topology: Topology, **options: Any) -> tuple[PeerRun, PeerRun]:
+def run_in_lab(
+    lab: Lab, topology: Topology, *, rendezvous_args: Sequence[str] = (), **options: Any
+) -> tuple[PeerRun, PeerRun]:
     """The pair in the lab: rendezvous on the public host, bob at site b, alice at site a.
 
+    ``rendezvous_args``: more ``punch-rendezvous`` flags (``--relay``...);
     ``options`` go to :meth:`PairRun.run` (``listener_args``, ``after_rendezvous``...).
     """
     a, b = topology.sites
@@ -222,7 +225,11 @@ def run_in_lab(lab: Lab, topology: Topology, **options: Any) -> tuple[PeerRun, P
             rendezvous_listen=f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}",
             listener_prefix=lab.exec_prefix(b.peer_ns),
             connector_prefix=lab.exec_prefix(a.peer_ns),
-            rendezvous_args=("--listen", f"[{topology.rendezvous_ip6}]:{RENDEZVOUS_PORT}"),
+            rendezvous_args=(
+                "--listen",
+                f"[{topology.rendezvous_ip6}]:{RENDEZVOUS_PORT}",
+                *rendezvous_args,
+            ),
             listener_rendezvous=_rendezvous_for(b, topology),
             connector_rendezvous=_rendezvous_for(a, topology),
             **options,

@@ -41,7 +41,8 @@ def test_which_cells_have_a_direct_path(a: str, b: str, direct: bool) -> None:
 
 def test_the_matrix_covers_every_ordered_pair_and_the_special_cells() -> None:
     names = [c.name for c in cells()]
-    assert len(names) == len(set(names)) == 7 * 7 + 2 + 5 + 2
+    assert len(names) == len(set(names)) == 7 * 7 + 2 + 5 + 4 + 2
+    assert "symmetric x symmetric, relay" in names
     assert "symmetric+fw6-drop x symmetric+fw6-reject" in names
     assert "none+fw6-drop x none+fw6-reject" in names
     assert {"hairpin", "overlap", "cone-rst x symmetric", "symmetric x cone-rst"} <= set(names)
@@ -62,6 +63,24 @@ def test_the_matrix_covers_every_ordered_pair_and_the_special_cells() -> None:
 )
 def test_a_symmetric_nat_against_a_cone_is_a_birthday_cell(cell: Cell, birthday: bool) -> None:
     assert cell.birthday is birthday
+
+
+@pytest.mark.parametrize(
+    ("cell", "paths"),
+    [
+        (Cell("symmetric", "symmetric"), set()),  # no direct path, no relay: both fail
+        (Cell("symmetric", "symmetric", relay=True), {"relayed"}),
+        (Cell("symmetric-seq", "symmetric", relay=True), {"relayed"}),
+        (Cell("cone", "cone", relay=True), {"direct"}),  # the relay must not win
+        (Cell("cone-rst", "symmetric", relay=True), {"direct", "relayed"}),  # birthday vs 2 s
+        (Cell("cone", "cone"), {"direct"}),
+    ],
+)
+def test_a_relay_cell_expects_the_relay_only_where_no_direct_path_exists(
+    cell: Cell, paths: set[str]
+) -> None:
+    assert cell.paths == paths
+    assert cell.allowed_misses(20) == (2 if cell.birthday and not cell.relay else 0)
 
 
 def _trial(connected: bool, problems: tuple[str, ...] = ()) -> Trial:

@@ -26,6 +26,7 @@ from ._errors import PeerVerificationError as PeerVerificationError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import PunchError as PunchError
 from ._errors import PunchFailed as PunchFailed
+from ._errors import RelayRefused as RelayRefused
 from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._errors import RendezvousError as RendezvousError
 from ._errors import ReuseUnavailable as ReuseUnavailable
@@ -43,9 +44,13 @@ from ._natcheck import natcheck as natcheck
 from ._outcome import Attempt as Attempt
 from ._outcome import Outcome as Outcome
 from ._race import PunchOptions as PunchOptions
+from ._race import RelayMode as RelayMode
+from ._relay import Relay as Relay
+from ._relay import RelayLimits as RelayLimits
 from ._server import ServerLimits as ServerLimits
 from ._server import serve_rendezvous as serve_rendezvous
 from ._stream import PeerStream as PeerStream
+from ._stream import StreamPath as StreamPath
 from ._stream import WonBy as WonBy
 from .reuse import reuse_available as reuse_available
 
@@ -75,12 +80,17 @@ __all__ = [
     "PunchError",
     "PunchFailed",
     "PunchOptions",
+    "Relay",
+    "RelayLimits",
+    "RelayMode",
+    "RelayRefused",
     "RemoteProtocolError",
     "RendezvousError",
     "ReuseUnavailable",
     "Role",
     "SelfDialError",
     "ServerLimits",
+    "StreamPath",
     "WonBy",
     "connect",
     "natcheck",

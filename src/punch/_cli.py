@@ -32,8 +32,16 @@ from ._errors import (
 )
 from ._host import Host, open_host
 from ._identity import Identity, check_peer_id
-from ._protocol import MAX_TOKEN
-from ._race import DEFAULT_STAGGER, DEFAULT_TIMEOUT, MAX_STAGGER, MIN_STAGGER
+from ._protocol import MAX_RELAY_DELAY, MAX_TOKEN
+from ._race import (
+    DEFAULT_RELAY_STAGGER,
+    DEFAULT_STAGGER,
+    DEFAULT_TIMEOUT,
+    MAX_STAGGER,
+    MIN_STAGGER,
+    RelayMode,
+)
+from ._relay import Relay, RelayLimits
 from ._server import LOOPBACK, ServerLimits, serve_rendezvous
 from ._stream import PeerStream
 from .transfer import TransferError
@@ -112,6 +120,10 @@ class Options:
     """Off with ``--no-encrypt``."""
     stagger: float = DEFAULT_STAGGER
     """``--stagger``: seconds IPv4 candidates wait while IPv6 ones are dialled."""
+    relay: str = RelayMode.FALLBACK.value
+    """``--relay``: fallback, never or only (:class:`~punch.RelayMode`)."""
+    relay_stagger: float = DEFAULT_RELAY_STAGGER
+    """``--relay-stagger``: seconds the relay waits while the direct paths race."""
 
 
 def default_identity_path() -> Path:
@@ -319,6 +331,7 @@ def _connected_fields(stream: PeerStream) -> dict[str, Any]:
         "peer": stream.peer_name,
         "role": stream.role.value,
         "won_by": stream.won_by.value,
+        "path": stream.path.value,
         "local": str(stream.local),
         "remote": str(stream.remote),
         "connect_time": round(stream.connect_time, 6),
@@ -340,6 +353,8 @@ async def _session(options: Options, report: Reporter) -> None:
         local=options.local,
         family=options.family,
         stagger=options.stagger,
+        relay=options.relay,
+        relay_stagger=options.relay_stagger,
         timeout=options.timeout,
         token=options.token,
         rendezvous_ssl_context=options.ssl_context,
@@ -371,7 +386,8 @@ async def _session(options: Options, report: Reporter) -> None:
     security = f"TLS 1.3, peer ID {stream.peer_id}" if stream.encrypted else "plaintext"
     report(
         "connected",
-        f"connected to {stream.peer_name!r} ({stream.role.value}, won by {stream.won_by.value}): "
+        f"connected to {stream.peer_name!r} ({stream.role.value}, {stream.path.value}, "
+        f"won by {stream.won_by.value}): "
         f"{stream.local} -> {stream.remote} in {stream.connect_time * 1000:.1f} ms, {security}",
         **_connected_fields(stream),
     )
@@ -447,6 +463,22 @@ def _subcommand(commands: Any, name: str) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"seconds IPv4 candidates wait while IPv6 ones are dialled (RFC 8305 happy "
         f"eyeballs; 0.01-2, default {DEFAULT_STAGGER:g})",
+    )
+    sub.add_argument(
+        "--relay",
+        choices=[m.value for m in RelayMode],
+        default=RelayMode.FALLBACK.value,
+        help="fallback: a stream through the rendezvous's relay (punch-rendezvous --relay) "
+        "competes once --relay-stagger has passed, or at once where no direct path can exist; "
+        "never: direct only; only: relayed only (default fallback)",
+    )
+    sub.add_argument(
+        "--relay-stagger",
+        type=_seconds,
+        default=DEFAULT_RELAY_STAGGER,
+        metavar="SECONDS",
+        help=f"seconds the relay waits while the direct paths race (0-60, default "
+        f"{DEFAULT_RELAY_STAGGER:g}); the initiator's counts for both",
     )
     sub.add_argument(
         "--timeout",
@@ -563,6 +595,8 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optio
         family = args.local.family
     if not MIN_STAGGER <= args.stagger <= MAX_STAGGER:
         parser.error(f"--stagger must be {MIN_STAGGER:g}-{MAX_STAGGER:g} s, not {args.stagger:g}")
+    if args.relay_stagger > MAX_RELAY_DELAY:
+        parser.error(f"--relay-stagger must be at most {MAX_RELAY_DELAY:g} s")
     context = tls_client_context(parser, args)
     specific = {
         field.name: getattr(args, field.name)
@@ -668,6 +702,7 @@ def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
         "(default the first --listen port + 1; 0 picks one; off: none)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    _relay_arguments(parser)
     limits = parser.add_argument_group(
         "limits", "each refusal is an error frame with the code in brackets, then a close"
     )
@@ -738,6 +773,89 @@ def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
     tls = parser.add_argument_group("TLS", "serve the control channel over TLS (RFC 8445 §19.2)")
     tls.add_argument("--tls-cert", type=Path, metavar="FILE", help="certificate chain (PEM)")
     tls.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM)")
+
+
+def _relay_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = RelayLimits()
+    relay = parser.add_argument_group(
+        "relay",
+        "splice two peers' streams where no direct path exists (RFC 8445 relayed candidate); "
+        "payload unread, the peers' own TLS. A refused Bind gets the code in brackets; a "
+        "stream over a byte or time bound is reset",
+    )
+    relay.add_argument(
+        "--relay",
+        action="store_true",
+        help="run the relay (default off); every relayed "
+        "byte crosses this host twice: provision the bandwidth",
+    )
+    relay.add_argument(
+        "--relay-port",
+        type=_probe_port,
+        metavar="PORT",
+        help="its TCP port on every --listen address (default the first --listen port + 2; "
+        "0 picks one)",
+    )
+    for flag, kind, text in (
+        ("--relay-max-circuits", _count, "relayed streams at once [relay-full]"),
+        ("--relay-max-circuits-per-peer", _count, "relayed streams of one peer [peer-limit]"),
+        ("--relay-max-bytes-per-circuit", _size, "bytes one stream carries, both ways; then reset"),
+        (
+            "--relay-max-bytes-per-peer-hour",
+            _size,
+            "bytes a peer's streams carry in a clock hour [peer-quota]; then reset",
+        ),
+        ("--relay-rate", _size, "bytes/s each direction of a stream (token bucket)"),
+        ("--relay-max-lifetime", _seconds, "seconds a stream lasts; then reset"),
+        (
+            "--relay-bind-timeout",
+            _seconds,
+            "seconds a bound peer waits for the other [bind-timeout]",
+        ),
+    ):
+        dest = flag[len("--relay-") :].replace("-", "_")
+        default = getattr(defaults, dest)
+        relay.add_argument(
+            flag,
+            dest=f"relay_{dest}",
+            type=kind,
+            default=default,
+            metavar="SECONDS" if kind is _seconds else "N" if kind is _count else "BYTES",
+            help=f"{text} (default {_sized(default) if kind is _size else f'{default:g}'})",
+        )
+
+
+def _sized(value: int) -> str:
+    """Bytes the way ``_size`` reads them: ``1G``, ``512K``."""
+    for unit in ("T", "G", "M", "K"):
+        if value % _SIZE_UNITS[unit] == 0:
+            return f"{value // _SIZE_UNITS[unit]}{unit}"
+    return str(value)
+
+
+def _relay_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, listen: list[Endpoint]
+) -> tuple[int | None, RelayLimits]:
+    """The relay port (None: no relay) and its limits."""
+    limits = RelayLimits(
+        **{
+            field.name: getattr(args, f"relay_{field.name}")
+            for field in attrs.fields(RelayLimits)
+            if hasattr(args, f"relay_{field.name}")
+        }
+    )
+    if not args.relay:
+        if args.relay_port is not None:
+            parser.error("--relay-port needs --relay")
+        return None, limits
+    port = args.relay_port
+    if port == "off":
+        parser.error("--relay-port takes a port; leave --relay out for none")
+    if port is None:
+        port = listen[0].port and listen[0].port + 2
+        if port > 65535:
+            parser.error(f"--listen port {listen[0].port} has no port + 2: give --relay-port")
+    return int(port), limits
 
 
 def _server_options(
@@ -859,6 +977,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         probe_port = listen[0].port and listen[0].port + 1
         if probe_port > 65535:
             parser.error("--listen port 65535 has no port + 1: give --probe-port")
+    relay_port, relay_limits = _relay_options(parser, args, listen)
     bound: list[Endpoint] = []
     _logging(logging.WARNING if args.quiet else logging.INFO)
     _raise_fd_limit()
@@ -876,6 +995,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     stop=stop,
                     persist_names=args.persist_names,
                     probe_port=None if probe_port == "off" else probe_port,
+                    relay_port=relay_port,
+                    relay=Relay(relay_limits),
                 )
                 await nursery.start(serve)
                 print(*bound, sep="\n", flush=True)

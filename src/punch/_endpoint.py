@@ -145,6 +145,10 @@ class CandidateType(enum.Enum):
     sequential allocation it reported (:func:`punch._nat.predict`), or a random
     port a birthday punch's scan dials (:mod:`punch._birthday`); made by the
     dialling side, never sent by a rendezvous."""
+    RELAYED = "relay"
+    """A relay's endpoint (RFC 8445 §5.1.1.2; TURN's name is "relay"): the
+    introduction's :class:`~punch._protocol.RelayGrant`, dialled from a new
+    port; the relay splices the stream to the peer's (:mod:`punch._relay`)."""
 
 
 @attrs.frozen(order=True)

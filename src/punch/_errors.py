@@ -119,6 +119,23 @@ class NameTaken(RendezvousError):
     """
 
 
+class RelayRefused(PunchError, ConnectionError):
+    """The relay refused to bind our relayed stream (its ``Error`` frame).
+
+    Attributes:
+        code: the relay's code: ``bad-ticket``, ``bad-proof``, ``expired``,
+            ``attempt-used``, ``role-taken``, ``relay-full``, ``peer-limit``,
+            ``peer-quota``, ``bind-timeout``, ``too-many-connections`` (see
+            :class:`punch.RelayLimits`).
+        detail: its text.
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"relay refused: {code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
 class PunchFailed(PunchError, OSError):
     """No candidate produced an authenticated, nominated stream before the deadline.
 

@@ -38,11 +38,13 @@ from ._protocol import (
 )
 from ._race import (
     DEFAULT_PACING,
+    DEFAULT_RELAY_STAGGER,
     DEFAULT_STAGGER,
     DEFAULT_TIMEOUT,
     InboundRouter,
     PunchOptions,
     Race,
+    RelayMode,
 )
 from ._stream import PeerStream
 
@@ -270,9 +272,15 @@ class Host:
         return frozenset({*self.locals, *self.host_candidates, *self.server_reflexive})
 
     async def connect(
-        self, peer: str, *, timeout: float | None = None, peer_id: str | None = None
+        self,
+        peer: str,
+        *,
+        timeout: float | None = None,
+        peer_id: str | None = None,
+        relay: RelayMode | str | None = None,
     ) -> PeerStream:
-        """Punch a direct connection to ``peer``, as the initiator.
+        """Punch a direct connection to ``peer``, as the initiator; or, where none
+        comes, a relayed one (``relay``).
 
         Args:
             peer: the peer's registered name (1-64 of ``[A-Za-z0-9._-]``).
@@ -281,13 +289,17 @@ class Host:
             peer_id: the peer ID ``peer`` must prove (32 of ``[a-z2-7]``, its
                 :attr:`punch.Identity.peer_id`): then a rendezvous that lies
                 about the peer's key cannot stand in for it. Needs encryption.
+            relay: ``"fallback"``, ``"never"`` or ``"only"`` (:class:`RelayMode`);
+                default ``options.relay`` (``"fallback"``): the relayed stream
+                competes from ``options.relay_stagger`` seconds (2 s) on, when
+                the rendezvous has a relay. :attr:`PeerStream.path` tells which won.
 
         Returns:
             the authenticated :class:`PeerStream` both sides keep, TLS-encrypted
             unless ``options.encrypt`` is off.
 
         Raises:
-            TypeError, ValueError: a bad ``peer``, ``timeout`` or ``peer_id``,
+            TypeError, ValueError: a bad ``peer``, ``timeout``, ``peer_id`` or ``relay``,
                 or ``peer_id`` on a host that does not encrypt.
             PeerVerificationError: the introduced key is not ``peer_id``'s,
                 the peer's TLS certificate is not the key it registered, or the
@@ -304,6 +316,8 @@ class Host:
             if not self.options.encrypt:
                 raise ValueError("peer_id needs encrypt=True: only TLS proves a peer's key")
         options = self.options if timeout is None else attrs.evolve(self.options, timeout=timeout)
+        if relay is not None:
+            options = attrs.evolve(options, relay=relay)
         timeout = options.timeout
         if self._closed is not None and not self._legs:
             raise RendezvousError(self._closed.code, self._closed.detail)
@@ -319,7 +333,9 @@ class Host:
         self._waiters[request_id] = send
         try:
             try:
-                await self._live_channel().send(ConnectRequest(peer, request_id))
+                await self._live_channel().send(
+                    ConnectRequest(peer, request_id, options.relay_delay)
+                )
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise RendezvousError("closed", "control connection lost") from exc
             with trio.move_on_after(timeout):
@@ -687,6 +703,8 @@ async def open_host(
     family: socket.AddressFamily | None = None,
     stagger: float = DEFAULT_STAGGER,
     probe_port: int | None = None,
+    relay: RelayMode | str = RelayMode.FALLBACK,
+    relay_stagger: float = DEFAULT_RELAY_STAGGER,
 ) -> AsyncIterator[Host]:
     """Bind one port, register ``name`` at the rendezvous, and keep both open.
 
@@ -713,6 +731,11 @@ async def open_host(
             that family only (the CLI's ``-4``/``-6``); default both.
         stagger: seconds (0.01-2.0) IPv4 candidates wait while IPv6 ones are
             dialled (:class:`PunchOptions`); default 0.1.
+        relay: ``"fallback"`` (default), ``"never"`` or ``"only"``
+            (:class:`PunchOptions`): whether our punches, ours and our
+            peers', may end on a stream through the rendezvous's relay.
+        relay_stagger: seconds (0-60) the relay waits while the direct paths
+            race, in our own connects (:class:`PunchOptions`); default 2.0.
         probe_port: the rendezvous's probe port (1-65535), where the host
             measures its NAT after registering (:attr:`Host.nat`); default the
             rendezvous's port + 1 (``punch-rendezvous``'s default); 0: do not.
@@ -760,7 +783,14 @@ async def open_host(
             while registering.
     """
     check_name(name)
-    options = PunchOptions(timeout=timeout, pacing=pacing, encrypt=encrypt, stagger=stagger)
+    options = PunchOptions(
+        timeout=timeout,
+        pacing=pacing,
+        encrypt=encrypt,
+        stagger=stagger,
+        relay=relay,
+        relay_stagger=relay_stagger,
+    )
     if probe_port is not None and (
         not isinstance(probe_port, int)
         or isinstance(probe_port, bool)
@@ -984,8 +1014,10 @@ async def connect(
     identity: Identity | None = None,
     peer_id: str | None = None,
     encrypt: bool = True,
+    relay: RelayMode | str = RelayMode.FALLBACK,
 ) -> PeerStream:
-    """Register as ``name``, punch a direct TCP connection to ``peer``, and return it.
+    """Register as ``name``, punch a direct TCP connection to ``peer``, and return it
+    (or, where none comes, a relayed one: ``relay``).
 
     A one-shot :func:`open_host` + :meth:`Host.connect`: the host's listener
     and registration are closed before this returns; the stream stays open.
@@ -999,6 +1031,8 @@ async def connect(
         identity: our :class:`~punch.Identity` (default: a new one).
         peer_id: the peer ID ``peer`` must prove, as :meth:`Host.connect`.
         encrypt: TLS 1.3 on the stream (default True).
+        relay: ``"fallback"`` (default), ``"never"`` or ``"only"``, as
+            :meth:`Host.connect` (:class:`RelayMode`).
 
     Returns:
         the authenticated :class:`PeerStream`; we are its initiator.
@@ -1016,7 +1050,7 @@ async def connect(
             identity=identity,
             encrypt=encrypt,
         ) as host:
-            stream = await host.connect(peer, peer_id=peer_id)
+            stream = await host.connect(peer, peer_id=peer_id, relay=relay)
     except BaseException:
         if stream is not None:  # cancelled while the host closed: the stream is nobody's
             reuse.abort(stream.socket)

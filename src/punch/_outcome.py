@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 
 from ._endpoint import Candidate
-from ._errors import HandshakeError, HandshakeInterrupted, SelfDialError, _describe
+from ._errors import HandshakeError, HandshakeInterrupted, RelayRefused, SelfDialError, _describe
 
 REFUSALS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EACCES})
 """errnos of an attempt that was refused on the path: an RST (``ECONNREFUSED``)
@@ -40,6 +40,8 @@ class Outcome(enum.Enum):
     HANDSHAKE_UNFINISHED = "handshake-unfinished"
     """Connected, but the handshake had not finished at the deadline (its messages
     lost or late: under loss, TCP retransmits them a timeout later)."""
+    RELAY_REFUSED = "relay-refused"
+    """The relay refused to bind the relayed stream (:class:`~punch.RelayRefused`)."""
     SELF_DIAL = "self-dial"
     """The candidate is our own endpoint: never dialled (or a TCP self-connect)."""
     PRIMED = "primed"
@@ -56,6 +58,8 @@ def classify(error: BaseException) -> Outcome:
     """The :class:`Outcome` of an attempt that failed with ``error``."""
     if isinstance(error, SelfDialError):
         return Outcome.SELF_DIAL
+    if isinstance(error, RelayRefused):
+        return Outcome.RELAY_REFUSED
     if isinstance(error, HandshakeInterrupted):
         return Outcome.HANDSHAKE_INTERRUPTED
     if isinstance(error, HandshakeError):

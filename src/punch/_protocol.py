@@ -29,6 +29,15 @@ SYN-ACK retransmissions, which Linux backs off (1, 2, 4 s) and
 client, at most a second apart. (The 20% loss cell of the lab lost two
 registrations in twenty to this.)
 
+The relay port (``punch-rendezvous --relay``, issue 17) speaks a third, for
+one relayed stream (:mod:`punch._relay`):
+
+- client → server: ``Bind`` once, first: the attempt, our role, and a proof
+  of the introduction's :class:`RelayGrant` key.
+- server → client: ``Bound`` once, when the other role has bound too; from
+  then on the connection carries the two peers' bytes and no frame. ``Error``
+  instead, then a close.
+
 The probe port (``punch serve --probe-port``, issue 16) speaks a second,
 shorter order on the same framing, for :func:`punch.natcheck`:
 
@@ -56,7 +65,7 @@ from ._errors import LocalProtocolError, RemoteProtocolError
 from ._identity import MAX_CERTIFICATE, SIGNATURE_BYTES
 from ._nat import Allocation, Mapping, NatFacts
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 """2 since issue 14: the server's Challenge, signed Registers, keys in introductions;
 3 since issue 16: the Challenge tells the observed endpoint, and the probe port's frames."""
 MAX_FRAME = 4096
@@ -220,12 +229,87 @@ class Registered:
     idle_timeout: float = attrs.field(default=DEFAULT_IDLE_TIMEOUT, validator=check_idle_timeout)
 
 
+MAX_RELAY_DELAY = 60.0
+"""Seconds: the longest wait before dialling the relay a request may ask for."""
+RELAY_KEY_BYTES = 32
+
+
+def _relay_delay(_: object, __: object, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"relay_delay must be seconds, not {value!r}")
+    if not 0 <= value <= MAX_RELAY_DELAY:
+        raise ValueError(f"relay_delay must be 0..{MAX_RELAY_DELAY:g} s, not {value!r}")
+
+
 @attrs.frozen
 class ConnectRequest:
-    """client → server: introduce me to ``target``; ``request_id`` is echoed back."""
+    """client → server: introduce me to ``target``; ``request_id`` is echoed back.
+
+    ``relay_delay``: seconds after the introduction (0..:data:`MAX_RELAY_DELAY`)
+    both peers dial the rendezvous's relay, if it has one (:class:`RelayGrant`);
+    ``None``: no relay for this attempt.
+    """
 
     target: str = attrs.field(validator=_name)
     request_id: int = attrs.field(validator=_request_id)
+    relay_delay: float | None = attrs.field(default=None, validator=_relay_delay)
+
+
+MAX_TICKET = 160
+"""Bytes: the largest relay ticket (16 + 8 + two names of at most 64, with their lengths)."""
+
+
+def _ticket(_: object, attribute: Any, value: bytes) -> None:
+    if not isinstance(value, bytes) or not 0 < len(value) <= MAX_TICKET:
+        raise ValueError(f"{attribute.name} must be 1-{MAX_TICKET} bytes")
+
+
+@attrs.frozen
+class RelayGrant:
+    """In an :class:`Introduction`: a relay both peers may bind this attempt to.
+
+    Args:
+        endpoint: the relay's TCP endpoint, as this peer can reach it.
+        ticket: what the relay needs to know of the attempt (its ID, the two
+            names, when the grant expires: :class:`punch._relay.Ticket`),
+            opaque to peers; at most :data:`MAX_TICKET` bytes.
+        key: 32 bytes, the relay's MAC of the ticket
+            (:func:`punch._relay.grant_key`); a Bind proves it without
+            sending it. It is not the attempt's secret, which the relay never
+            learns: it cannot pass the peers' handshake.
+        delay: seconds after the introduction both peers dial the relay
+            (0..:data:`MAX_RELAY_DELAY`): the initiator's choice, 0 for a
+            relayed stream only, else the stagger that gives the direct
+            paths their head start.
+    """
+
+    endpoint: Endpoint = attrs.field(validator=attrs.validators.instance_of(Endpoint))
+    ticket: bytes = attrs.field(validator=_ticket, repr=lambda b: b.hex())
+    key: bytes = attrs.field(validator=_exact_bytes(RELAY_KEY_BYTES), repr=lambda _: "<key>")
+    delay: float = attrs.field(default=0.0, validator=_relay_delay)
+
+
+@attrs.frozen
+class Bind:
+    """client → relay, first: join the relayed stream of one attempt.
+
+    Args:
+        ticket: the grant's ticket, as it came.
+        role: which of the attempt's two peers we are.
+        proof: 32 bytes, :func:`punch._relay.bind_proof` of the grant's key
+            and ``role``.
+    """
+
+    ticket: bytes = attrs.field(validator=_ticket, repr=lambda b: b.hex())
+    role: Role = attrs.field(validator=attrs.validators.instance_of(Role))
+    proof: bytes = attrs.field(validator=_exact_bytes(RELAY_KEY_BYTES), repr=lambda _: "<proof>")
+
+
+@attrs.frozen
+class Bound:
+    """relay → client: the other peer is bound too; raw bytes from here on."""
 
 
 @attrs.frozen
@@ -259,6 +343,11 @@ class Introduction:
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(NatFacts))
     )
     """The other peer's :class:`~punch._nat.NatFacts`, if it reported them (``Report``)."""
+    relay: RelayGrant | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(RelayGrant))
+    )
+    """A relay for this attempt, when the initiator asked for one
+    (``ConnectRequest.relay_delay``) and the rendezvous has one."""
 
 
 @attrs.frozen
@@ -336,6 +425,8 @@ Message: TypeAlias = (
     | Probed
     | Reach
     | Reached
+    | Bind
+    | Bound
     | Error
 )
 
@@ -362,6 +453,17 @@ def _nat_to_wire(facts: NatFacts | None) -> dict[str, Any] | None:
     }
 
 
+def _grant_to_wire(grant: RelayGrant | None) -> dict[str, Any] | None:
+    if grant is None:
+        return None
+    return {
+        "endpoint": _endpoint_to_wire(grant.endpoint),
+        "ticket": grant.ticket.hex(),
+        "key": grant.key.hex(),
+        "delay": grant.delay,
+    }
+
+
 def _to_wire(m: Message) -> dict[str, Any]:
     if isinstance(m, Challenge):
         observed = None if m.observed is None else _endpoint_to_wire(m.observed)
@@ -384,7 +486,12 @@ def _to_wire(m: Message) -> dict[str, Any]:
             "idle_timeout": m.idle_timeout,
         }
     if isinstance(m, ConnectRequest):
-        return {"type": "connect", "target": m.target, "request_id": m.request_id}
+        return {
+            "type": "connect",
+            "target": m.target,
+            "request_id": m.request_id,
+            "relay_delay": m.relay_delay,
+        }
     if isinstance(m, Introduction):
         return {
             "type": "introduction",
@@ -396,6 +503,7 @@ def _to_wire(m: Message) -> dict[str, Any]:
             "certificate": m.certificate.hex(),
             "request_id": m.request_id,
             "peer_nat": _nat_to_wire(m.peer_nat),
+            "relay": _grant_to_wire(m.relay),
         }
     if isinstance(m, Report):
         return {"type": "report", "nat": _nat_to_wire(m.nat)}
@@ -405,6 +513,15 @@ def _to_wire(m: Message) -> dict[str, Any]:
         return {"type": "reach", "endpoint": _endpoint_to_wire(m.endpoint)}
     if isinstance(m, Reached):
         return {"type": "reached", "reached": m.reached, "outcome": m.outcome}
+    if isinstance(m, Bind):
+        return {
+            "type": "bind",
+            "ticket": m.ticket.hex(),
+            "role": m.role.value,
+            "proof": m.proof.hex(),
+        }
+    if isinstance(m, Bound):
+        return {"type": "bound"}
     if isinstance(m, Error):
         return {"type": "error", "code": m.code, "text": m.text, "request_id": m.request_id}
     raise LocalProtocolError(f"not a rendezvous message: {m!r}")
@@ -463,6 +580,18 @@ def _nat_from_wire(obj: object) -> NatFacts:
     return facts
 
 
+def _grant_from_wire(obj: object) -> RelayGrant:
+    f = _Fields(obj, "relay")
+    grant = RelayGrant(
+        _endpoint_from_wire(f.get("endpoint", dict)),
+        _hex(f, "ticket"),
+        _hex(f, "key"),
+        f.get("delay", (int, float)),
+    )
+    f.done()
+    return grant
+
+
 def _list(f: _Fields, key: str, item: Callable[[object], Any]) -> tuple[Any, ...]:
     return tuple(item(v) for v in f.get(key, list))
 
@@ -507,7 +636,11 @@ def _from_wire(obj: object) -> Message:
             _endpoint_from_wire(f.get("observed", dict)), f.get("idle_timeout", (int, float))
         )
     elif kind == "connect":
-        message = ConnectRequest(f.get("target", str), f.get("request_id", int))
+        message = ConnectRequest(
+            f.get("target", str),
+            f.get("request_id", int),
+            f.get("relay_delay", (int, float, type(None))),
+        )
     elif kind == "introduction":
         message = Introduction(
             peer_name=f.get("peer_name", str),
@@ -518,6 +651,7 @@ def _from_wire(obj: object) -> Message:
             certificate=_hex(f, "certificate"),
             request_id=f.get("request_id", _OPTIONAL_INT),
             peer_nat=_optional(f.get("peer_nat", (dict, type(None))), _nat_from_wire),
+            relay=_optional(f.get("relay", (dict, type(None))), _grant_from_wire),
         )
     elif kind == "report":
         message = Report(_nat_from_wire(f.get("nat", dict)))
@@ -527,6 +661,14 @@ def _from_wire(obj: object) -> Message:
         message = Reach(_endpoint_from_wire(f.get("endpoint", dict)))
     elif kind == "reached":
         message = Reached(f.get("reached", bool), f.get("outcome", str))
+    elif kind == "bind":
+        message = Bind(
+            _hex(f, "ticket"),
+            Role(f.get("role", str)),
+            _hex(f, "proof"),
+        )
+    elif kind == "bound":
+        message = Bound()
     elif kind == "error":
         message = Error(f.get("code", str), f.get("text", str), f.get("request_id", _OPTIONAL_INT))
     else:
@@ -599,11 +741,16 @@ _SENT_BY = {
     Probed: Side.SERVER,
     Reach: Side.CLIENT,
     Reached: Side.SERVER,
+    Bind: Side.CLIENT,
+    Bound: Side.SERVER,
     Error: Side.SERVER,
 }
 _PROBE_ORDER = (Probed, Reach, Reached)
 _PROBE_PORT = (*_PROBE_ORDER, Error)
 """What the probe port's order allows; its connection allows nothing else."""
+_RELAY_ORDER = (Bind, Bound)
+_RELAY_PORT = (*_RELAY_ORDER, Error)
+"""The relay port's frames, in that order; after ``Bound`` no frame at all."""
 
 
 class RendezvousConnection:
@@ -615,6 +762,9 @@ class RendezvousConnection:
             (:data:`MIN_FRAME` .. :data:`MAX_FRAME`; a server may lower it).
         probe: the probe port's order (see the module) instead of the control
             connection's.
+        relay: the relay port's order: after the ``Bind`` (as the server) or
+            the ``Bound`` (as the client), what follows is payload, never
+            parsed; :meth:`trailing` hands over what was read past the frame.
 
     ``send(message)`` returns the bytes to write; ``receive_data(data)`` takes
     bytes read (``b""`` for end of stream) and returns the messages completed.
@@ -622,7 +772,14 @@ class RendezvousConnection:
     further ``receive_data`` raises again: close it.
     """
 
-    def __init__(self, our_side: Side, max_frame: int = MAX_FRAME, *, probe: bool = False) -> None:
+    def __init__(
+        self,
+        our_side: Side,
+        max_frame: int = MAX_FRAME,
+        *,
+        probe: bool = False,
+        relay: bool = False,
+    ) -> None:
         if not MIN_FRAME <= max_frame <= MAX_FRAME:
             raise ValueError(f"max_frame must be {MIN_FRAME}..{MAX_FRAME} bytes, not {max_frame}")
         self.our_side = our_side
@@ -635,7 +792,9 @@ class RendezvousConnection:
         self._challenge: bytes | None = None
         self._broken: RemoteProtocolError | None = None
         self.probe = probe
-        self._probe_step = 0  # the probe order's frames so far (Error aside)
+        self.relay = relay
+        self._probe_step = 0  # the probe or relay order's frames so far (Error aside)
+        self._raw = False  # relay: past Bind (server) or Bound (client), bytes are payload
 
     @property
     def challenge(self) -> bytes | None:
@@ -646,6 +805,12 @@ class RendezvousConnection:
     def registered(self) -> bool:
         """True once ``Registered`` has been sent (server) or received (client)."""
         return self._registered
+
+    def trailing(self) -> bytes:
+        """Relay: the bytes read past the last frame (payload once it has ended), now ours."""
+        out = bytes(self._buffer)
+        self._buffer.clear()
+        return out
 
     def send(self, message: Message) -> bytes:
         """Bytes for ``message``.
@@ -685,7 +850,7 @@ class RendezvousConnection:
             return []
         self._buffer += data
         messages: list[Message] = []
-        while len(self._buffer) >= _HEADER.size:
+        while len(self._buffer) >= _HEADER.size and not self._raw:
             magic, version, length = _HEADER.unpack_from(self._buffer)
             if magic != _MAGIC:
                 raise RemoteProtocolError("not a punch rendezvous frame")
@@ -709,11 +874,12 @@ class RendezvousConnection:
                 raise RemoteProtocolError(f"{type(message).__name__} is not for a {sender.value}")
             self._check_order(message, RemoteProtocolError)
             messages.append(message)
+            self._raw = self.relay and isinstance(message, Bind | Bound)
         return messages
 
     def _check_order(self, message: Message, error: type[Exception]) -> None:
-        if self.probe or isinstance(message, Probed | Reach | Reached):
-            self._check_probe_order(message, error)
+        if self.probe or self.relay or isinstance(message, Probed | Reach | Reached | Bind | Bound):
+            self._check_port_order(message, error)
         elif isinstance(message, Challenge):
             if self._challenge is not None:
                 raise error("Challenge may be sent only once")
@@ -739,15 +905,21 @@ class RendezvousConnection:
                 raise error("Report may be sent only once")
             self._reported = True
 
-    def _check_probe_order(self, message: Message, error: type[Exception]) -> None:
-        """The probe port's order: Probed, then at most one Reach and its Reached."""
+    def _check_port_order(self, message: Message, error: type[Exception]) -> None:
+        """The probe port's order (Probed, then at most one Reach and its Reached)
+        or the relay port's (Bind, then Bound); ``Error`` at any time."""
         kind = type(message)
-        if not self.probe or kind not in _PROBE_PORT:
-            where = "on the probe port" if self.probe else "on a control connection"
-            raise error(f"{kind.__name__} is not sent {where}")
-        order = _PROBE_ORDER
+        allowed, order, where = (
+            (_RELAY_PORT, _RELAY_ORDER, "the relay port")
+            if self.relay
+            else (_PROBE_PORT, _PROBE_ORDER, "the probe port")
+        )
+        if not (self.probe or self.relay) or kind not in allowed:
+            where = where if self.probe or self.relay else "a control connection"
+            raise error(f"{kind.__name__} is not sent on {where}")
         expected = order[self._probe_step] if self._probe_step < len(order) else None
         if kind is not Error and kind is not expected:
-            raise error(f"{kind.__name__} out of the probe port's order (Probed, Reach, Reached)")
+            names = ", ".join(k.__name__ for k in order)
+            raise error(f"{kind.__name__} out of {where}'s order ({names})")
         if kind is not Error:
             self._probe_step += 1

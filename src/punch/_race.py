@@ -10,6 +10,7 @@ stream is closed with an RST; if the deadline passes first, the caller gets one
 from __future__ import annotations
 
 import collections
+import enum
 import errno
 import logging
 import math
@@ -21,7 +22,7 @@ from typing import Protocol
 import attrs
 import trio
 
-from . import _birthday, reuse
+from . import _birthday, _relay, reuse
 from ._birthday import DialFn
 from ._candidates import Selection, Skipped, select_candidates
 from ._endpoint import Candidate, CandidateType, Endpoint, Role
@@ -36,8 +37,8 @@ from ._errors import (
 from ._handshake import HELLO_SIZE, Handshake, Hello, Stage, parse_hello
 from ._nat import NatFacts, predict
 from ._outcome import REFUSALS, Attempt, Outcome
-from ._protocol import Introduction
-from ._stream import ExactReader, PeerStream, WonBy
+from ._protocol import MAX_RELAY_DELAY, Introduction, RelayGrant
+from ._stream import ExactReader, PeerStream, StreamPath, WonBy
 from ._tls import TLSStream
 
 log = logging.getLogger("punch.race")
@@ -143,6 +144,26 @@ _ROUTE_BUFFER = 8
 _Validator = Callable[[object, "attrs.Attribute[float]", float], None]
 
 
+class RelayMode(enum.Enum):
+    """Whether a punch may end on a relayed stream (:mod:`punch._relay`)."""
+
+    FALLBACK = "fallback"
+    """Direct paths first; the relay too once :attr:`PunchOptions.relay_stagger`
+    has passed (at once where no direct path can exist), the first stream
+    authenticated wins."""
+    NEVER = "never"
+    """Direct paths only: no relay is asked for, and a peer's grant is ignored."""
+    ONLY = "only"
+    """The relay at once, no direct path (the initiator's choice; a responder
+    follows the grant it is given)."""
+
+
+DEFAULT_RELAY_STAGGER = 2.0
+"""Seconds the relay waits while the direct paths race (:class:`RelayMode`
+``fallback``): a punch that works takes tens of milliseconds (median 0.65-3 s
+for a birthday punch, README), and the relay carries every byte twice."""
+
+
 def _seconds(minimum: float, inclusive: bool) -> _Validator:
     """An attrs validator: finite seconds, a real number (not a bool), above ``minimum``."""
 
@@ -180,10 +201,19 @@ class PunchOptions:
             :data:`DEFAULT_STAGGER` (0.1 s). IPv4 starts earlier once every
             IPv6 candidate has failed an attempt. The peer staggers alike, so
             the two sides' IPv4 SYNs still start together.
+        relay: :class:`RelayMode` or its value, ``"fallback"`` (default),
+            ``"never"`` or ``"only"``: whether the punch may end on a stream
+            through the rendezvous's relay, when it has one
+            (``punch-rendezvous --relay``).
+        relay_stagger: seconds (0 to 60) the relay waits while the direct
+            paths race, in ``fallback``; default :data:`DEFAULT_RELAY_STAGGER`
+            (2 s). The initiator's counts: the introduction tells the
+            responder. Where both NATs are known to allow no direct path
+            (:func:`punch._birthday.no_direct_path`), the relay goes at once.
 
     Raises:
         TypeError: a value that is not a real number (``True`` included).
-        ValueError: a value out of its range.
+        ValueError: a value out of its range, or an unknown ``relay`` mode.
     """
 
     timeout: float = attrs.field(default=DEFAULT_TIMEOUT, validator=_seconds(0.0, inclusive=False))
@@ -192,6 +222,22 @@ class PunchOptions:
     )
     encrypt: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     stagger: float = attrs.field(default=DEFAULT_STAGGER, validator=_seconds(MIN_STAGGER, True))
+    relay: RelayMode = attrs.field(default=RelayMode.FALLBACK, converter=RelayMode)
+    relay_stagger: float = attrs.field(
+        default=DEFAULT_RELAY_STAGGER, validator=_seconds(0.0, inclusive=True)
+    )
+
+    @relay_stagger.validator
+    def _check_relay_stagger(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if value > MAX_RELAY_DELAY:
+            raise ValueError(f"relay_stagger must be <= {MAX_RELAY_DELAY:g} s, not {value!r}")
+
+    @property
+    def relay_delay(self) -> float | None:
+        """What a ConnectRequest asks: seconds until both dial the relay, or None."""
+        if self.relay is RelayMode.NEVER:
+            return None
+        return 0.0 if self.relay is RelayMode.ONLY else self.relay_stagger
 
     @stagger.validator
     def _check_stagger(self, attribute: attrs.Attribute[float], value: float) -> None:
@@ -430,6 +476,7 @@ host candidates are, for a shared LAN, which answers within milliseconds; 2 s
 covers one lost SYN (retransmitted after 1 s, RFC 6298 §2.1)."""
 NO_PATH = "both NATs map endpoint-dependent, one at random: no direct path but a shared LAN"
 BIRTHDAY_INSTEAD = "its NAT's other ports are probed instead (birthday punching)"
+RELAY_ONLY = "relay 'only': no direct path is tried"
 
 
 def _without_srflx_v4(selection: Selection, why: str) -> Selection:
@@ -570,6 +617,7 @@ class Race:
     _waiting_for_nomination: int = attrs.field(default=0, init=False)
     _prober: _birthday.Prober | None = attrs.field(default=None, init=False)
     _scanning: Endpoint | None = attrs.field(default=None, init=False)
+    _relay_state: _CandidateState | None = attrs.field(default=None, init=False)
 
     @property
     def _label(self) -> str:
@@ -593,6 +641,17 @@ class Race:
         intro = self.introduction
         locals = (self.local, *self.other_locals)
         selection = select_candidates(intro.candidates, locals, self.own, intro.peer_name)
+        grant = intro.relay if self.options.relay is not RelayMode.NEVER else None
+        only = self.options.relay is RelayMode.ONLY
+        if only and grant is None:
+            raise PunchFailed(
+                f"punch to {intro.peer_name!r}: relay 'only', but the rendezvous offered no "
+                "relay (punch-rendezvous --relay)"
+            )
+        if only:
+            selection = Selection(
+                (), selection.skipped + tuple(Skipped(c, RELAY_ONLY) for c in selection.dial)
+            )
         srflx = _srflx_v4(selection.dial)
         side = _birthday.side(self.own_nat, intro.peer_nat) if srflx is not None else None
         no_path = _birthday.no_direct_path(self.own_nat, intro.peer_nat)
@@ -605,6 +664,12 @@ class Race:
         if side is not None and srflx is not None:
             self._prober = self._birthday_prober(side, srflx)
         no_path &= not self._ipv6_states()
+        relay_at = self._started
+        if grant is not None:
+            self._relay_state = _CandidateState(
+                Candidate(CandidateType.RELAYED, grant.endpoint), redial=None
+            )
+            relay_at += 0.0 if no_path or only else grant.delay
         log.info(
             "%s: racing accept on %s against %d candidate(s): %s",
             self._label,
@@ -613,15 +678,27 @@ class Race:
             ", ".join(f"{s.candidate} ({s.candidate.endpoint.family_name})" for s in self._states)
             or "none",
         )
+        if grant is not None:
+            log.info(
+                "%s: the relay at %s in %.3g s",
+                self._label,
+                grant.endpoint,
+                relay_at - self._started,
+            )
         keep = None
-        timeout = min(self.options.timeout, NO_PATH_TIMEOUT) if no_path else self.options.timeout
+        timeout = self.options.timeout
+        if no_path and grant is None:
+            timeout = min(timeout, NO_PATH_TIMEOUT)
         try:
             with trio.move_on_at(self._started + timeout) as self._deadline:
                 async with trio.open_nursery() as nursery:
                     self._scope = nursery.cancel_scope
                     for index, state in enumerate(self._states):
                         nursery.start_soon(self._dial_loop, state, index)
-                    nursery.start_soon(self._accept_loop, nursery)
+                    if self._relay_state is not None and grant is not None:
+                        nursery.start_soon(self._relay_path, self._relay_state, grant, relay_at)
+                    if not only:  # a relayed stream only: the peer's SYNs are not for us
+                        nursery.start_soon(self._accept_loop, nursery)
                     if self._prober is not None:
                         nursery.start_soon(self._probe_loop, self._prober)
                     if self._ipv6_states():
@@ -648,7 +725,8 @@ class Race:
             self._winner.attempts = tuple(self._attempts)
             self._winner.probes = probes
             return self._winner
-        errors: list[Exception] = [s.failure() for s in self._states] + [
+        relayed = [self._relay_state] if self._relay_state is not None else []
+        errors: list[Exception] = [s.failure() for s in (*self._states, *relayed)] + [
             e for e in self._inbound_errors if isinstance(e, Exception)
         ]
         for error in errors:
@@ -659,7 +737,7 @@ class Race:
         summary += "".join(
             f"; {s.candidate}: not dialled: {s.reason}"
             for s in selection.skipped
-            if s.reason in (NO_PATH, BIRTHDAY_INSTEAD)
+            if s.reason in (NO_PATH, BIRTHDAY_INSTEAD, RELAY_ONLY)
         )
         group = ExceptionGroup(
             f"every path to {intro.peer_name!r} failed", errors or [TimeoutError()]
@@ -730,6 +808,43 @@ class Race:
             log.info("%s: %s: handshake failed: %s", self._label, candidate, exc)
         finally:
             self._record(_CandidateState(candidate, attempts=1), started, outcome, probe=True)
+
+    async def _relay_path(self, state: _CandidateState, grant: RelayGrant, at: float) -> None:
+        """At ``at`` (trio time), dial the relay from a new port, bind to the attempt
+        (:func:`punch._relay.bind`), and run the handshake over it like any stream:
+        one attempt, recorded like a candidate's."""
+        await trio.sleep_until(at)
+        started = trio.current_time()
+        state.attempts, state.in_flight = 1, True
+        local = self._local_for(state.candidate)
+        log.info("%s: dialling the relay at %s", self._label, grant.endpoint)
+        outcome: Outcome | BaseException | None = None
+        try:
+            try:
+                stream = await self.dial(local, grant.endpoint, self.own, redial=None, shared=False)
+            except OSError as exc:
+                outcome = exc
+                self._failed_attempt(state, exc)
+                return
+            finally:
+                state.in_flight = False
+            self._streams.add(stream)
+            state.handshaking = True
+            try:
+                rest = await _relay.bind(stream, grant, self.introduction.role)
+                log.info("%s: bound at the relay %s", self._label, grant.endpoint)
+                reader = ExactReader(stream, bytearray(rest))
+                await self._authenticate(reader, WonBy.CONNECT, grant.endpoint, None, relayed=True)
+                won = self._winner is not None and self._winner.socket_stream is stream
+                outcome = Outcome.NOMINATED if won else Outcome.AUTHENTICATED
+            except OSError as exc:
+                outcome = exc
+                self._drop(stream)
+                self._failed_attempt(state, exc)
+            finally:
+                state.handshaking = False
+        finally:
+            self._record(state, started, outcome)
 
     def _predicted(self, dial: tuple[Candidate, ...]) -> tuple[Candidate, ...]:
         """The ports the peer's NAT will give next, when it reported sequential,
@@ -959,11 +1074,18 @@ class Race:
         reuse.abort(stream.socket)
 
     async def _authenticate(
-        self, reader: ExactReader, won_by: WonBy, remote: Endpoint, peer_hello: bytes | None
+        self,
+        reader: ExactReader,
+        won_by: WonBy,
+        remote: Endpoint,
+        peer_hello: bytes | None,
+        *,
+        relayed: bool = False,
     ) -> None:
         """Run the :class:`Handshake` on one stream; the initiator nominates, the responder waits.
 
         ``peer_hello``: the Hello the router already read from an accepted stream.
+        ``relayed``: the stream goes through the relay (:attr:`PeerStream.path`).
         """
         intro = self.introduction
         shake = Handshake(intro.role, intro.attempt_id, intro.secret, encrypt=self.options.encrypt)
@@ -995,11 +1117,11 @@ class Race:
                     stream_tls.feed(bytes(reader.buffer))  # read past the Proof: TLS's
                     reader.buffer.clear()
                 await reader.send(nomination)
-                self._win(reader, won_by, remote, tls[0] if tls is not None else None)
+                self._win(reader, won_by, remote, tls[0] if tls is not None else None, relayed)
         else:  # the loop above ended on a valid Nomination
             if self._winner is not None:
                 raise HandshakeError("a second nomination after one was accepted")
-            self._win(reader, won_by, remote)
+            self._win(reader, won_by, remote, relayed=relayed)
 
     def _start_tls(self, stream: trio.SocketStream) -> tuple[TLSStream, bytes] | None:
         """The initiator's TLS on a stream it may nominate and its ClientHello, or None
@@ -1029,7 +1151,12 @@ class Race:
         self._deadline.deadline = deadline
 
     def _peer_stream(
-        self, reader: ExactReader, won_by: WonBy, remote: Endpoint, tls: TLSStream | None
+        self,
+        reader: ExactReader,
+        won_by: WonBy,
+        remote: Endpoint,
+        tls: TLSStream | None,
+        relayed: bool,
     ) -> PeerStream:
         stream = reader.stream  # its retransmissions stay capped: see PeerStream.receive_some
         return PeerStream(
@@ -1043,19 +1170,26 @@ class Race:
             connect_time=trio.current_time() - self._started,
             pending=reader.buffer,
             started_tls=tls,
+            path=StreamPath.RELAYED if relayed else StreamPath.DIRECT,
         )
 
     def _win(
-        self, reader: ExactReader, won_by: WonBy, remote: Endpoint, tls: TLSStream | None = None
+        self,
+        reader: ExactReader,
+        won_by: WonBy,
+        remote: Endpoint,
+        tls: TLSStream | None = None,
+        relayed: bool = False,
     ) -> None:
         """Keep this stream (``tls``: its TLS, started) and cancel every other path."""
         if self._winner is None:
-            self._winner = self._peer_stream(reader, won_by, remote, tls)
+            self._winner = self._peer_stream(reader, won_by, remote, tls, relayed)
         log.info(
-            "%s: nominated %s -> %s (won by %s) after %.1f ms",
+            "%s: nominated %s -> %s (%s, won by %s) after %.1f ms",
             self._label,
             self._winner.local,
             remote,
+            self._winner.path.value,
             won_by.value,
             self._winner.connect_time * 1000,
         )

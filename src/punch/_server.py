@@ -53,6 +53,7 @@ from ._protocol import (
     Reached,
     Register,
     Registered,
+    RelayGrant,
     RendezvousConnection,
     Report,
     Side,
@@ -60,6 +61,7 @@ from ._protocol import (
     check_name,
     registration_transcript,
 )
+from ._relay import Refused, Relay
 
 log = logging.getLogger("punch.server")
 
@@ -209,12 +211,8 @@ def candidate_problem(endpoint: Endpoint, allow_loopback: bool) -> str | None:
     return None
 
 
-class _Refused(Exception):
-    """Close this connection after telling the peer ``error``."""
-
-    def __init__(self, error: Error) -> None:
-        super().__init__(error.text)
-        self.error = error
+_Refused = Refused
+"""Close this connection after telling the peer ``error`` (the relay raises it too)."""
 
 
 @attrs.define(eq=False)
@@ -363,12 +361,17 @@ class RendezvousServer:
         bindings: keep each name bound to its first key for good
             (:class:`NameBindings`); without, a name is bound only while its
             holder is connected.
+        relay: the relay on our relay port (:class:`punch._relay.Relay`), whose
+            grants go into introductions that ask for one; None: no relay.
+        relay_port: that port (grants name it at the address each peer reached).
     """
 
     limits: ServerLimits = attrs.field(factory=ServerLimits)
     ssl_context: ssl.SSLContext | None = None
     on_loopback: bool = False
     bindings: NameBindings | None = None
+    relay: Relay | None = None
+    relay_port: int = 0
     peers: dict[str, _Peer] = attrs.field(factory=dict, init=False)
     connections: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _registrations: RateLimit = attrs.field(init=False)
@@ -387,6 +390,15 @@ class RendezvousServer:
     async def handle_probe(self, stream: trio.SocketStream) -> None:
         """Serve one probe-port connection (:func:`punch.natcheck`); never raises but Cancelled."""
         await self._guarded(stream, self._probe)
+
+    async def handle_relay(self, stream: trio.SocketStream) -> None:
+        """Serve one relay-port connection (:mod:`punch._relay`); never raises but Cancelled."""
+        await self._guarded(stream, self._relayed)
+
+    async def _relayed(self, stream: trio.SocketStream, observed: Endpoint) -> None:
+        assert self.relay is not None
+        async with self._session(stream, observed, relay=True) as channel:
+            await self.relay.serve(channel, stream, observed)
 
     async def _guarded(
         self,
@@ -417,7 +429,12 @@ class RendezvousServer:
 
     @contextlib.asynccontextmanager
     async def _session(
-        self, stream: trio.SocketStream, observed: Endpoint, *, probe: bool = False
+        self,
+        stream: trio.SocketStream,
+        observed: Endpoint,
+        *,
+        probe: bool = False,
+        relay: bool = False,
     ) -> AsyncIterator[ControlChannel]:
         """One connection's channel, counted against its source's limit; a refusal,
         a protocol error or a lost connection inside ends it (told, then closed)."""
@@ -428,7 +445,7 @@ class RendezvousServer:
         channel = ControlChannel(
             stream,
             stream.socket,
-            RendezvousConnection(Side.SERVER, self.limits.max_frame, probe=probe),
+            RendezvousConnection(Side.SERVER, self.limits.max_frame, probe=probe, relay=relay),
         )
         try:
             if counted and self.connections[source] > self.limits.max_connections_per_ip:
@@ -689,6 +706,12 @@ class RendezvousServer:
         )
         if requester is self.peers.get(asker.name):
             requester = asker  # the answer goes back on the connection that asked
+        if request.relay_delay is not None and self.relay is not None:
+            ticket, key = self.relay.ticket(to_target.attempt_id, requester.name, target.name)
+            to_requester, to_target = (
+                attrs.evolve(to, relay=self._grant(peer, ticket, key, request.relay_delay))
+                for to, peer in ((to_requester, requester), (to_target, target))
+            )
         # Both at the same moment: encoded first, so neither waits on the other's JSON.
         frames = (
             requester.channel.connection.send(to_requester),
@@ -729,6 +752,15 @@ class RendezvousServer:
             peer_nat=requester.nat_facts,
         )
         return (requester, to_requester), (target, to_target)
+
+    def _grant(self, to: _Peer, ticket: bytes, key: bytes, delay: float) -> RelayGrant | None:
+        """The relay grant in ``to``'s introduction: our relay port at the address
+        ``to`` reached us on (None if its connection is gone: it gets nothing)."""
+        try:
+            here = Endpoint.from_sockaddr(to.channel.socket.getsockname())
+        except OSError:
+            return None
+        return RelayGrant(Endpoint(here.ip, self.relay_port), ticket, key, delay)
 
     async def _deliver(self, peer: _Peer, frame: bytes) -> None:
         with trio.move_on_after(SEND_TIMEOUT) as scope:
@@ -796,11 +828,11 @@ def _server_listener(bind: Endpoint, dual_stack: bool) -> trio.SocketListener:
     return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
-def _probe_listeners(
+def _port_listeners(
     binds: list[Endpoint], port: int, dual_stack: bool
 ) -> list[trio.SocketListener]:
-    """One probe listener per listening address, on ``port`` (0: the first one's
-    choice for all); ``SO_REUSEPORT``, since a Reach dials from the same port.
+    """One probe (or relay) listener per listening address, on ``port`` (0: the
+    first one's choice for all); ``SO_REUSEPORT``, since a Reach dials from the same port.
     A dual-stack ``[::]`` gets an IPv4 ``0.0.0.0`` one beside it, since a
     reusable IPv6 socket is IPv6-only."""
     addresses = [b.ip for b in binds]
@@ -831,6 +863,9 @@ async def serve_rendezvous(
     bound: list[Endpoint] | None = None,
     probe_port: int | None = None,
     probe_bound: list[Endpoint] | None = None,
+    relay_port: int | None = None,
+    relay: Relay | None = None,
+    relay_bound: list[Endpoint] | None = None,
     task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a rendezvous server until cancelled, or until ``stop`` is set.
@@ -872,6 +907,16 @@ async def serve_rendezvous(
             also beside ``ssl_context``: it tells nothing secret. ``None``
             (default): no probe port.
         probe_bound: a list that gets every bound probe :class:`Endpoint`.
+        relay_port: also run a relay (:mod:`punch._relay`) on this TCP port
+            (0..65535; 0: the kernel chooses one) of every listening address:
+            an introduction whose request asks for a relay then carries a
+            grant to it (RFC 8445 §5.1.1.2 relayed candidate), and the two
+            peers' streams bound to it are spliced, their payload unread.
+            Plain TCP: what it carries is the peers' own TLS. ``None``
+            (default): no relay.
+        relay: the :class:`~punch.Relay` to run there (its limits and grant
+            secret; default ``Relay()``: every default limit, a fresh secret).
+        relay_bound: a list that gets every bound relay :class:`Endpoint`.
         task_status: receives the (first) bound :class:`Endpoint` once listening.
 
     Raises:
@@ -886,25 +931,40 @@ async def serve_rendezvous(
         limits = attrs.evolve(limits, registration_timeout=registration_timeout)
     bindings = NameBindings(Path(persist_names)) if persist_names is not None else None
     on_loopback = all(b.address.is_loopback for b in binds)
-    server = RendezvousServer(limits, ssl_context, on_loopback, bindings)
     dual_stack = not any(b.family == socket.AF_INET for b in binds)
     listeners: list[trio.SocketListener] = []
     probes: list[trio.SocketListener] = []
+    relays: list[trio.SocketListener] = []
     try:
         for bind in binds:
             listeners.append(_server_listener(bind, dual_stack))
         if probe_port is not None:
-            probes = _probe_listeners(binds, probe_port, dual_stack)
+            probes = _port_listeners(binds, probe_port, dual_stack)
+        if relay_port is not None:
+            relays = _port_listeners(binds, relay_port, dual_stack)
     except BaseException:
-        for listener in listeners:
+        for listener in (*listeners, *probes):
             listener.socket.close()
         raise
+    relay_endpoints = [Endpoint.from_sockaddr(r.socket.getsockname()) for r in relays]
+    server = RendezvousServer(
+        limits,
+        ssl_context,
+        on_loopback,
+        bindings,
+        relay=(relay or Relay()) if relays else None,
+        relay_port=relay_endpoints[0].port if relays else 0,
+    )
     endpoints = [Endpoint.from_sockaddr(listener.socket.getsockname()) for listener in listeners]
     for where in endpoints:
         log.info("rendezvous listening on %s%s", where, " (TLS)" if ssl_context else "")
     probe_endpoints = [Endpoint.from_sockaddr(p.socket.getsockname()) for p in probes]
     for where in probe_endpoints:
         log.info("probe port listening on %s", where)
+    for where in relay_endpoints:
+        log.info("relay listening on %s", where)
+    if relay_bound is not None:
+        relay_bound[:] = relay_endpoints
     if bound is not None:
         bound[:] = endpoints
     if probe_bound is not None:
@@ -920,13 +980,18 @@ async def serve_rendezvous(
                     trio.serve_listeners, server.handle_probe, probes, handler_nursery=handlers
                 )
                 await acceptor.start(serve_probes)
+            if relays:
+                serve_relays = partial(
+                    trio.serve_listeners, server.handle_relay, relays, handler_nursery=handlers
+                )
+                await acceptor.start(serve_relays)
             task_status.started(endpoints[0])
             if stop is None:
                 await trio.sleep_forever()
             await stop.wait()
             acceptor.cancel_scope.cancel()
         log.info("shutting down: %d peer(s) registered", len(server.peers))
-        for listener in (*listeners, *probes):
+        for listener in (*listeners, *probes, *relays):
             await listener.aclose()
         with trio.move_on_after(SHUTDOWN_GRACE):
             await server.say_goodbye()

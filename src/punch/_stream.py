@@ -27,6 +27,16 @@ class WonBy(enum.Enum):
     """The peer's SYN reached our listener."""
 
 
+class StreamPath(enum.Enum):
+    """How the kept connection's bytes travel (RFC 8445 §5.1.1 candidate types)."""
+
+    DIRECT = "direct"
+    """Peer to peer: a host, server-reflexive or predicted candidate, or a probe."""
+    RELAYED = "relayed"
+    """Through the rendezvous's relay, which splices our connection to the peer's
+    and reads no payload (:mod:`punch._relay`)."""
+
+
 def _lost(exc: trio.BrokenResourceError) -> HandshakeInterrupted:
     return HandshakeInterrupted(f"connection lost during the handshake: {exc.__cause__ or exc}")
 
@@ -76,9 +86,10 @@ class ExactReader:
 
 @attrs.define(eq=False)
 class PeerStream(trio.abc.HalfCloseableStream):
-    """A direct, authenticated TCP connection to a peer, encrypted by TLS 1.3 by default.
+    """An authenticated TCP connection to a peer, encrypted by TLS 1.3 by default:
+    direct, or through a relay where no direct path was found (:attr:`path`).
 
-    A kernel TCP socket underneath (no relay): the methods are those of
+    A kernel TCP socket underneath: the methods are those of
     :class:`trio.SocketStream`, and raise what it raises
     (:class:`trio.BrokenResourceError`, :class:`trio.ClosedResourceError`).
     On an encrypted stream (:attr:`encrypted`) they read and write TLS
@@ -90,7 +101,11 @@ class PeerStream(trio.abc.HalfCloseableStream):
         role: our :class:`~punch.Role` in the attempt that made it.
         local: our end of the 4-tuple (``getsockname()``).
         remote: the peer's end as we see it (``getpeername()``); behind a
-            NAT this is the peer's NAT's public endpoint.
+            NAT this is the peer's NAT's public endpoint; on a relayed
+            stream, the relay's endpoint.
+        path: :class:`StreamPath`: ``direct``, or ``relayed`` through the
+            relay's endpoint (:attr:`remote`); the bytes and the
+            authentication are the same either way.
         won_by: :class:`WonBy`: our connect or our listener's accept.
         attempt_id: the introduction's 16-byte attempt id.
         connect_time: seconds from receiving the introduction to holding this
@@ -119,6 +134,7 @@ class PeerStream(trio.abc.HalfCloseableStream):
     _pending: bytearray = attrs.field(factory=bytearray, converter=bytearray, alias="pending")
     attempts: tuple[Attempt, ...] = ()
     probes: ProbeReport | None = None
+    path: StreamPath = StreamPath.DIRECT
     peer_id: str | None = None
     tls_time: float = 0.0
     _started_tls: TLSStream | None = attrs.field(default=None, alias="started_tls")
