@@ -49,6 +49,7 @@ FULL = {
     "peers": (10_000, 50_000, 100_000),
     "pairs": 500,
     "seconds": 5.0,
+    "circuits": 1000,
 }
 QUICK = {
     "trials": 5,
@@ -61,6 +62,7 @@ QUICK = {
     "peers": (1_000, 2_000),
     "pairs": 50,
     "seconds": 1.0,
+    "circuits": 50,
 }
 
 
@@ -82,6 +84,7 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
     peers = capacity.idle_peers(size["peers"])
     intros = capacity.introductions(size["pairs"], size["seconds"])
     accepts = capacity.accept_and_close(2 * size["pairs"], size["seconds"])
+    relay_memory = capacity.relay_memory(size["circuits"])
 
     def both(trial: dict[str, Any]) -> float:  # both sides hold a verified stream
         return max(trial["alice"]["connect_time"], trial["bob"]["connect_time"])
@@ -128,11 +131,11 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
         "throughput": {
             direction: {
                 flow: rate(flows[flow][direction])
-                for flow in ("punched", "sslstream", "plain", "raw")
+                for flow in ("punched", "sslstream", "plain", "raw", "relayed")
             }
             for direction in ("up", "down")
         }
-        | {"target": 0.97, "tls_target": 0.95, "gib_per_round": gib},
+        | {"target": 0.97, "tls_target": 0.95, "relay_target": 0.8, "gib_per_round": gib},
         "capacity": {
             "baseline_rss": peers["baseline_rss"],
             "points": peers["points"],
@@ -143,6 +146,7 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
             "ratio": intros["per_second"] / accepts["per_second"],
             "server_cpu": {"introductions": intros["server_cpu"], "accepts": accepts["server_cpu"]},
         },
+        "relay_memory": relay_memory,
         "cpu_per_punch": median([t["cpu"] for t in connected]),
         "families": families_summary(by_family),
         "round_trips": [_round_trip_summary(rt, report) for rt, report in delayed.items()],
@@ -238,6 +242,14 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
                 f">= {tp['tls_target']}: {verdict(tls_ratio >= tp['tls_target'])}",
             ),
             (
+                f"throughput {label}, relayed (issue 17), TLS 1.3",
+                f"{flow['relayed']:.2f} GiB/s relayed",
+                f"punched {flow['punched']:.2f} GiB/s",
+                f"{flow['relayed'] / flow['punched']:.2f}",
+                f">= {tp['relay_target']}: "
+                f"{verdict(flow['relayed'] / flow['punched'] >= tp['relay_target'])}",
+            ),
+            (
                 f"throughput {label}, plaintext (`encrypt=False`)",
                 f"{flow['plain']:.2f} GiB/s punched",
                 f"raw trio.SocketStream {flow['raw']:.2f} GiB/s",
@@ -257,6 +269,17 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
                 f"< 1 GiB: {verdict(projected < cap['target_rss'])} (projected)",
             )
         )
+    relay = summary["relay_memory"]
+    rows.append(
+        (
+            f"relay: memory per relayed stream, {relay['circuits']:,} streams, each writer "
+            f"pouring {relay['poured_per_circuit'] / 2**20:.1f} MiB into a reader that never reads",
+            f"RSS +{relay['full_per_circuit'] / 1024:.0f} KiB per stream",
+            f"bound and idle +{relay['bound_per_circuit'] / 1024:.0f} KiB per stream",
+            f"{relay['full_per_circuit'] / relay['target_per_circuit']:.2f}",
+            f"<= 2 x 64 KiB: {verdict(relay['full_per_circuit'] <= relay['target_per_circuit'])}",
+        )
+    )
     for point in cap["points"]:
         rows.append(
             (

@@ -306,3 +306,89 @@ def accept_and_close(concurrency: int, seconds: float) -> dict[str, Any]:
             key.fileobj.close()  # type: ignore[union-attr]
         selector.close()
         stop(server)
+
+
+RELAY_ARGS = [
+    "--relay",
+    "--relay-port",
+    "0",
+    "--relay-rate",
+    "1T",
+    "--relay-max-bytes-per-circuit",
+    "1T",
+    "--relay-max-bytes-per-peer-hour",
+    "1T",
+    "--relay-bind-timeout",
+    "60",
+]
+POUR_ROUNDS = 64
+"""Sends of 64 KiB per relayed stream, at most, into readers that never read."""
+
+
+def relay_memory(circuits: int) -> dict[str, Any]:
+    """RSS of the real rendezvous with its relay: per relayed stream bound and idle, and
+    per stream once its writer has filled every buffer toward a reader that never reads
+    (issue 17: back-pressure, never a growing buffer; target two relay chunks)."""
+    from punch import Role
+    from punch._protocol import Bind, Bound, RelayGrant
+    from punch._relay import CHUNK, bind_proof
+
+    raise_fd_limit(8 * circuits + 1000)
+    server, address = start(
+        [sys.executable, "-m", "punch", "rendezvous", *SERVER_ARGS, *RELAY_ARGS]
+    )
+    where = sources()
+    socks: list[socket.socket] = []
+    try:
+        requesters = register(address, [f"r{i}" for i in range(circuits)], where)
+        responders = register(address, [f"s{i}" for i in range(circuits)], where)
+        socks = requesters + responders
+        grants: list[tuple[RelayGrant, Role, socket.socket]] = []
+        for i, (asker, target) in enumerate(zip(requesters, responders, strict=True)):
+            asker.sendall(encode_frame(ConnectRequest(f"s{i}", 1, 0.0)))
+            for sock, role in ((asker, Role.INITIATOR), (target, Role.RESPONDER)):
+                introduction = decode_body(read_frame(sock))
+                if not isinstance(introduction, Introduction) or introduction.relay is None:
+                    raise RuntimeError(f"no relay grant: {introduction}")
+                grants.append((introduction.relay, role, sock))
+        before = rss(server.pid)
+        ends = []
+        for grant, role, _ in grants:
+            end = socket.socket()
+            end.settimeout(REPLY_TIMEOUT)
+            end.bind((next(where), 0))
+            end.connect(grant.endpoint.sockaddr())
+            end.sendall(encode_frame(Bind(grant.ticket, role, bind_proof(grant.key, role))))
+            ends.append(end)
+        socks += ends
+        for end in ends:
+            if not isinstance(decode_body(read_frame(end)), Bound):
+                raise RuntimeError("a bind was refused")
+        bound = rss(server.pid)
+        writers = ends[0::2]  # each initiator pours; its responder never reads
+        for end in writers:
+            end.setblocking(False)
+        poured = 0
+        deadline = time.monotonic() + 30
+        for _ in range(POUR_ROUNDS):  # until every buffer on the way is full, or 30 s
+            sent = 0
+            for end in writers:
+                try:
+                    sent += end.send(b"x" * CHUNK)
+                except BlockingIOError:
+                    pass
+            poured += sent
+            if not sent or time.monotonic() > deadline:
+                break
+        full = rss(server.pid)
+        return {
+            "circuits": circuits,
+            "bound_per_circuit": (bound - before) / circuits,
+            "full_per_circuit": (full - before) / circuits,
+            "poured_per_circuit": poured / circuits,
+            "target_per_circuit": 2 * CHUNK,
+        }
+    finally:
+        for sock in socks:
+            sock.close()
+        stop(server)

@@ -31,6 +31,18 @@ PHASE_TIMEOUT = 300.0
 FIRST_BYTE_TIMEOUT = 20.0
 
 
+RELAY_UNLIMITED = (
+    "--relay",
+    "--relay-rate",
+    "1T",
+    "--relay-max-bytes-per-circuit",
+    "1T",
+    "--relay-max-bytes-per-peer-hour",
+    "1T",
+)
+"""The relay with no byte or rate bound: the relayed throughput row measures the splice."""
+
+
 def _lab_pair(
     profile: str,
     *,
@@ -62,6 +74,7 @@ def _lab_pair(
                 "--introductions-per-minute",
                 "100000",
                 "--quiet",
+                *RELAY_UNLIMITED,
             )
             common = ["--rendezvous", address, "--trials", str(trials)]
             common += ["--secret", secrets.token_hex(32)]

@@ -232,11 +232,16 @@ async def alice(args: argparse.Namespace) -> None:
             report["direct"].append({"alice": about(stream), "bob": theirs})
     if args.rounds:
         report["throughput"] = {"bytes": args.bytes}
-        for flow, peer, encrypted in (("punched", "bob", True), ("plain", "bob-plain", False)):
+        for flow, peer, encrypted, relay in (
+            ("punched", "bob", True, "never"),
+            ("plain", "bob-plain", False, "never"),
+            ("relayed", "bob", True, "only"),  # the rendezvous's relay (issue 17)
+        ):
             async with punch.open_host(
                 f"alice-{flow}", rendezvous=args.rendezvous, encrypt=encrypted
             ) as host:
-                async with await host.connect(peer) as stream:
+                async with await host.connect(peer, relay=relay) as stream:
+                    assert stream.path.value == ("relayed" if relay == "only" else "direct")
                     report["throughput"][flow] = await throughput(stream, args.rounds, args.bytes)
         to = Endpoint.parse(args.raw)
         async with await trio.open_tcp_stream(to.ip, to.port) as stream:

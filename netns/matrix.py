@@ -258,7 +258,7 @@ class CellResult:
         return {
             "cell": self.cell.name,
             "expect": (" or ".join(sorted(self.cell.paths)) or "no direct path")
-            + (f" (>= {BIRTHDAY_RATE:.0%}: birthday)" if self.cell.birthday else "")
+            + (f" (>= {BIRTHDAY_RATE:.0%}: birthday)" if self.cell.allowed_misses(20) else "")
             + ("" if self.cell.asserted else " (measured, not asserted)"),
             "trials": len(self.trials),
             "connected": sum(t.connected for t in self.trials),

@@ -37,9 +37,13 @@ def test_quick_benchmark_run_measures_everything(tmp_path: Path) -> None:
     assert summary["time_to_stream"]["connected"] == summary["time_to_stream"]["trials"] == 5
     assert summary["worst_timing"]["trials"] == 3  # cone-rst x cone-rst: not every one connects
     assert summary["worst_timing"]["attempts_per_s_max"] <= 20
-    flows = ("punched", "sslstream", "plain", "raw")
+    flows = ("punched", "sslstream", "plain", "raw", "relayed")
     assert all(summary["throughput"][d][f] > 0 for d in ("up", "down") for f in flows)
     assert [p["peers"] for p in summary["capacity"]["points"]] == [1_000, 2_000]
+    assert summary["relay_memory"]["circuits"] == 50
+    assert summary["relay_memory"]["full_per_circuit"] > 0
+    assert "| relay: memory per relayed stream" in done.stdout
+    assert "| throughput alice to bob, relayed" in done.stdout
     assert summary["capacity"]["introductions_per_s"] > 0
     assert summary["cpu_per_punch"] > 0
     families = summary["families"]  # every IPv6, IPv4 and black-holed run connected

@@ -23,7 +23,6 @@ from punch._protocol import (
     RelayGrant,
     RendezvousConnection,
     Side,
-    encode_frame,
 )
 from punch._relay import (
     CHUNK,
@@ -31,8 +30,6 @@ from punch._relay import (
     Relay,
     Ticket,
     TokenBucket,
-    _Circuit,
-    _Half,
     bind,
     bind_proof,
     grant_key,
@@ -278,87 +275,69 @@ async def test_a_peers_hourly_bytes_reset_its_stream_and_refuse_its_next(
     assert await _refusal(served, _grant(served, "carol", "bob"), Role.RESPONDER) == "peer-quota"
 
 
-# --- rate, lifetime and back-pressure, on trio's clock ---------------------------
+# --- rate, lifetime and back-pressure ------------------------------------------------
 
 
-def _half(stream: trio.abc.HalfCloseableStream, name: str) -> _Half:
-    """One bound end of a circuit over an in-memory stream (its Bind already read)."""
-    connection = RendezvousConnection(Side.SERVER, relay=True)
-    ticket = Ticket(b"t" * 16, "alice", "bob", 2**40).encode()
-    role = Role.INITIATOR if name == "alice" else Role.RESPONDER
-    connection.receive_data(encode_frame(Bind(ticket, role, b"p" * 32)))
-    channel = ControlChannel(stream, None, connection)  # type: ignore[arg-type]
-    return _Half(channel, stream, name, Endpoint("127.0.0.1", 1))  # type: ignore[arg-type]
-
-
-def _memory_circuit(
-    pair: object = trio.testing.memory_stream_pair,
-) -> tuple[_Circuit, trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]:
-    """A circuit whose two halves are in-memory streams; the peers' ends."""
-    alice, alice_relay = pair()  # type: ignore[operator]
-    bob, bob_relay = pair()  # type: ignore[operator]
-    circuit = _Circuit(Ticket(b"t" * 16, "alice", "bob", 2**40))
-    circuit.halves = {
-        Role.INITIATOR: _half(alice_relay, "alice"),
-        Role.RESPONDER: _half(bob_relay, "bob"),
-    }
-    return circuit, alice, bob
-
-
-async def test_each_direction_is_paced_to_the_rate(autojump_clock: trio.testing.MockClock) -> None:
-    relay = Relay(RelayLimits(rate=1 << 20), SECRET)
-    circuit, alice, bob = _memory_circuit()
-    received = 0
-
-    async def alice_sends() -> None:
-        for _ in range(48):
-            await alice.send_all(b"x" * (CHUNK))  # 3 MiB
-        await alice.send_eof()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(relay._run, circuit)
-        nursery.start_soon(alice_sends)
-        start = trio.current_time()
-        await bob.receive_some()  # Bound
-        while data := await bob.receive_some():
-            received += len(data)
-        took = trio.current_time() - start
-        await bob.send_eof()
-    assert received == 3 << 20
-    # a 1 MiB bucket: the first MiB at once, the other two at 1 MiB/s
-    assert 1.9 <= took <= 2.1
-
-
-async def test_a_stream_is_reset_at_its_lifetime(autojump_clock: trio.testing.MockClock) -> None:
-    relay = Relay(RelayLimits(max_lifetime=5.0), SECRET)
-    circuit, _, _ = _memory_circuit()
-    start = trio.current_time()
-    await relay._run(circuit)
-    assert trio.current_time() - start == pytest.approx(5.0)
-    assert circuit.done.is_set()
-
-
-async def test_a_reader_that_never_reads_stops_its_writer(
-    autojump_clock: trio.testing.MockClock,
+async def test_every_byte_waits_for_the_rate(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Back-pressure: with no buffer on either side, the writer gets no further than
-    what the relay holds, one chunk: the relay never grows a buffer for a slow reader."""
-    relay = Relay(RelayLimits(rate=1 << 30), SECRET)
-    circuit, alice, _bob = _memory_circuit(trio.testing.lockstep_stream_pair)
-    sent = 0
+    """Each direction's bytes pass its token bucket (whose pacing is timed below, on
+    trio's clock): the sizes it was asked for add up to what was carried."""
+    taken: list[int] = []
+    take = TokenBucket.take
 
-    async def alice_sends() -> None:
-        nonlocal sent
-        while True:
-            await alice.send_all(b"x" * 1024)
-            sent += 1024
+    async def counted(bucket: TokenBucket, size: int) -> None:
+        taken.append(size)
+        await take(bucket, size)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(relay._splice, circuit, *circuit.halves.values())
-        nursery.start_soon(alice_sends)
-        await trio.sleep(10)
-        nursery.cancel_scope.cancel()
-    assert sent <= CHUNK + 1024
+    monkeypatch.setattr(TokenBucket, "take", counted)
+    served = await _serve(nursery, RelayLimits(rate=64 << 20))
+    a, b = await _circuit(served, _grant(served))
+    payload = secrets.token_bytes(300_000)
+    await a.send_all(payload)
+    await a.send_eof()
+    received = bytearray()
+    while data := await b.receive_some(CHUNK):
+        received += data
+    assert received == payload
+    assert sum(taken) == len(payload)
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_a_stream_is_reset_at_its_lifetime(nursery: trio.Nursery) -> None:
+    served = await _serve(nursery, RelayLimits(max_lifetime=0.2))
+    a, b = await _circuit(served, _grant(served))
+    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):  # 5 s: only a bound
+        await b.receive_some(100)  # nothing is sent: only the reset at 0.2 s ends it
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_the_payload_never_enters_the_relay(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """splice(2) moves it socket to pipe to socket: no receive_some on a relayed
+    stream, so nothing for a slow reader to pile up in the process."""
+    served = await _serve(nursery)
+    a, b = await _circuit(served, _grant(served))
+    reads: list[int] = []
+    receive = trio.SocketStream.receive_some
+
+    async def watched(stream: trio.SocketStream, max_bytes: int | None = None) -> bytes:
+        data = await receive(stream, max_bytes)
+        if stream.socket.getsockname()[1] == served.relay.port:
+            reads.append(len(data))
+        return data
+
+    monkeypatch.setattr(trio.SocketStream, "receive_some", watched)
+    await a.send_all(b"x" * 200_000)
+    got = 0
+    while got < 200_000:
+        got += len(await b.receive_some(CHUNK))
+    assert reads == []
+    await a.aclose()
+    await b.aclose()
 
 
 async def test_a_token_bucket_paces_to_its_rate(autojump_clock: trio.testing.MockClock) -> None:

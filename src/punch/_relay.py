@@ -20,9 +20,10 @@ handshake. Each attempt binds once (replays are refused until it expires).
 
 Every resource a binder can make the relay hold is bounded
 (:class:`RelayLimits`), and every refusal at bind time is an ``Error`` frame
-with a typed code. Memory per circuit: one read buffer per direction
-(:data:`CHUNK` bytes); a reader that does not read stops the copy toward it
-(TCP flow control), and so its writer, never a buffer here.
+with a typed code. The payload moves socket to pipe to socket by splice(2)
+and never enters the process: a kernel pipe per direction holds at most
+:data:`CHUNK` bytes, and a reader that does not read stops the move toward
+it (TCP flow control), and so its writer, never a buffer here.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import os
 import secrets
 import struct
 import time
@@ -57,7 +59,8 @@ log = logging.getLogger("punch.relay")
 
 _RECEIVE_SIZE = 4096
 CHUNK = 65536
-"""Bytes: the most one direction of a circuit holds in user space at once."""
+"""Bytes: the most one direction of a circuit moves at once, and holds in its pipe
+(a Linux pipe's default capacity, pipe(7))."""
 _GRANT_LABEL = b"punch relay grant v1\0"
 _PROOF_LABEL = b"punch relay bind v1\0"
 _TICKET_HEAD = struct.Struct("!16sQ")
@@ -153,8 +156,8 @@ class RelayLimits:
             already spent is refused (``peer-quota``), a stream that spends
             it is reset. Default 4 GiB.
         rate: bytes per second each direction of a stream may carry (a token
-            bucket, :data:`CHUNK` deep; the sender is slowed, nothing is
-            dropped). Default 1 MiB/s.
+            bucket one second deep, at least :data:`CHUNK`; the sender is
+            slowed, nothing is dropped). Default 1 MiB/s.
         max_lifetime: seconds a relayed stream may last; then it is reset.
             Default 3600.
         bind_timeout: seconds a bound half waits for the other peer
@@ -389,26 +392,71 @@ class Relay:
         return errors[0] if errors else None
 
     async def _pipe(self, circuit: _Circuit, src: _Half, dst: _Half) -> None:
-        """Copy ``src`` to ``dst`` until its FIN, passed on; bytes it sent with its
-        Bind come first."""
+        """Move ``src``'s bytes to ``dst`` until its FIN, passed on as a FIN.
+
+        Through a kernel pipe (splice(2)): the payload never enters this
+        process, and the pipe holds at most :data:`CHUNK` bytes, moved on
+        before the next read, so a reader that does not read stops its writer
+        (TCP flow control) instead of growing anything here. Bytes that came
+        with the Bind go first.
+        """
         bucket = TokenBucket(self.limits.rate, max(self.limits.rate, CHUNK))
-        data = src.channel.connection.trailing()
-        while True:
-            if not data:
-                data = await src.stream.receive_some(CHUNK)
-                if not data:
-                    await dst.stream.send_eof()
-                    return
-            circuit.bytes += len(data)
-            if circuit.bytes > self.limits.max_bytes_per_circuit:
-                raise _QuotaSpent(f"{self.limits.max_bytes_per_circuit} bytes carried")
-            spent = {name: self._spent(name, len(data)) for name in (src.name, dst.name)}
-            for name, used in spent.items():  # both charged first: each carried them
-                if used > self.limits.max_bytes_per_peer_hour:
-                    raise _QuotaSpent(f"{name!r}'s relayed bytes for the hour are spent")
-            await bucket.take(len(data))
-            await dst.stream.send_all(data)
-            data = b""
+        first = src.channel.connection.trailing()
+        if first:
+            await self._account(circuit, src, dst, bucket, len(first))
+            await dst.stream.send_all(first)
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            while moved := await _splice(src.stream.socket, write_end, CHUNK, into_pipe=True):
+                await self._account(circuit, src, dst, bucket, moved)
+                while moved:
+                    moved -= await _splice(dst.stream.socket, read_end, moved, into_pipe=False)
+            await dst.stream.send_eof()
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+
+    async def _account(
+        self, circuit: _Circuit, src: _Half, dst: _Half, bucket: TokenBucket, size: int
+    ) -> None:
+        """Count ``size`` bytes against every quota they touch, then wait for the rate.
+
+        Raises:
+            _QuotaSpent: the circuit's bytes, or either peer's for the hour.
+        """
+        circuit.bytes += size
+        if circuit.bytes > self.limits.max_bytes_per_circuit:
+            raise _QuotaSpent(f"{self.limits.max_bytes_per_circuit} bytes carried")
+        spent = {name: self._spent(name, size) for name in (src.name, dst.name)}
+        for name, used in spent.items():  # both charged first: each carried them
+            if used > self.limits.max_bytes_per_peer_hour:
+                raise _QuotaSpent(f"{name!r}'s relayed bytes for the hour are spent")
+        await bucket.take(size)
+
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+async def _splice(sock: trio.socket.SocketType, pipe: int, size: int, *, into_pipe: bool) -> int:
+    """splice(2) up to ``size`` bytes from ``sock`` into ``pipe`` (``into_pipe``), or
+    from ``pipe`` into ``sock``, waiting until ``sock`` is ready; 0 at ``sock``'s FIN.
+
+    Raises:
+        trio.BrokenResourceError: the socket failed (reset, closed).
+    """
+    while True:
+        try:
+            if into_pipe:
+                return os.splice(sock.fileno(), pipe, size, flags=_SPLICE_FLAGS)
+            return os.splice(pipe, sock.fileno(), size, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise trio.BrokenResourceError(exc) from exc
+        if into_pipe:
+            await trio.lowlevel.wait_readable(sock)
+        else:
+            await trio.lowlevel.wait_writable(sock)
 
 
 async def bind(stream: trio.abc.Stream, grant: RelayGrant, role: Role) -> bytes:
