@@ -376,23 +376,39 @@ async def _session(options: Options, report: Reporter) -> None:
             local=[str(e) for e in host.locals],
         )
         stream = await command.acquire(host, options, report)
-    if options.peer_id is not None and stream.peer_id != options.peer_id:
-        await trio.aclose_forcefully(stream)
-        raise PeerVerificationError(
-            f"{stream.peer_name!r} proved peer ID {stream.peer_id}, not {options.peer_id}",
-            expected=options.peer_id,
-            presented=stream.peer_id,
+        if options.peer_id is not None and stream.peer_id != options.peer_id:
+            await trio.aclose_forcefully(stream)
+            raise PeerVerificationError(
+                f"{stream.peer_name!r} proved peer ID {stream.peer_id}, not {options.peer_id}",
+                expected=options.peer_id,
+                presented=stream.peer_id,
+            )
+        security = f"TLS 1.3, peer ID {stream.peer_id}" if stream.encrypted else "plaintext"
+        report(
+            "connected",
+            f"connected to {stream.peer_name!r} ({stream.role.value}, {stream.path.value}, "
+            f"won by {stream.won_by.value}): "
+            f"{stream.local} -> {stream.remote} in {stream.connect_time * 1000:.1f} ms, {security}",
+            **_connected_fields(stream),
         )
-    security = f"TLS 1.3, peer ID {stream.peer_id}" if stream.encrypted else "plaintext"
-    report(
-        "connected",
-        f"connected to {stream.peer_name!r} ({stream.role.value}, {stream.path.value}, "
-        f"won by {stream.won_by.value}): "
-        f"{stream.local} -> {stream.remote} in {stream.connect_time * 1000:.1f} ms, {security}",
-        **_connected_fields(stream),
-    )
-    await command.use(stream, options, report)
+        # the host stays open while the stream is used: a relayed one may move
+        async with trio.open_nursery() as watching:
+            watching.start_soon(_report_move, stream, report)
+            await command.use(stream, options, report)
+            watching.cancel_scope.cancel()
     report("closed", f"session with {stream.peer_name!r} ended", peer=stream.peer_name)
+
+
+async def _report_move(stream: PeerStream, report: Reporter) -> None:
+    """Say so when a relayed stream moves to a direct connection (issue 17)."""
+    await stream.moved.wait()
+    report(
+        "moved",
+        f"moved to a direct connection: {stream.local} -> {stream.remote}",
+        path=stream.path.value,
+        local=str(stream.local),
+        remote=str(stream.remote),
+    )
 
 
 def _failure(exc: BaseException) -> tuple[int, str]:

@@ -8,6 +8,7 @@ import logging
 import random
 import socket
 import ssl
+import weakref
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 
@@ -18,7 +19,7 @@ from . import _secure, reuse
 from ._birthday import failure_hint, needs_own_facts
 from ._candidates import interface_addresses
 from ._control import ControlChannel, connect_control
-from ._endpoint import Endpoint, as_endpoint
+from ._endpoint import Endpoint, Role, as_endpoint
 from ._errors import NameTaken, PunchFailed, RemoteProtocolError, RendezvousError, ReuseUnavailable
 from ._identity import Identity, check_peer_id
 from ._nat import NatFacts
@@ -58,6 +59,9 @@ KEEPALIVES_PER_IDLE_TIMEOUT = 3
 """Keepalives sent within the idle timeout the server announced in
 ``Registered`` (every 15 s against the default 45 s): two lost ones are survived."""
 
+UPGRADE_AFTER = (5.0, 30.0, 300.0)
+"""Seconds between a relayed stream's tries to move to a direct path (issue 17):
+5 s after it was made, 30 s after that, then every 300 s for its life."""
 ACCEPT_QUEUE = 16
 """Punched streams held for :meth:`Host.accept` before more are refused."""
 
@@ -246,6 +250,15 @@ class Host:
     _registered: trio.Event = attrs.field(factory=trio.Event, init=False)
     _accepted_send: trio.MemorySendChannel[PeerStream | OSError] = attrs.field(init=False)
     _accepted: trio.MemoryReceiveChannel[PeerStream | OSError] = attrs.field(init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    """The host's own, for background work: set by :func:`open_host`."""
+    _relayed: weakref.WeakValueDictionary[bytes, PeerStream] = attrs.field(
+        factory=weakref.WeakValueDictionary, init=False
+    )
+    """Attempt ID -> our relayed streams not yet moved, for their upgrades."""
+    _observed_changed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    """Set (and replaced) when our server-reflexive endpoint changes: a reason to
+    try a relayed stream's upgrade at once."""
 
     def __attrs_post_init__(self) -> None:
         self._registered.set()
@@ -327,15 +340,29 @@ class Host:
             # report goes first (two round trips, once; a port-keeping NAT waits not)
             with trio.move_on_after(REPORT_TIMEOUT):
                 await self._nat_measured.wait()
+        introduction = await self._introduced(ConnectRequest(peer, 0, options.relay_delay), timeout)
+        # the punch has its own deadline, outside the wait for the introduction
+        stream = await self._race(introduction, options, peer_id)
+        fallback = options.relay is RelayMode.FALLBACK
+        if stream.handover is not None and fallback and self._nursery is not None:
+            self._nursery.start_soon(self._keep_upgrading, stream)
+        return stream
+
+    async def _introduced(self, request: ConnectRequest, timeout: float) -> Introduction:
+        """Send ``request`` (under a request ID of ours) and wait ``timeout`` s for its
+        introduction.
+
+        Raises:
+            RendezvousError: refused, no answer in time, or the connection is gone.
+        """
+        peer = request.target
         request_id = next(self._requests)
         reply: _Reply | None = None
         send, receive = trio.open_memory_channel[_Reply](1)
         self._waiters[request_id] = send
         try:
             try:
-                await self._live_channel().send(
-                    ConnectRequest(peer, request_id, options.relay_delay)
-                )
+                await self._live_channel().send(attrs.evolve(request, request_id=request_id))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise RendezvousError("closed", "control connection lost") from exc
             with trio.move_on_after(timeout):
@@ -348,8 +375,7 @@ class Host:
                 raise RendezvousError(reply.code, reply.detail) from reply
             if isinstance(reply, Error):
                 raise RendezvousError(reply.code, reply.text)
-            # the punch has its own deadline, outside the wait for the introduction
-            return await self._race(reply, options, peer_id)
+            return reply
         finally:
             del self._waiters[request_id]
             try:  # an introduction we will not act on: close its route
@@ -359,6 +385,100 @@ class Host:
                     self._introduced_at.pop(unread.attempt_id, None)
             except trio.WouldBlock:
                 pass
+
+    async def upgrade(self, stream: PeerStream) -> bool:
+        """Try once to move a relayed stream of ours to a direct connection, live.
+
+        A punch like :meth:`connect`'s (no relay, no new TLS), for ``stream``'s
+        peer; if it nominates a direct connection, both sides move the stream
+        onto it, bytes in order, nothing lost or repeated, TLS unbroken
+        (:mod:`punch._handover`), and the relayed connection is closed.
+        :func:`open_host` runs this by itself for a stream :meth:`connect`
+        made relayed in ``fallback``: 5 s after, 30 s after that, then every
+        300 s (:data:`UPGRADE_AFTER`), and at once when our server-reflexive
+        endpoint changes.
+
+        Args:
+            stream: a relayed :class:`PeerStream` of this host's, as the
+                initiator (the side that nominates moves it).
+
+        Returns:
+            True once it moved (:attr:`PeerStream.moved` is set); False when the
+            punch found no direct path (its reasons are logged).
+
+        Raises:
+            ValueError: not a relayed stream of ours as its initiator, or moved already.
+        """
+        handover = stream.handover
+        if handover is None or handover.moved or stream.role is not Role.INITIATOR:
+            raise ValueError("only a relayed stream, not moved yet, moves; its initiator moves it")
+        if self._relayed.get(stream.attempt_id) is not stream:
+            raise ValueError("not a stream of this host's")
+        options = attrs.evolve(self.options, relay=RelayMode.NEVER, encrypt=False)
+        request = ConnectRequest(stream.peer_name, 0, upgrade=stream.attempt_id)
+        handover.begin()
+        try:
+            introduction = await self._introduced(request, options.timeout)
+            direct = await self._race(introduction, options)
+        except OSError as exc:
+            log.info("%r: still relayed: %s", stream.peer_name, exc)
+            return False
+        finally:
+            if not handover.moved:
+                handover.end()
+        await self._move(stream, direct)
+        return True
+
+    async def _move(self, stream: PeerStream, direct: PeerStream) -> None:
+        await stream.move_to(direct)
+        self._relayed.pop(stream.attempt_id, None)
+        log.warning(
+            "%r: moved from the relay to a direct connection %s -> %s",
+            stream.peer_name,
+            stream.local,
+            stream.remote,
+        )
+
+    async def _keep_upgrading(self, stream: PeerStream) -> None:
+        """Background: :meth:`upgrade` on :data:`UPGRADE_AFTER`'s schedule until the
+        stream moves or closes. Never raises."""
+        for delay in itertools.chain(UPGRADE_AFTER, itertools.repeat(UPGRADE_AFTER[-1])):
+            with trio.move_on_after(delay):
+                await self._observed_changed.wait()
+            if stream.socket.fileno() < 0 or stream.moved.is_set():
+                return
+            try:
+                if await self.upgrade(stream):
+                    return
+            except ValueError:
+                return
+
+    async def _respond_upgrade(self, introduction: Introduction) -> None:
+        """The responder's side of an upgrade punch (see :meth:`upgrade`)."""
+        stream = self._relayed.get(introduction.upgrade or b"")
+        handover = stream.handover if stream is not None else None
+        if (
+            stream is None
+            or handover is None
+            or handover.moved
+            or stream.role is not Role.RESPONDER
+            or stream.peer_name != introduction.peer_name
+        ):
+            log.info("%r: an upgrade for no relayed stream of ours", introduction.peer_name)
+            self._router.close_route(introduction.attempt_id)
+            self._introduced_at.pop(introduction.attempt_id, None)
+            return
+        options = attrs.evolve(self.options, relay=RelayMode.NEVER, encrypt=False)
+        handover.begin()
+        try:
+            direct = await self._race(introduction, options)
+        except OSError as exc:
+            log.info("%r: still relayed: %s", stream.peer_name, exc)
+            return
+        finally:
+            if not handover.moved:
+                handover.end()
+        await self._move(stream, direct)
 
     async def accept(self) -> PeerStream:
         """The next inbound punch, as the responder: its stream, or why it failed.
@@ -420,6 +540,8 @@ class Host:
             ) from exc.__cause__
         finally:
             self._router.close_route(introduction.attempt_id)
+        if stream.handover is not None:
+            self._relayed[stream.attempt_id] = stream
         if options.encrypt:
             await _secure.encrypt(stream, self.identity, introduction, expected, options.timeout)
         return stream
@@ -602,6 +724,9 @@ class Host:
             self._channel, self._idle_timeout = channel, registered.idle_timeout
             self.host_candidate, self.host_candidates = candidates[0], candidates
             self.rendezvous = server
+            if registered.observed != self.observed:  # a relayed stream may move now
+                self._observed_changed.set()
+                self._observed_changed = trio.Event()
             self.observed = registered.observed
             self._closed = None
             self._registered.set()
@@ -640,6 +765,12 @@ class Host:
             # attempt can be read; the race that consumes it closes it. The punch's
             # times count from now (its route and its task cost about 0.5 ms).
             arrived = trio.current_time()
+            if message.request_id is None and message.upgrade is not None:
+                log.info("%r asks to move a relayed stream to a direct path", message.peer_name)
+                self._router.open_route(message.attempt_id)
+                self._introduced_at[message.attempt_id] = arrived
+                responders.start_soon(self._respond_upgrade, message)
+                return None
             if message.request_id is None:
                 log.info(
                     "introduced to %r as responder; its candidates: %s; its NAT: %s",
@@ -852,6 +983,7 @@ async def open_host(
                     registration,
                     registered.idle_timeout,
                 )
+                host._nursery = nursery
                 await nursery.start(router.serve)
                 nursery.start_soon(host._run_registrations, registration.legs(server))
                 if options.encrypt:

@@ -229,6 +229,8 @@ class Registered:
     idle_timeout: float = attrs.field(default=DEFAULT_IDLE_TIMEOUT, validator=check_idle_timeout)
 
 
+_optional_attempt_id = attrs.validators.optional(_exact_bytes(ATTEMPT_ID_BYTES))
+
 MAX_RELAY_DELAY = 60.0
 """Seconds: the longest wait before dialling the relay a request may ask for."""
 RELAY_KEY_BYTES = 32
@@ -250,11 +252,16 @@ class ConnectRequest:
     ``relay_delay``: seconds after the introduction (0..:data:`MAX_RELAY_DELAY`)
     both peers dial the rendezvous's relay, if it has one (:class:`RelayGrant`);
     ``None``: no relay for this attempt.
+
+    ``upgrade``: the attempt ID of a relayed stream to ``target`` that this
+    punch would move to a direct connection (:mod:`punch._handover`);
+    ``None``: a new stream.
     """
 
     target: str = attrs.field(validator=_name)
     request_id: int = attrs.field(validator=_request_id)
     relay_delay: float | None = attrs.field(default=None, validator=_relay_delay)
+    upgrade: bytes | None = attrs.field(default=None, validator=_optional_attempt_id)
 
 
 MAX_TICKET = 160
@@ -348,6 +355,8 @@ class Introduction:
     )
     """A relay for this attempt, when the initiator asked for one
     (``ConnectRequest.relay_delay``) and the rendezvous has one."""
+    upgrade: bytes | None = attrs.field(default=None, validator=_optional_attempt_id)
+    """The request's ``upgrade``: this punch is for moving that relayed stream."""
 
 
 @attrs.frozen
@@ -453,6 +462,10 @@ def _nat_to_wire(facts: NatFacts | None) -> dict[str, Any] | None:
     }
 
 
+def _optional_hex(value: bytes | None) -> str | None:
+    return None if value is None else value.hex()
+
+
 def _grant_to_wire(grant: RelayGrant | None) -> dict[str, Any] | None:
     if grant is None:
         return None
@@ -491,6 +504,7 @@ def _to_wire(m: Message) -> dict[str, Any]:
             "target": m.target,
             "request_id": m.request_id,
             "relay_delay": m.relay_delay,
+            "upgrade": _optional_hex(m.upgrade),
         }
     if isinstance(m, Introduction):
         return {
@@ -504,6 +518,7 @@ def _to_wire(m: Message) -> dict[str, Any]:
             "request_id": m.request_id,
             "peer_nat": _nat_to_wire(m.peer_nat),
             "relay": _grant_to_wire(m.relay),
+            "upgrade": _optional_hex(m.upgrade),
         }
     if isinstance(m, Report):
         return {"type": "report", "nat": _nat_to_wire(m.nat)}
@@ -608,10 +623,19 @@ _HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
 
 
 def _hex(f: _Fields, key: str) -> bytes:
-    text = f.get(key, str)
+    return _unhex(f.get(key, str), key)
+
+
+def _unhex(text: str, key: str) -> bytes:
     if not _HEX_RE.fullmatch(text):
         raise RemoteProtocolError(f"frame: field {key!r} is not lowercase hex")
     return bytes.fromhex(text)
+
+
+def _optional_hex_field(f: _Fields, key: str) -> bytes | None:
+    """A hex field that may be null."""
+    text = f.get(key, (str, type(None)))
+    return None if text is None else _unhex(text, key)
 
 
 def _from_wire(obj: object) -> Message:
@@ -640,6 +664,7 @@ def _from_wire(obj: object) -> Message:
             f.get("target", str),
             f.get("request_id", int),
             f.get("relay_delay", (int, float, type(None))),
+            _optional_hex_field(f, "upgrade"),
         )
     elif kind == "introduction":
         message = Introduction(
@@ -652,6 +677,7 @@ def _from_wire(obj: object) -> Message:
             request_id=f.get("request_id", _OPTIONAL_INT),
             peer_nat=_optional(f.get("peer_nat", (dict, type(None))), _nat_from_wire),
             relay=_optional(f.get("relay", (dict, type(None))), _grant_from_wire),
+            upgrade=_optional_hex_field(f, "upgrade"),
         )
     elif kind == "report":
         message = Report(_nat_from_wire(f.get("nat", dict)))

@@ -706,6 +706,10 @@ class RendezvousServer:
         )
         if requester is self.peers.get(asker.name):
             requester = asker  # the answer goes back on the connection that asked
+        if request.upgrade is not None:
+            to_requester, to_target = (
+                attrs.evolve(to, upgrade=request.upgrade) for to in (to_requester, to_target)
+            )
         if request.relay_delay is not None and self.relay is not None:
             ticket, key = self.relay.ticket(to_target.attempt_id, requester.name, target.name)
             to_requester, to_target = (

@@ -12,6 +12,7 @@ from . import reuse
 from ._birthday import ProbeReport
 from ._endpoint import Endpoint, Role
 from ._errors import HandshakeInterrupted
+from ._handover import Handover
 from ._outcome import Attempt
 from ._tls import TLSStream
 
@@ -121,6 +122,10 @@ class PeerStream(trio.abc.HalfCloseableStream):
             by its TLS certificate; ``None`` on a plaintext stream.
         tls_time: seconds the TLS handshake took after nomination (0.0 on a
             plaintext stream); :attr:`connect_time` includes it.
+        moved: set (a :class:`trio.Event`) when a relayed stream has moved to
+            a direct connection (:meth:`punch.Host.upgrade`): ``await
+            stream.moved.wait()``; :attr:`path`, :attr:`local`,
+            :attr:`remote` and :attr:`socket` tell the new connection then.
     """
 
     socket_stream: trio.SocketStream
@@ -142,6 +147,41 @@ class PeerStream(trio.abc.HalfCloseableStream):
     _tls: TLSStream | None = attrs.field(default=None, init=False)
     _capped: bool = attrs.field(default=True, init=False)
     """Retransmissions still capped at a second, as through the punch."""
+    moved: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _transport: trio.abc.HalfCloseableStream = attrs.field(init=False)
+    """What the bytes (TLS's, when encrypted) run over: the socket stream, or, on a
+    relayed stream, a :class:`~punch._handover.Handover` that can move to a direct one."""
+
+    def __attrs_post_init__(self) -> None:
+        self._transport = self.socket_stream
+        if self.path is StreamPath.RELAYED:
+            self._transport = Handover(self.socket_stream)
+            if self._started_tls is not None:
+                self._started_tls.transport = self._transport
+
+    @property
+    def handover(self) -> Handover | None:
+        """A relayed stream's :class:`~punch._handover.Handover` (None when direct from
+        the start)."""
+        return self._transport if isinstance(self._transport, Handover) else None
+
+    async def move_to(self, direct: PeerStream) -> None:
+        """Carry on over ``direct``, the plaintext stream of a punch for this stream's
+        upgrade (see :mod:`punch._handover`). Sets :attr:`moved`.
+
+        Raises:
+            RuntimeError: not a relayed stream, or moved already.
+        """
+        handover = self.handover
+        if handover is None:
+            raise RuntimeError("only a relayed stream moves")
+        new = direct.socket_stream
+        reuse.restore_retransmission_timeout(new.socket)  # a kept stream from here
+        await handover.move(new, bytes(direct._pending))
+        self.socket_stream = new
+        self.local, self.remote, self.won_by = direct.local, direct.remote, direct.won_by
+        self.path = StreamPath.DIRECT
+        self.moved.set()
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -167,7 +207,7 @@ class PeerStream(trio.abc.HalfCloseableStream):
             trio.BrokenResourceError: as :meth:`punch._tls.TLSStream.do_handshake`.
         """
         tls = self._started_tls or TLSStream(
-            self.socket_stream, context, server_side=server_side, pending=bytes(self._pending)
+            self._transport, context, server_side=server_side, pending=bytes(self._pending)
         )
         self._pending.clear()  # (empty when TLS was started: the race gave it the bytes)
         await tls.do_handshake()
@@ -178,16 +218,16 @@ class PeerStream(trio.abc.HalfCloseableStream):
         if self._tls is not None:
             await self._tls.send_all(data)
         else:
-            await self.socket_stream.send_all(data)
+            await self._transport.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self.socket_stream.wait_send_all_might_not_block()
+        await self._transport.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
         if self._tls is not None:
             await self._tls.send_eof()
         else:
-            await self.socket_stream.send_eof()
+            await self._transport.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Up to ``max_bytes`` bytes (default: what is there); ``b""`` at end of stream.
@@ -209,7 +249,7 @@ class PeerStream(trio.abc.HalfCloseableStream):
             del self._pending[:size]
             await trio.lowlevel.checkpoint()
         else:
-            data = await self.socket_stream.receive_some(max_bytes)
+            data = bytes(await self._transport.receive_some(max_bytes))
         if data and self._capped:
             # The peer sent application data, so it holds every handshake message we
             # sent (its last one, our Nomination or TLS Finished, may be unacknowledged
@@ -222,4 +262,4 @@ class PeerStream(trio.abc.HalfCloseableStream):
         if self._tls is not None:
             await self._tls.aclose()
         else:
-            await self.socket_stream.aclose()
+            await self._transport.aclose()

@@ -32,7 +32,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
     """A TLS connection over ``transport``; one task may send while another receives.
 
     Args:
-        transport: the connected TCP stream.
+        transport: the connected TCP stream (or a
+            :class:`~punch._handover.Handover` over one).
         context: from :meth:`punch._identity.Identity.tls_context`.
         server_side: we are the TLS server.
         pending: bytes already read from ``transport`` that belong to TLS
@@ -45,7 +46,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def __init__(
         self,
-        transport: trio.SocketStream,
+        transport: trio.abc.HalfCloseableStream,
         context: ssl.SSLContext,
         *,
         server_side: bool,

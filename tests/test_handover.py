@@ -1,0 +1,137 @@
+"""A relayed stream's live move to a direct connection (issue 17, part 4), on loopback."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import secrets
+
+import pytest
+import trio
+
+import punch
+from punch import Endpoint, RelayLimits, StreamPath
+from punch._relay import Relay
+
+CHUNK = 65536
+
+
+async def _serve(nursery: trio.Nursery) -> tuple[Endpoint, Relay]:
+    relay = Relay(RelayLimits(rate=1 << 30))
+    rendezvous = await nursery.start(
+        functools.partial(punch.serve_rendezvous, "127.0.0.1", 0, relay_port=0, relay=relay)
+    )
+    return rendezvous, relay
+
+
+async def _send(stream: punch.PeerStream, payload: bytes) -> None:
+    """``payload`` in 64 KiB writes a millisecond apart (load shaping, not a wait on
+    anything: the transfer lasts long enough for the move to land in its middle)."""
+    for at in range(0, len(payload), CHUNK):
+        await stream.send_all(payload[at : at + CHUNK])
+        await trio.sleep(0.001)
+    await stream.send_eof()
+
+
+async def _receive(
+    stream: punch.PeerStream,
+    into: bytearray,
+    paths: list[StreamPath],
+    quarter: trio.Event | None = None,
+) -> None:
+    """Everything to the end, and the path the stream said it had at each read;
+    ``quarter`` is set once a quarter of a 4 MiB payload has come."""
+    while data := await stream.receive_some(CHUNK):
+        into += data
+        paths.append(stream.path)
+        if quarter is not None and len(into) >= 1 << 20:
+            quarter.set()
+
+
+@pytest.mark.parametrize("encrypt", [True, False], ids=["tls", "plaintext"])
+async def test_a_relayed_stream_moves_mid_transfer_both_ways_intact(
+    nursery: trio.Nursery, encrypt: bool
+) -> None:
+    rendezvous, relay = await _serve(nursery)
+    up, down = secrets.token_bytes(4 << 20), secrets.token_bytes(3 << 20)
+    got_up, got_down = bytearray(), bytearray()
+    paths_up: list[StreamPath] = []
+    paths_down: list[StreamPath] = []
+    async with (
+        punch.open_host("alice", rendezvous=rendezvous, encrypt=encrypt) as alice,
+        punch.open_host("bob", rendezvous=rendezvous, encrypt=encrypt) as bob,
+    ):
+        async with trio.open_nursery() as accepting:
+            accepted: list[punch.PeerStream] = []
+
+            async def accept() -> None:
+                accepted.append(await bob.accept())
+
+            accepting.start_soon(accept)
+            to_bob = await alice.connect("bob", relay="only")
+        [to_alice] = accepted
+        assert (to_bob.path, to_alice.path) == (StreamPath.RELAYED, StreamPath.RELAYED)
+        moved: list[bool] = []
+        quarter = trio.Event()
+
+        async def upgrade_once_bytes_flow() -> None:
+            await quarter.wait()  # the move starts mid-transfer
+            moved.append(await alice.upgrade(to_bob))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as transfer:
+                transfer.start_soon(_send, to_bob, up)
+                transfer.start_soon(_send, to_alice, down)
+                transfer.start_soon(_receive, to_alice, got_up, paths_up, quarter)
+                transfer.start_soon(_receive, to_bob, got_down, paths_down)
+                transfer.start_soon(upgrade_once_bytes_flow)
+    assert moved == [True]
+    for paths in (paths_up, paths_down):  # bytes came both ways, then the other way
+        assert paths[0] is StreamPath.RELAYED
+        assert paths[-1] is StreamPath.DIRECT
+    assert hashlib.sha256(got_up).digest() == hashlib.sha256(up).digest()
+    assert hashlib.sha256(got_down).digest() == hashlib.sha256(down).digest()
+    assert to_bob.moved.is_set()
+    assert to_alice.moved.is_set()
+    assert (to_bob.path, to_alice.path) == (StreamPath.DIRECT, StreamPath.DIRECT)
+    assert to_bob.remote == to_alice.local
+    assert to_bob.encrypted is encrypt
+    assert not relay.circuits  # the relayed connection is closed
+    await to_bob.aclose()
+    await to_alice.aclose()
+
+
+async def test_only_the_initiator_moves_a_relayed_stream(nursery: trio.Nursery) -> None:
+    rendezvous, _ = await _serve(nursery)
+    async with (
+        punch.open_host("alice", rendezvous=rendezvous) as alice,
+        punch.open_host("bob", rendezvous=rendezvous) as bob,
+        trio.open_nursery() as accepting,
+    ):
+        accepted: list[punch.PeerStream] = []
+
+        async def accept() -> None:
+            accepted.append(await bob.accept())
+
+        accepting.start_soon(accept)
+        to_bob = await alice.connect("bob", relay="only")
+        await accepting.start(_wait_for, accepted)
+        with pytest.raises(ValueError, match="initiator"):
+            await bob.upgrade(accepted[0])
+        with pytest.raises(ValueError, match="not a stream of this host"):
+            await bob.upgrade(to_bob)
+        direct = await alice.connect("bob", relay="never")
+        with pytest.raises(ValueError, match="only a relayed stream"):
+            await alice.upgrade(direct)
+        for stream in (to_bob, direct, *accepted):
+            await stream.aclose()
+
+
+async def _wait_for(
+    accepted: list[punch.PeerStream], *, task_status: trio.TaskStatus[None]
+) -> None:
+    """Started once the accept task has its stream (a bounded poll of a list)."""
+    with trio.fail_after(10):
+        while not accepted:  # noqa: ASYNC110 (the accept task has no event to wait on)
+            await trio.sleep(0.01)
+    task_status.started()
