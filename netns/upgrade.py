@@ -71,11 +71,15 @@ def run_trial(source: Path, rate: str = RATE) -> Trial:
                 "1T",
             )
             bob = pair.start_peer(
-                "bob", lab.exec_prefix(b.peer_ns), ["receive", "--out", out], address
+                "bob", lab.exec_prefix(b.peer_ns), ["receive", "--out", out], address, "-v"
             )
             lab.block(a.nat_ns, b.public_ip)  # no direct path: only the relay connects them
             alice = pair.start_peer(
-                "alice", lab.exec_prefix(a.peer_ns), ["send", str(source), "--to", "bob"], address
+                "alice",
+                lab.exec_prefix(a.peer_ns),
+                ["send", str(source), "--to", "bob"],
+                address,
+                "-v",
             )
             wait_for(pair.workdir / "alice.err", lambda t: '"connected"' in t, alice, "alice")
             lab.unblock(a.nat_ns)  # a direct path from now on

@@ -25,11 +25,12 @@ async def _serve(nursery: trio.Nursery) -> tuple[Endpoint, Relay]:
 
 
 async def _send(stream: punch.PeerStream, payload: bytes) -> None:
-    """``payload`` in 64 KiB writes a millisecond apart (load shaping, not a wait on
-    anything: the transfer lasts long enough for the move to land in its middle)."""
+    """``payload`` in 64 KiB writes 2 ms apart (load shaping, not a wait on anything:
+    the transfer lasts long enough for the move, about 60 ms here with its 50 ms of
+    priming, to land in its middle)."""
     for at in range(0, len(payload), CHUNK):
         await stream.send_all(payload[at : at + CHUNK])
-        await trio.sleep(0.001)
+        await trio.sleep(0.002)
     await stream.send_eof()
 
 
@@ -40,7 +41,7 @@ async def _receive(
     quarter: trio.Event | None = None,
 ) -> None:
     """Everything to the end, and the path the stream said it had at each read;
-    ``quarter`` is set once a quarter of a 4 MiB payload has come."""
+    ``quarter`` is set once 1 MiB has come."""
     while data := await stream.receive_some(CHUNK):
         into += data
         paths.append(stream.path)
@@ -53,7 +54,7 @@ async def test_a_relayed_stream_moves_mid_transfer_both_ways_intact(
     nursery: trio.Nursery, encrypt: bool
 ) -> None:
     rendezvous, relay = await _serve(nursery)
-    up, down = secrets.token_bytes(4 << 20), secrets.token_bytes(3 << 20)
+    up, down = secrets.token_bytes(8 << 20), secrets.token_bytes(6 << 20)
     got_up, got_down = bytearray(), bytearray()
     paths_up: list[StreamPath] = []
     paths_down: list[StreamPath] = []

@@ -19,7 +19,7 @@ from . import _secure, reuse
 from ._birthday import failure_hint, needs_own_facts
 from ._candidates import interface_addresses
 from ._control import ControlChannel, connect_control
-from ._endpoint import Endpoint, Role, as_endpoint
+from ._endpoint import CandidateType, Endpoint, Role, as_endpoint
 from ._errors import NameTaken, PunchFailed, RemoteProtocolError, RendezvousError, ReuseUnavailable
 from ._identity import Identity, check_peer_id
 from ._nat import NatFacts
@@ -381,6 +381,7 @@ class Host:
             try:  # an introduction we will not act on: close its route
                 unread = receive.receive_nowait()
                 if isinstance(unread, Introduction):
+                    self._drop_upgrade_syns(unread, False)
                     self._router.close_route(unread.attempt_id)
                     self._introduced_at.pop(unread.attempt_id, None)
             except trio.WouldBlock:
@@ -417,6 +418,7 @@ class Host:
         options = attrs.evolve(self.options, relay=RelayMode.NEVER, encrypt=False)
         request = ConnectRequest(stream.peer_name, 0, upgrade=stream.attempt_id)
         handover.begin()
+        introduction = None
         try:
             introduction = await self._introduced(request, options.timeout)
             direct = await self._race(introduction, options)
@@ -424,6 +426,8 @@ class Host:
             log.info("%r: still relayed: %s", stream.peer_name, exc)
             return False
         finally:
+            if introduction is not None:
+                self._drop_upgrade_syns(introduction, False)
             if not handover.moved:
                 handover.end()
         await self._move(stream, direct)
@@ -438,6 +442,21 @@ class Host:
             stream.local,
             stream.remote,
         )
+
+    def _drop_upgrade_syns(self, introduction: Introduction, drop: bool) -> None:
+        """An upgrade punch's: our listener drops the peer's SYNs from the moment its
+        introduction arrives (``drop``) until its race ends, not only from our first
+        dial as in a first punch. Our NAT may still track our SYNs of the punch that
+        ended relayed, so the peer's SYN can reach us before our own leaves; answered
+        by the listener, its connection would hold the 4-tuple (``EADDRNOTAVAIL``)."""
+        if introduction.upgrade is None:
+            return
+        for candidate in introduction.candidates:
+            if candidate.type is CandidateType.SERVER_REFLEXIVE:
+                if drop:
+                    self._router.drop_syns_from(candidate.endpoint)
+                else:
+                    self._router.stop_dropping_syns_from(candidate.endpoint)
 
     async def _keep_upgrading(self, stream: PeerStream) -> None:
         """Background: :meth:`upgrade` on :data:`UPGRADE_AFTER`'s schedule until the
@@ -465,6 +484,7 @@ class Host:
             or stream.peer_name != introduction.peer_name
         ):
             log.info("%r: an upgrade for no relayed stream of ours", introduction.peer_name)
+            self._drop_upgrade_syns(introduction, False)
             self._router.close_route(introduction.attempt_id)
             self._introduced_at.pop(introduction.attempt_id, None)
             return
@@ -476,6 +496,7 @@ class Host:
             log.info("%r: still relayed: %s", stream.peer_name, exc)
             return
         finally:
+            self._drop_upgrade_syns(introduction, False)
             if not handover.moved:
                 handover.end()
         await self._move(stream, direct)
@@ -526,6 +547,7 @@ class Host:
                 router=self._router,
                 introduced_at=introduced_at,
                 own_nat=own_nat,
+                prime_first=introduction.upgrade is not None,
             )
             stream = await race.run()
         except PunchFailed as exc:
@@ -767,6 +789,7 @@ class Host:
             arrived = trio.current_time()
             if message.request_id is None and message.upgrade is not None:
                 log.info("%r asks to move a relayed stream to a direct path", message.peer_name)
+                self._drop_upgrade_syns(message, True)
                 self._router.open_route(message.attempt_id)
                 self._introduced_at[message.attempt_id] = arrived
                 responders.start_soon(self._respond_upgrade, message)
@@ -790,6 +813,7 @@ class Host:
                     message.peer_nat or "not reported",
                 )
                 if self._reply(message.request_id, message):
+                    self._drop_upgrade_syns(message, True)
                     self._router.open_route(message.attempt_id)
                     self._introduced_at[message.attempt_id] = arrived
                 return None

@@ -590,6 +590,23 @@ class Race:
             (:func:`punch._birthday.side`: probes beside the candidates) or
             that no direct path exists (:func:`punch._birthday.no_direct_path`:
             host candidates only, for :data:`NO_PATH_TIMEOUT` s).
+        prime_first: every candidate we would keep a refused socket for
+            (:func:`_redial_for`) starts with a priming SYN
+            (:func:`punch.reuse.prime`), and its first real attempt follows
+            :data:`MIN_PACING` later from the same socket: a punch on 4-tuples
+            that an earlier punch left in our NAT (an upgrade of a relayed
+            stream, :meth:`punch.Host.upgrade`). That punch left our NAT
+            tracking SYNs of sockets that are gone (conntrack SYN_SENT, 120 s);
+            a peer's SYN that meets such an entry before our first new SYN
+            turns it SYN_SENT2, bound to the dead socket's sequence numbers,
+            and our new SYNs are out of its window (INVALID): in the netns lab
+            (``python -m netns.upgrade``) 7 moves in 10 came through without
+            this. A priming SYN re-initialises the entry with a live socket's
+            sequence (as any SYN does while the entry is SYN_SENT) and dies
+            before the peer's NAT; both sides prime at their introduction, so
+            each entry is fresh before the other's real SYN can reach it,
+            unless the two introductions arrive more than 50 ms plus a one-way
+            delay apart.
     """
 
     introduction: Introduction
@@ -604,6 +621,7 @@ class Race:
     router: InboundRouter | None = None
     introduced_at: float | None = None
     own_nat: NatFacts | None = None
+    prime_first: bool = False
     _ipv4_go: trio.Event = attrs.field(factory=trio.Event, init=False)
     _streams: set[trio.SocketStream] = attrs.field(factory=set, init=False)
     _states: list[_CandidateState] = attrs.field(factory=list, init=False)
@@ -661,6 +679,8 @@ class Race:
             log.info("%s: skip %s: %s", self._label, skip.candidate, skip.reason)
         dial = (*selection.dial, *self._predicted(selection.dial))
         self._states = [_CandidateState(c) for c in dial]
+        for state in self._states:
+            state.prime = self.prime_first and state.redial is not None
         if side is not None and srflx is not None:
             self._prober = self._birthday_prober(side, srflx)
         no_path &= not self._ipv6_states()
