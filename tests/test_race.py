@@ -979,3 +979,42 @@ async def test_a_sequential_symmetric_peer_s_next_ports_are_dialled_too(
     with pytest.raises(PunchFailed):
         await plain.run()
     assert set(attempts) == {srflx, *hosts[:7]}
+
+
+async def test_an_upgrade_punch_primes_each_nat_facing_candidate_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``prime_first`` (the upgrade of a relayed stream): the server-reflexive candidate's
+    first SYN is a priming one, at once, and its first real dial follows 50 ms later;
+    an IPv4 host candidate (no NAT between) is dialled at once, unprimed."""
+    srflx, lan = Endpoint("192.0.2.1", 1), Endpoint("192.0.2.4", 4)
+    intro, _ = introductions((), ())
+    intro = attrs.evolve(
+        intro,
+        candidates=(
+            Candidate(CandidateType.SERVER_REFLEXIVE, srflx),
+            Candidate(CandidateType.HOST, lan),
+        ),
+    )
+    dialled: dict[Endpoint, list[float]] = {}
+    primed: list[float] = []
+
+    def prime(local: Endpoint, remote: Endpoint, redial: reuse.Redial, own: object) -> None:
+        assert remote == srflx
+        primed.append(trio.current_time())
+
+    race = dialling_race(
+        intro,
+        LOOPBACK,
+        options=PunchOptions(timeout=0.3, pacing=0.1),
+        dial=_fake_dial({srflx: None, lan: None}, dialled),
+        prime=prime,
+        prime_first=True,
+    )
+    with pytest.raises(PunchFailed) as info:
+        await race.run()
+    assert primed == [0.0]
+    assert dialled[srflx] == [pytest.approx(0.05)]  # unanswered: the kernel retransmits
+    assert dialled[lan] == [0.0]
+    first = next(a for a in info.value.attempts if a.candidate.endpoint == srflx)
+    assert first.outcome is Outcome.PRIMED
