@@ -482,3 +482,35 @@ def test_relay_options_are_checked() -> None:
     assert punch.PunchOptions(relay="only").relay_delay == 0.0
     assert punch.PunchOptions(relay="never").relay_delay is None
     assert punch.PunchOptions(relay_stagger=0.5).relay_delay == 0.5
+
+
+async def test_a_relay_elsewhere_announced_by_the_rendezvous(nursery: trio.Nursery) -> None:
+    """serve_relay alone, and a rendezvous whose grants name it (one shared secret)."""
+    relays: list[Endpoint] = []
+    await nursery.start(
+        functools.partial(
+            punch.serve_relay, ["127.0.0.1:0"], Relay(RelayLimits(), SECRET), bound=relays
+        )
+    )
+    [elsewhere] = relays
+    rendezvous = await nursery.start(
+        functools.partial(
+            punch.serve_rendezvous,
+            "127.0.0.1",
+            0,
+            relay=Relay(RelayLimits(), SECRET),
+            relay_at=elsewhere,
+        )
+    )
+    to_bob, to_alice = await _pair(rendezvous)
+    assert to_bob.remote == elsewhere == to_alice.remote
+    assert to_bob.path is StreamPath.RELAYED
+    await to_bob.send_all(b"via the relay elsewhere")
+    assert await to_alice.receive_some(100) == b"via the relay elsewhere"
+    await to_bob.aclose()
+    await to_alice.aclose()
+
+
+async def test_relay_at_needs_the_relays_secret() -> None:
+    with pytest.raises(ValueError, match="relay_at needs"):
+        await punch.serve_rendezvous("127.0.0.1", 0, relay_at=Endpoint("127.0.0.1", 7002))

@@ -8,14 +8,16 @@ process must still be running and still relay a new pair of real hosts.
 
 from __future__ import annotations
 
+import secrets
 import socket
 import struct
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
-from netns.scenario import PairRun
+from netns.scenario import PUNCH, PairRun, wait_for
 
 import punch
 from punch import Endpoint, Role
@@ -30,6 +32,7 @@ from punch._relay import bind, bind_proof
 from tests.helpers import raw_client, register
 
 ROUNDS = 50
+RELAY = [*PUNCH, "relay"]
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 
 
@@ -186,3 +189,24 @@ async def test_a_bound_reader_that_never_reads(
     await _still_relays(rendezvous, process)
     for stream in ends.values():
         await trio.aclose_forcefully(stream)
+
+
+async def test_punch_relay_serves_a_rendezvous_that_announces_it(tmp_path: Path) -> None:
+    """The real ``punch-relay`` and ``punch-rendezvous --relay-at``, one secret file."""
+    secret = tmp_path / "relay.key"
+    secret.write_text(secrets.token_hex(32) + "\n")
+    pair = PairRun()
+    try:
+        relay = pair.start(
+            "relay",
+            [],
+            [*RELAY, "--listen", "127.0.0.1:0", "-q", "--relay-secret-file", str(secret)],
+        )
+        where = wait_for(pair.workdir / "relay.out", lambda t: t.endswith("\n"), relay, "relay")
+        address = pair.start_rendezvous(
+            [], "127.0.0.1:0", "-q", "--relay-at", where.strip(), "--relay-secret-file", str(secret)
+        )
+        await _still_relays(Endpoint.parse(address), pair.processes[-1])
+        assert relay.poll() is None
+    finally:
+        pair.close()

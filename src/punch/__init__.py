@@ -48,6 +48,7 @@ from ._race import RelayMode as RelayMode
 from ._relay import Relay as Relay
 from ._relay import RelayLimits as RelayLimits
 from ._server import ServerLimits as ServerLimits
+from ._server import serve_relay as serve_relay
 from ._server import serve_rendezvous as serve_rendezvous
 from ._stream import PeerStream as PeerStream
 from ._stream import StreamPath as StreamPath
@@ -97,5 +98,6 @@ __all__ = [
     "open_host",
     "peer_id",
     "reuse_available",
+    "serve_relay",
     "serve_rendezvous",
 ]

@@ -42,7 +42,7 @@ from ._race import (
     RelayMode,
 )
 from ._relay import Relay, RelayLimits
-from ._server import LOOPBACK, ServerLimits, serve_rendezvous
+from ._server import LOOPBACK, ServerLimits, serve_relay, serve_rendezvous
 from ._stream import PeerStream
 from .transfer import TransferError
 
@@ -560,6 +560,13 @@ def _parser() -> argparse.ArgumentParser:
         "accepting, tell every registered peer 'shutting-down', exit 0 within a few seconds.",
     )
     _rendezvous_arguments(rendezvous)
+    _relay_process_arguments(
+        commands.add_parser(
+            "relay",
+            help="run a relay alone (same as punch-relay)",
+            description=RELAY_DESCRIPTION,
+        )
+    )
     show_id = commands.add_parser(
         "id",
         help="print our peer ID (to give to peers for --peer-id)",
@@ -812,6 +819,24 @@ def _relay_arguments(parser: argparse.ArgumentParser) -> None:
         help="its TCP port on every --listen address (default the first --listen port + 2; "
         "0 picks one)",
     )
+    relay.add_argument(
+        "--relay-at",
+        type=_endpoint,
+        metavar="IP:PORT",
+        help="announce a relay run elsewhere (punch-relay) instead of running one; "
+        "needs --relay-secret-file",
+    )
+    _relay_limit_arguments(relay, defaults)
+
+
+def _relay_limit_arguments(relay: Any, defaults: RelayLimits) -> None:
+    relay.add_argument(
+        "--relay-secret-file",
+        type=Path,
+        metavar="FILE",
+        help="the grant secret shared by the rendezvous and its relay: at least 64 hex "
+        "characters (openssl rand -hex 32); default a fresh one (a relay in this process)",
+    )
     for flag, kind, text in (
         ("--relay-max-circuits", _count, "relayed streams at once [relay-full]"),
         ("--relay-max-circuits-per-peer", _count, "relayed streams of one peer [peer-limit]"),
@@ -849,10 +874,8 @@ def _sized(value: int) -> str:
     return str(value)
 
 
-def _relay_options(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, listen: list[Endpoint]
-) -> tuple[int | None, RelayLimits]:
-    """The relay port (None: no relay) and its limits."""
+def _relay_state(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Relay:
+    """The :class:`Relay` the flags ask for: its limits and secret; a usage error if bad."""
     limits = RelayLimits(
         **{
             field.name: getattr(args, f"relay_{field.name}")
@@ -860,10 +883,32 @@ def _relay_options(
             if hasattr(args, f"relay_{field.name}")
         }
     )
+    secret = None
+    if args.relay_secret_file is not None:
+        try:
+            secret = bytes.fromhex(args.relay_secret_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--relay-secret-file: {exc}")
+        if len(secret) < 32:
+            parser.error("--relay-secret-file: at least 32 bytes (64 hex characters)")
+    return Relay(limits, secret)
+
+
+def _relay_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, listen: list[Endpoint]
+) -> tuple[int | None, Relay | None]:
+    """The relay port (None: none here) and the relay (None: none at all)."""
+    relay = _relay_state(parser, args)
+    if args.relay_at is not None:
+        if args.relay or args.relay_port is not None:
+            parser.error("--relay-at announces a relay elsewhere: no --relay, --relay-port")
+        if args.relay_secret_file is None:
+            parser.error("--relay-at needs --relay-secret-file (that relay's secret)")
+        return None, relay
     if not args.relay:
         if args.relay_port is not None:
             parser.error("--relay-port needs --relay")
-        return None, limits
+        return None, None
     port = args.relay_port
     if port == "off":
         parser.error("--relay-port takes a port; leave --relay out for none")
@@ -871,7 +916,7 @@ def _relay_options(
         port = listen[0].port and listen[0].port + 2
         if port > 65535:
             parser.error(f"--listen port {listen[0].port} has no port + 2: give --relay-port")
-    return int(port), limits
+    return int(port), relay
 
 
 def _server_options(
@@ -941,6 +986,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "rendezvous":
         return _serve(parser, args)
+    if args.command == "relay":
+        return _serve_relay(parser, args)
     if args.command == "id":
         print(_identity(parser, args.identity_file).peer_id)
         return EXIT_OK
@@ -993,7 +1040,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         probe_port = listen[0].port and listen[0].port + 1
         if probe_port > 65535:
             parser.error("--listen port 65535 has no port + 1: give --probe-port")
-    relay_port, relay_limits = _relay_options(parser, args, listen)
+    relay_port, relay = _relay_options(parser, args, listen)
     bound: list[Endpoint] = []
     _logging(logging.WARNING if args.quiet else logging.INFO)
     _raise_fd_limit()
@@ -1012,7 +1059,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     persist_names=args.persist_names,
                     probe_port=None if probe_port == "off" else probe_port,
                     relay_port=relay_port,
-                    relay=Relay(relay_limits),
+                    relay=relay,
+                    relay_at=args.relay_at,
                 )
                 await nursery.start(serve)
                 print(*bound, sep="\n", flush=True)
@@ -1046,3 +1094,81 @@ def rendezvous_main(argv: list[str] | None = None) -> int:
     )
     _rendezvous_arguments(parser)
     return _serve(parser, parser.parse_args(argv))
+
+
+RELAY_DESCRIPTION = (
+    "A punch relay on its own, for a rendezvous elsewhere that announces it "
+    "(punch-rendezvous --relay-at IP:PORT) with the same --relay-secret-file. SIGTERM or "
+    "Ctrl-C: stop."
+)
+
+
+def _relay_process_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        type=_endpoint,
+        action="append",
+        metavar="IP:PORT",
+        help="where to listen, repeatable (default 0.0.0.0:7002); each bound IP:PORT is "
+        "printed on stdout, one a line",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    parser.add_argument(
+        "--max-connections-per-ip",
+        type=_count,
+        default=ServerLimits().max_connections_per_ip,
+        metavar="N",
+        help="concurrent connections from one source IP [too-many-connections]",
+    )
+    parser.add_argument(
+        "--allow",
+        type=_network,
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="exempt these sources from the per-IP limit, like loopback (repeatable)",
+    )
+    _relay_limit_arguments(
+        parser.add_argument_group("relay", "as punch-rendezvous --relay"), RelayLimits()
+    )
+
+
+def _serve_relay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.relay_secret_file is None:
+        parser.error("--relay-secret-file is required: the rendezvous mints grants with it")
+    state = _relay_state(parser, args)
+    limits = ServerLimits(
+        max_connections_per_ip=args.max_connections_per_ip, exempt=(*LOOPBACK, *args.allow)
+    )
+    listen = args.listen or [Endpoint("0.0.0.0", 7002)]
+    bound: list[Endpoint] = []
+    _logging(logging.WARNING if args.quiet else logging.INFO)
+    _raise_fd_limit()
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    functools.partial(serve_relay, listen, state, limits=limits, bound=bound)
+                )
+                print(*bound, sep="\n", flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except OSError as exc:
+        where = ", ".join(map(str, listen))
+        print(f"punch-relay: cannot listen on {where}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def relay_main(argv: list[str] | None = None) -> int:
+    """``punch-relay --listen IP:PORT --relay-secret-file FILE``. Returns the exit code."""
+    parser = argparse.ArgumentParser(prog="punch-relay", description=RELAY_DESCRIPTION)
+    _relay_process_arguments(parser)
+    return _serve_relay(parser, parser.parse_args(argv))

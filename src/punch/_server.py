@@ -364,6 +364,8 @@ class RendezvousServer:
         relay: the relay on our relay port (:class:`punch._relay.Relay`), whose
             grants go into introductions that ask for one; None: no relay.
         relay_port: that port (grants name it at the address each peer reached).
+        relay_at: a relay elsewhere (:func:`serve_relay`, sharing ``relay``'s
+            secret) that grants name instead.
     """
 
     limits: ServerLimits = attrs.field(factory=ServerLimits)
@@ -372,6 +374,7 @@ class RendezvousServer:
     bindings: NameBindings | None = None
     relay: Relay | None = None
     relay_port: int = 0
+    relay_at: Endpoint | None = None
     peers: dict[str, _Peer] = attrs.field(factory=dict, init=False)
     connections: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _registrations: RateLimit = attrs.field(init=False)
@@ -758,8 +761,10 @@ class RendezvousServer:
         return (requester, to_requester), (target, to_target)
 
     def _grant(self, to: _Peer, ticket: bytes, key: bytes, delay: float) -> RelayGrant | None:
-        """The relay grant in ``to``'s introduction: our relay port at the address
-        ``to`` reached us on (None if its connection is gone: it gets nothing)."""
+        """The relay grant in ``to``'s introduction: :attr:`relay_at`, else our relay
+        port at the address ``to`` reached us on (None if its connection is gone)."""
+        if self.relay_at is not None:
+            return RelayGrant(self.relay_at, ticket, key, delay)
         try:
             here = Endpoint.from_sockaddr(to.channel.socket.getsockname())
         except OSError:
@@ -870,6 +875,7 @@ async def serve_rendezvous(
     relay_port: int | None = None,
     relay: Relay | None = None,
     relay_bound: list[Endpoint] | None = None,
+    relay_at: Endpoint | None = None,
     task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a rendezvous server until cancelled, or until ``stop`` is set.
@@ -921,15 +927,20 @@ async def serve_rendezvous(
         relay: the :class:`~punch.Relay` to run there (its limits and grant
             secret; default ``Relay()``: every default limit, a fresh secret).
         relay_bound: a list that gets every bound relay :class:`Endpoint`.
+        relay_at: the endpoint of a relay run elsewhere (:func:`serve_relay`,
+            ``punch-relay``) that grants name instead of ours; ``relay`` must
+            then hold that relay's secret (``Relay(secret=...)``).
         task_status: receives the (first) bound :class:`Endpoint` once listening.
 
     Raises:
-        TypeError, ValueError: a bad argument, or a ``persist_names`` file
-            with a malformed line.
+        TypeError, ValueError: a bad argument, a ``persist_names`` file
+            with a malformed line, or ``relay_at`` without ``relay``.
         OSError: the listening socket could not be opened (``EADDRINUSE``…),
             or ``persist_names`` cannot be read.
     """
     binds = [as_endpoint(e, "listen") for e in listen] or [Endpoint(host, port)]  # validated
+    if relay_at is not None and relay is None:
+        raise ValueError("relay_at needs relay=punch.Relay(secret=...): that relay's secret")
     limits = limits or ServerLimits()
     if registration_timeout is not None:
         limits = attrs.evolve(limits, registration_timeout=registration_timeout)
@@ -956,8 +967,9 @@ async def serve_rendezvous(
         ssl_context,
         on_loopback,
         bindings,
-        relay=(relay or Relay()) if relays else None,
+        relay=(relay or Relay()) if relays or relay_at is not None else None,
         relay_port=relay_endpoints[0].port if relays else 0,
+        relay_at=relay_at,
     )
     endpoints = [Endpoint.from_sockaddr(listener.socket.getsockname()) for listener in listeners]
     for where in endpoints:
@@ -1000,3 +1012,49 @@ async def serve_rendezvous(
         with trio.move_on_after(SHUTDOWN_GRACE):
             await server.say_goodbye()
         handlers.cancel_scope.cancel()
+
+
+async def serve_relay(
+    listen: Sequence[Endpoint | tuple[str, int] | str],
+    relay: Relay,
+    *,
+    limits: ServerLimits | None = None,
+    bound: list[Endpoint] | None = None,
+    task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a relay alone (``punch-relay``), for a rendezvous elsewhere that announces
+    it (:func:`serve_rendezvous` ``relay_at``) and shares its secret; until cancelled.
+
+    Args:
+        listen: endpoints to listen on (``"0.0.0.0:7002"``...; port 0: the kernel's choice).
+        relay: its :class:`~punch.Relay`: limits, and the secret the rendezvous mints
+            grants with.
+        limits: :class:`ServerLimits` for its connections (per-IP limit, exempt networks).
+        bound: a list that gets every bound :class:`Endpoint`.
+        task_status: receives the first bound :class:`Endpoint` once listening.
+
+    Raises:
+        TypeError, ValueError: a bad endpoint.
+        OSError: a listening socket could not be opened.
+    """
+    binds = [as_endpoint(e, "listen") for e in listen]
+    if not binds:
+        raise ValueError("listen: at least one endpoint")
+    dual_stack = not any(b.family == socket.AF_INET for b in binds)
+    server = RendezvousServer(limits or ServerLimits(), relay=relay)
+    listeners: list[trio.SocketListener] = []
+    try:
+        for bind in binds:
+            listeners.append(_server_listener(bind, dual_stack))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    endpoints = [Endpoint.from_sockaddr(listener.socket.getsockname()) for listener in listeners]
+    for where in endpoints:
+        log.info("relay listening on %s", where)
+    if bound is not None:
+        bound[:] = endpoints
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(trio.serve_listeners, server.handle_relay, listeners))
+        task_status.started(endpoints[0])
