@@ -137,6 +137,14 @@ def register(
     return socks
 
 
+def register_pairs(
+    address: tuple[str, int], pairs: int, where: Iterator[str]
+) -> tuple[list[socket.socket], list[socket.socket]]:
+    """``pairs`` requesters ``r0``... and as many responders ``s0``..., registered."""
+    requesters = register(address, [f"r{i}" for i in range(pairs)], where)
+    return requesters, register(address, [f"s{i}" for i in range(pairs)], where)
+
+
 def idle_peers(milestones: tuple[int, ...]) -> dict[str, Any]:
     """Register peers up to each milestone, with keepalives; the server's RSS at each.
 
@@ -224,8 +232,7 @@ def introductions(pairs: int, seconds: float) -> dict[str, Any]:
     where = sources()
     socks: list[socket.socket] = []
     try:
-        requesters = register(address, [f"r{i}" for i in range(pairs)], where)
-        responders = register(address, [f"s{i}" for i in range(pairs)], where)
+        requesters, responders = register_pairs(address, pairs, where)
         socks = requesters + responders
         partner = {sock: f"s{i}" for i, sock in enumerate(requesters)}
         done = [0]
@@ -308,19 +315,17 @@ def accept_and_close(concurrency: int, seconds: float) -> dict[str, Any]:
         stop(server)
 
 
-RELAY_ARGS = [
+RELAY_UNLIMITED = (
     "--relay",
-    "--relay-port",
-    "0",
     "--relay-rate",
     "1T",
     "--relay-max-bytes-per-circuit",
     "1T",
     "--relay-max-bytes-per-peer-hour",
     "1T",
-    "--relay-bind-timeout",
-    "60",
-]
+)
+"""The relay with no byte or rate bound: what is measured is the splice itself."""
+RELAY_ARGS = [*RELAY_UNLIMITED, "--relay-port", "0", "--relay-bind-timeout", "60"]
 POUR_ROUNDS = 64
 """Sends of 64 KiB per relayed stream, at most, into readers that never read."""
 
@@ -340,8 +345,7 @@ def relay_memory(circuits: int) -> dict[str, Any]:
     where = sources()
     socks: list[socket.socket] = []
     try:
-        requesters = register(address, [f"r{i}" for i in range(circuits)], where)
-        responders = register(address, [f"s{i}" for i in range(circuits)], where)
+        requesters, responders = register_pairs(address, circuits, where)
         socks = requesters + responders
         grants: list[tuple[RelayGrant, Role, socket.socket]] = []
         for i, (asker, target) in enumerate(zip(requesters, responders, strict=True)):

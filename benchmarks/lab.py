@@ -20,6 +20,7 @@ from typing import Any
 from netns.lab import RENDEZVOUS_PORT, Lab, Topology, build_two_nats
 from netns.scenario import PUNCH, PairRun, wait_for
 
+from benchmarks.capacity import RELAY_UNLIMITED
 from punch._race import DEFAULT_STAGGER
 
 PEER = [sys.executable, "-m", "benchmarks.peer"]
@@ -29,18 +30,6 @@ TLS_PORT = 7300
 PHASE_TIMEOUT = 300.0
 """Seconds alice gets for all her phases before she is killed (bounds every run)."""
 FIRST_BYTE_TIMEOUT = 20.0
-
-
-RELAY_UNLIMITED = (
-    "--relay",
-    "--relay-rate",
-    "1T",
-    "--relay-max-bytes-per-circuit",
-    "1T",
-    "--relay-max-bytes-per-peer-hour",
-    "1T",
-)
-"""The relay with no byte or rate bound: the relayed throughput row measures the splice."""
 
 
 def _lab_pair(

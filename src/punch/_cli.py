@@ -1071,16 +1071,21 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     stop.set()
                     break
 
+    return _run_server("punch-rendezvous", run, listen)
+
+
+def _run_server(program: str, run: Any, listen: list[Endpoint]) -> int:
+    """``trio.run(run)`` for a server command: its exit code, and a line for why not 0."""
     try:
         trio.run(run)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except OSError as exc:
         where = ", ".join(map(str, listen))
-        print(f"punch-rendezvous: cannot listen on {where}: {exc}", file=sys.stderr)
+        print(f"{program}: cannot listen on {where}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except ValueError as exc:  # a --persist-names file that is not ours
-        print(f"punch-rendezvous: {exc}", file=sys.stderr)
+        print(f"{program}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
 
@@ -1156,15 +1161,7 @@ def _serve_relay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
                     nursery.cancel_scope.cancel()
                     break
 
-    try:
-        trio.run(run)
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except OSError as exc:
-        where = ", ".join(map(str, listen))
-        print(f"punch-relay: cannot listen on {where}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return EXIT_OK
+    return _run_server("punch-relay", run, listen)
 
 
 def relay_main(argv: list[str] | None = None) -> int:
