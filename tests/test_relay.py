@@ -514,3 +514,28 @@ async def test_a_relay_elsewhere_announced_by_the_rendezvous(nursery: trio.Nurse
 async def test_relay_at_needs_the_relays_secret() -> None:
     with pytest.raises(ValueError, match="relay_at needs"):
         await punch.serve_rendezvous("127.0.0.1", 0, relay_at=Endpoint("127.0.0.1", 7002))
+
+
+async def test_a_responder_that_wants_the_relay_only_refuses_direct_streams(
+    nursery: trio.Nursery,
+) -> None:
+    """bob's host says relay only: alice's direct dials are refused, and at her stagger
+    both meet at the relay."""
+    served = await _serve(nursery)
+    async with (
+        punch.open_host("alice", rendezvous=served.rendezvous, relay_stagger=0.3) as alice,
+        punch.open_host("bob", rendezvous=served.rendezvous, relay="only") as bob,
+        trio.open_nursery() as accepting,
+    ):
+        accepted: list[punch.PeerStream] = []
+
+        async def accept() -> None:
+            accepted.append(await bob.accept())
+
+        accepting.start_soon(accept)
+        to_bob = await alice.connect("bob")
+    assert to_bob.path is StreamPath.RELAYED
+    assert accepted[0].path is StreamPath.RELAYED
+    assert to_bob.connect_time >= 0.3
+    await to_bob.aclose()
+    await accepted[0].aclose()

@@ -717,7 +717,9 @@ class Race:
                         nursery.start_soon(self._dial_loop, state, index)
                     if self._relay_state is not None and grant is not None:
                         nursery.start_soon(self._relay_path, self._relay_state, grant, relay_at)
-                    if not only:  # a relayed stream only: the peer's SYNs are not for us
+                    if only:  # a relayed stream only: the peer's direct ones are refused
+                        nursery.start_soon(self._refuse_inbound)
+                    else:
                         nursery.start_soon(self._accept_loop, nursery)
                     if self._prober is not None:
                         nursery.start_soon(self._probe_loop, self._prober)
@@ -1075,6 +1077,12 @@ class Race:
             self._streams.add(inbound.reader.stream)
             log.info("%s: accepted a connection from %s", self._label, inbound.remote)
             nursery.start_soon(self._authenticate_inbound, inbound)
+
+    async def _refuse_inbound(self) -> None:
+        """Relay ``only``: close each stream the peer's direct dials make, unread."""
+        async for inbound in self.inbound:
+            log.info("%s: relay only: refusing %s", self._label, inbound.remote)
+            reuse.abort(inbound.reader.stream.socket)
 
     async def _authenticate_inbound(self, inbound: Inbound) -> None:
         try:

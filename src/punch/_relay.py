@@ -273,9 +273,11 @@ class Relay:
         now = time.time()
         if now > ticket.expires:
             raise Refused(Error("expired", "the grant has expired"))
-        for attempt, expiry in list(self._used.items()):
-            if expiry < now:
-                del self._used[attempt]
+        while self._used:  # oldest first: tickets are minted in time order
+            attempt, expiry = next(iter(self._used.items()))
+            if expiry >= now:
+                break
+            del self._used[attempt]
         circuit = self.circuits.get(ticket.attempt_id)
         if ticket.attempt_id in self._used and circuit is None:
             raise Refused(Error("attempt-used", "this attempt was relayed already"))
