@@ -326,6 +326,9 @@ RELAY_UNLIMITED = (
 )
 """The relay with no byte or rate bound: what is measured is the splice itself."""
 RELAY_ARGS = [*RELAY_UNLIMITED, "--relay-port", "0", "--relay-bind-timeout", "60"]
+RELAY_MEMORY_TARGET = 2 * 65536
+"""Bytes of RSS per relayed stream (issue 17): two 64 KiB user-space reads, one a
+direction, the most a read-and-write copy would hold."""
 POUR_ROUNDS = 64
 """Sends of 64 KiB per relayed stream, at most, into readers that never read."""
 
@@ -333,7 +336,7 @@ POUR_ROUNDS = 64
 def relay_memory(circuits: int) -> dict[str, Any]:
     """RSS of the real rendezvous with its relay: per relayed stream bound and idle, and
     per stream once its writer has filled every buffer toward a reader that never reads
-    (issue 17: back-pressure, never a growing buffer; target two relay chunks)."""
+    (issue 17: back-pressure, never a growing buffer; :data:`RELAY_MEMORY_TARGET`)."""
     from punch import Role
     from punch._protocol import Bind, Bound, RelayGrant
     from punch._relay import CHUNK, bind_proof
@@ -390,7 +393,7 @@ def relay_memory(circuits: int) -> dict[str, Any]:
             "bound_per_circuit": (bound - before) / circuits,
             "full_per_circuit": (full - before) / circuits,
             "poured_per_circuit": poured / circuits,
-            "target_per_circuit": 2 * CHUNK,
+            "target_per_circuit": RELAY_MEMORY_TARGET,
         }
     finally:
         for sock in socks:

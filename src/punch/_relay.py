@@ -28,6 +28,8 @@ it (TCP flow control), and so its writer, never a buffer here.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hmac
 import logging
 import math
@@ -58,9 +60,10 @@ from ._protocol import (
 log = logging.getLogger("punch.relay")
 
 _RECEIVE_SIZE = 4096
-CHUNK = 65536
-"""Bytes: the most one direction of a circuit moves at once, and holds in its pipe
-(a Linux pipe's default capacity, pipe(7))."""
+CHUNK = 262144
+"""Bytes: the most one direction of a circuit moves at once, and holds in its kernel
+pipe (``F_SETPIPE_SZ``, pipe(7); where refused, the default 64 KiB). Against 64 KiB,
+the relay's CPU per GiB fell from 0.49 to 0.36 s (loopback, plaintext, one run)."""
 _GRANT_LABEL = b"punch relay grant v1\0"
 _PROOF_LABEL = b"punch relay bind v1\0"
 _TICKET_HEAD = struct.Struct("!16sQ")
@@ -409,6 +412,8 @@ class Relay:
             await dst.stream.send_all(first)
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
+            with contextlib.suppress(OSError):  # pipe(7): else its default 64 KiB
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, CHUNK)
             while moved := await _splice(src.stream.socket, write_end, CHUNK, into_pipe=True):
                 await self._account(circuit, src, dst, bucket, moved)
                 while moved:
