@@ -236,6 +236,7 @@ async def alice(args: argparse.Namespace) -> None:
             ("punched", "bob", True, "never"),
             ("plain", "bob-plain", False, "never"),
             ("relayed", "bob", True, "only"),  # the rendezvous's relay (issue 17)
+            ("relayed-plain", "bob-plain", False, "only"),
         ):
             async with punch.open_host(
                 f"alice-{flow}", rendezvous=args.rendezvous, encrypt=encrypted
