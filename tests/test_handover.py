@@ -136,3 +136,33 @@ async def _wait_for(
         while not accepted:  # noqa: ASYNC110 (the accept task has no event to wait on)
             await trio.sleep(0.01)
     task_status.started()
+
+
+async def test_a_stream_closed_before_its_move_closes_the_new_connection_too(
+    nursery: trio.Nursery,
+) -> None:
+    rendezvous, _ = await _serve(nursery)
+    async with (
+        punch.open_host("alice", rendezvous=rendezvous) as alice,
+        punch.open_host("bob", rendezvous=rendezvous) as bob,
+        trio.open_nursery() as accepting,
+    ):
+        accepted: list[punch.PeerStream] = []
+
+        async def accept() -> None:
+            accepted.append(await bob.accept())
+
+        accepting.start_soon(accept)
+        to_bob = await alice.connect("bob", relay="only")
+        await accepting.start(_wait_for, accepted)
+        handover = to_bob.handover
+        assert handover is not None
+        await handover.aclose()  # as if closed while the punch ran: the TLS stays up
+        assert await alice.upgrade(to_bob) is False
+        assert not to_bob.moved.is_set()
+        with trio.fail_after(5):  # bob's side moved, onto a connection alice closed
+            await accepted[0].moved.wait()
+        with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+            await accepted[0].receive_some(100)  # TLS: a FIN without close_notify
+        await accepted[0].aclose()
+        await to_bob.aclose()

@@ -47,6 +47,7 @@ class Handover(trio.abc.HalfCloseableStream):
         self._eof_sent = False
         self._old: trio.SocketStream | None = None
         self._first = b""  # read from the new connection by its punch: the peer's first bytes
+        self._closed = False
 
     @property
     def moved(self) -> bool:
@@ -72,6 +73,9 @@ class Handover(trio.abc.HalfCloseableStream):
         """
         if self._next is not None:
             raise RuntimeError("a stream moves once")
+        if self._closed:  # closed while its punch ran: the new connection is nobody's
+            await new.aclose()
+            raise trio.ClosedResourceError("the stream was closed before it could move")
         self._next, self._first = new, first
         self._settled.set()
         async with self._send_lock:
@@ -121,6 +125,8 @@ class Handover(trio.abc.HalfCloseableStream):
                 return data
 
     async def aclose(self) -> None:
+        self._closed = True
+        self._settled.set()
         for stream in {self.sending, self.receiving, self._next, self._old} - {None}:
             assert stream is not None
             await stream.aclose()

@@ -405,7 +405,8 @@ class Host:
 
         Returns:
             True once it moved (:attr:`PeerStream.moved` is set); False when the
-            punch found no direct path (its reasons are logged).
+            punch found no direct path (its reasons are logged), or the stream
+            was closed meanwhile (the new connection is closed too).
 
         Raises:
             ValueError: not a relayed stream of ours as its initiator, or moved already.
@@ -430,18 +431,24 @@ class Host:
                 self._drop_upgrade_syns(introduction, False)
             if not handover.moved:
                 handover.end()
-        await self._move(stream, direct)
-        return True
+        return await self._move(stream, direct)
 
-    async def _move(self, stream: PeerStream, direct: PeerStream) -> None:
-        await stream.move_to(direct)
+    async def _move(self, stream: PeerStream, direct: PeerStream) -> bool:
+        """Move ``stream`` onto ``direct``; False when it was closed meanwhile (then
+        ``direct`` is closed too: nobody's)."""
         self._relayed.pop(stream.attempt_id, None)
+        try:
+            await stream.move_to(direct)
+        except trio.ClosedResourceError:
+            log.info("%r: closed before it could move", stream.peer_name)
+            return False
         log.warning(
             "%r: moved from the relay to a direct connection %s -> %s",
             stream.peer_name,
             stream.local,
             stream.remote,
         )
+        return True
 
     def _drop_upgrade_syns(self, introduction: Introduction, drop: bool) -> None:
         """An upgrade punch's: our listener drops the peer's SYNs from the moment its

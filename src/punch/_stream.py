@@ -171,6 +171,7 @@ class PeerStream(trio.abc.HalfCloseableStream):
 
         Raises:
             RuntimeError: not a relayed stream, or moved already.
+            trio.ClosedResourceError: this stream was closed (``direct`` is closed too).
         """
         handover = self.handover
         if handover is None:
