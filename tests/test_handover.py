@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -22,6 +24,29 @@ async def _serve(nursery: trio.Nursery) -> tuple[Endpoint, Relay]:
         functools.partial(punch.serve_rendezvous, "127.0.0.1", 0, relay_port=0, relay=relay)
     )
     return rendezvous, relay
+
+
+@asynccontextmanager
+async def _relayed(
+    rendezvous: Endpoint, **options: object
+) -> AsyncIterator[tuple[punch.Host, punch.Host, punch.PeerStream, punch.PeerStream]]:
+    """alice and bob, and alice's relayed stream to bob and bob's to alice."""
+    async with (
+        punch.open_host("alice", rendezvous=rendezvous, **options) as alice,  # type: ignore[arg-type]
+        punch.open_host("bob", rendezvous=rendezvous, **options) as bob,  # type: ignore[arg-type]
+    ):
+        streams: dict[str, punch.PeerStream] = {}
+
+        async def accept() -> None:
+            streams["bob"] = await bob.accept()
+
+        async def connect() -> None:
+            streams["alice"] = await alice.connect("bob", relay="only")
+
+        async with trio.open_nursery() as both:
+            both.start_soon(accept)
+            both.start_soon(connect)
+        yield alice, bob, streams["alice"], streams["bob"]
 
 
 async def _send(stream: punch.PeerStream, payload: bytes) -> None:
@@ -58,19 +83,7 @@ async def test_a_relayed_stream_moves_mid_transfer_both_ways_intact(
     got_up, got_down = bytearray(), bytearray()
     paths_up: list[StreamPath] = []
     paths_down: list[StreamPath] = []
-    async with (
-        punch.open_host("alice", rendezvous=rendezvous, encrypt=encrypt) as alice,
-        punch.open_host("bob", rendezvous=rendezvous, encrypt=encrypt) as bob,
-    ):
-        async with trio.open_nursery() as accepting:
-            accepted: list[punch.PeerStream] = []
-
-            async def accept() -> None:
-                accepted.append(await bob.accept())
-
-            accepting.start_soon(accept)
-            to_bob = await alice.connect("bob", relay="only")
-        [to_alice] = accepted
+    async with _relayed(rendezvous, encrypt=encrypt) as (alice, _, to_bob, to_alice):
         assert (to_bob.path, to_alice.path) == (StreamPath.RELAYED, StreamPath.RELAYED)
         moved: list[bool] = []
         quarter = trio.Event()
@@ -104,65 +117,31 @@ async def test_a_relayed_stream_moves_mid_transfer_both_ways_intact(
 
 async def test_only_the_initiator_moves_a_relayed_stream(nursery: trio.Nursery) -> None:
     rendezvous, _ = await _serve(nursery)
-    async with (
-        punch.open_host("alice", rendezvous=rendezvous) as alice,
-        punch.open_host("bob", rendezvous=rendezvous) as bob,
-        trio.open_nursery() as accepting,
-    ):
-        accepted: list[punch.PeerStream] = []
-
-        async def accept() -> None:
-            accepted.append(await bob.accept())
-
-        accepting.start_soon(accept)
-        to_bob = await alice.connect("bob", relay="only")
-        await accepting.start(_wait_for, accepted)
+    async with _relayed(rendezvous) as (alice, bob, to_bob, to_alice):
         with pytest.raises(ValueError, match="initiator"):
-            await bob.upgrade(accepted[0])
+            await bob.upgrade(to_alice)
         with pytest.raises(ValueError, match="not a stream of this host"):
             await bob.upgrade(to_bob)
         direct = await alice.connect("bob", relay="never")
         with pytest.raises(ValueError, match="only a relayed stream"):
             await alice.upgrade(direct)
-        for stream in (to_bob, direct, *accepted):
+        for stream in (to_bob, direct, to_alice):
             await stream.aclose()
-
-
-async def _wait_for(
-    accepted: list[punch.PeerStream], *, task_status: trio.TaskStatus[None]
-) -> None:
-    """Started once the accept task has its stream (a bounded poll of a list)."""
-    with trio.fail_after(10):
-        while not accepted:  # noqa: ASYNC110 (the accept task has no event to wait on)
-            await trio.sleep(0.01)
-    task_status.started()
 
 
 async def test_a_stream_closed_before_its_move_closes_the_new_connection_too(
     nursery: trio.Nursery,
 ) -> None:
     rendezvous, _ = await _serve(nursery)
-    async with (
-        punch.open_host("alice", rendezvous=rendezvous) as alice,
-        punch.open_host("bob", rendezvous=rendezvous) as bob,
-        trio.open_nursery() as accepting,
-    ):
-        accepted: list[punch.PeerStream] = []
-
-        async def accept() -> None:
-            accepted.append(await bob.accept())
-
-        accepting.start_soon(accept)
-        to_bob = await alice.connect("bob", relay="only")
-        await accepting.start(_wait_for, accepted)
+    async with _relayed(rendezvous) as (alice, _, to_bob, to_alice):
         handover = to_bob.handover
         assert handover is not None
         await handover.aclose()  # as if closed while the punch ran: the TLS stays up
         assert await alice.upgrade(to_bob) is False
         assert not to_bob.moved.is_set()
         with trio.fail_after(5):  # bob's side moved, onto a connection alice closed
-            await accepted[0].moved.wait()
+            await to_alice.moved.wait()
         with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
-            await accepted[0].receive_some(100)  # TLS: a FIN without close_notify
-        await accepted[0].aclose()
+            await to_alice.receive_some(100)  # TLS: a FIN without close_notify
+        await to_alice.aclose()
         await to_bob.aclose()
