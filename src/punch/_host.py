@@ -21,6 +21,7 @@ from ._candidates import interface_addresses
 from ._control import ControlChannel, connect_control
 from ._endpoint import CandidateType, Endpoint, Role, as_endpoint
 from ._errors import NameTaken, PunchFailed, RemoteProtocolError, RendezvousError, ReuseUnavailable
+from ._handover import Handover
 from ._identity import Identity, check_peer_id
 from ._nat import NatFacts
 from ._natcheck import REPORT_TIMEOUT, registration_facts
@@ -416,19 +417,29 @@ class Host:
             raise ValueError("only a relayed stream, not moved yet, moves; its initiator moves it")
         if self._relayed.get(stream.attempt_id) is not stream:
             raise ValueError("not a stream of this host's")
-        options = attrs.evolve(self.options, relay=RelayMode.NEVER, encrypt=False)
         request = ConnectRequest(stream.peer_name, 0, upgrade=stream.attempt_id)
         handover.begin()
-        introduction = None
         try:
-            introduction = await self._introduced(request, options.timeout)
+            introduction = await self._introduced(request, self.options.timeout)
+        except OSError as exc:
+            handover.end()
+            log.info("%r: still relayed: %s", stream.peer_name, exc)
+            return False
+        return await self._punch_and_move(stream, handover, introduction)
+
+    async def _punch_and_move(
+        self, stream: PeerStream, handover: Handover, introduction: Introduction
+    ) -> bool:
+        """Either side of an upgrade, once its introduction is here (``handover`` begun):
+        the punch (no relay, no new TLS), then the move; False if either did not happen."""
+        options = attrs.evolve(self.options, relay=RelayMode.NEVER, encrypt=False)
+        try:
             direct = await self._race(introduction, options)
         except OSError as exc:
             log.info("%r: still relayed: %s", stream.peer_name, exc)
             return False
         finally:
-            if introduction is not None:
-                self._drop_upgrade_syns(introduction, False)
+            self._drop_upgrade_syns(introduction, False)
             if not handover.moved:
                 handover.end()
         return await self._move(stream, direct)
@@ -495,18 +506,8 @@ class Host:
             self._router.close_route(introduction.attempt_id)
             self._introduced_at.pop(introduction.attempt_id, None)
             return
-        options = attrs.evolve(self.options, relay=RelayMode.NEVER, encrypt=False)
         handover.begin()
-        try:
-            direct = await self._race(introduction, options)
-        except OSError as exc:
-            log.info("%r: still relayed: %s", stream.peer_name, exc)
-            return
-        finally:
-            self._drop_upgrade_syns(introduction, False)
-            if not handover.moved:
-                handover.end()
-        await self._move(stream, direct)
+        await self._punch_and_move(stream, handover, introduction)
 
     async def accept(self) -> PeerStream:
         """The next inbound punch, as the responder: its stream, or why it failed.

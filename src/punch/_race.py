@@ -822,8 +822,7 @@ class Race:
         outcome: Outcome | BaseException | None = None
         try:
             await self._authenticate(ExactReader(stream), WonBy.CONNECT, _peer(stream), None)
-            won = self._winner is not None and self._winner.socket_stream is stream
-            outcome = Outcome.NOMINATED if won else Outcome.AUTHENTICATED
+            outcome = self._authenticated(stream)
         except OSError as exc:
             outcome = exc
             self._drop(stream)
@@ -857,8 +856,7 @@ class Race:
                 log.info("%s: bound at the relay %s", self._label, grant.endpoint)
                 reader = ExactReader(stream, bytearray(rest))
                 await self._authenticate(reader, WonBy.CONNECT, grant.endpoint, None, relayed=True)
-                won = self._winner is not None and self._winner.socket_stream is stream
-                outcome = Outcome.NOMINATED if won else Outcome.AUTHENTICATED
+                outcome = self._authenticated(stream)
             except OSError as exc:
                 outcome = exc
                 self._drop(stream)
@@ -976,8 +974,7 @@ class Race:
                         ExactReader(stream), WonBy.CONNECT, _peer(stream), None
                     )
                     state.handshaking = False
-                    won = self._winner is not None and self._winner.socket_stream is stream
-                    outcome = Outcome.NOMINATED if won else Outcome.AUTHENTICATED
+                    outcome = self._authenticated(stream)
                     return
                 except OSError as exc:
                     state.handshaking = False
@@ -1096,6 +1093,11 @@ class Race:
             if len(self._inbound_errors) < MAX_REPORTED_INBOUND:
                 self._inbound_errors.append(failure)
             log.info("%s: %s", self._label, failure)
+
+    def _authenticated(self, stream: trio.SocketStream) -> Outcome:
+        """The outcome of an attempt whose ``stream`` passed the handshake."""
+        won = self._winner is not None and self._winner.socket_stream is stream
+        return Outcome.NOMINATED if won else Outcome.AUTHENTICATED
 
     def _drop(self, stream: trio.SocketStream) -> None:
         self._streams.discard(stream)
