@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test matrix sweep bench docs lint netns-deps clean
+.PHONY: demo test matrix sweep bench docs lint netns-deps redis clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,12 +13,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# iproute2 and nftables for the netns lab, installed with apt-get when we are
-# root and they are missing; without root the netns tests skip and say why.
+# iproute2 and nftables for the netns lab, and redis-server for the cluster tests
+# (issue 18), installed with apt-get when we are root and they are missing; without
+# root the netns tests skip and say why (and so do the cluster tests, but not in CI).
 netns-deps:
-	@if [ "$$(id -u)" = 0 ] && ! { command -v ip && command -v nft; } >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables; \
+	@if [ "$$(id -u)" = 0 ] && ! { command -v ip && command -v nft && command -v redis-server; } >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 nftables redis-server; \
 	fi
+
+# A redis-server on 127.0.0.1:6379 in the foreground (no persistence), for trying
+# `punch-rendezvous --redis redis://127.0.0.1:6379 --workers 2` by hand; Ctrl-C stops it.
+redis: $(STAMP) netns-deps
+	$(PY) -m tools.redis
 
 demo: $(STAMP) netns-deps
 	$(PY) -m netns.demo

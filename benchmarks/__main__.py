@@ -22,7 +22,7 @@ from typing import Any
 from netns.lab import missing_requirements
 from tools.readme import replace_section
 
-from benchmarks import capacity
+from benchmarks import capacity, cluster
 from benchmarks.lab import (
     cold_start,
     families,
@@ -47,6 +47,7 @@ FULL = {
     "rounds": 5,
     "bytes": 1 << 30,
     "peers": (10_000, 50_000, 100_000),
+    "skew_attempts": 200,
     "pairs": 500,
     "seconds": 5.0,
     "circuits": 1000,
@@ -60,6 +61,7 @@ QUICK = {
     "rounds": 1,
     "bytes": 64 << 20,
     "peers": (1_000, 2_000),
+    "skew_attempts": 30,
     "pairs": 50,
     "seconds": 1.0,
     "circuits": 50,
@@ -85,6 +87,7 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
     intros = capacity.introductions(size["pairs"], size["seconds"])
     accepts = capacity.accept_and_close(2 * size["pairs"], size["seconds"])
     relay_memory = capacity.relay_memory(size["circuits"])
+    scale_out = cluster.run(size["pairs"], size["seconds"], size["skew_attempts"], size["peers"][0])
 
     def both(trial: dict[str, Any]) -> float:  # both sides hold a verified stream
         return max(trial["alice"]["connect_time"], trial["bob"]["connect_time"])
@@ -147,6 +150,7 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
             "server_cpu": {"introductions": intros["server_cpu"], "accepts": accepts["server_cpu"]},
         },
         "relay_memory": relay_memory,
+        "cluster": scale_out,
         "cpu_per_punch": median([t["cpu"] for t in connected]),
         "families": families_summary(by_family),
         "round_trips": [_round_trip_summary(rt, report) for rt, report in delayed.items()],
@@ -321,6 +325,7 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
             )
         )
     rows += _family_rows(summary.get("families"))  # absent from runs before issue 15
+    rows += cluster.rows(summary.get("cluster"), cap["introductions_per_s"], verdict)
     rows += [
         (
             f"rendezvous: introductions/s, {2 * trials['pairs']} peers pairing",

@@ -229,6 +229,22 @@ def introductions(pairs: int, seconds: float) -> dict[str, Any]:
     """``pairs`` requesters each asking for its partner again as soon as it is introduced."""
     raise_fd_limit(4 * pairs + 1000)
     server, address = start([sys.executable, "-m", "punch", "rendezvous", *SERVER_ARGS])
+    try:
+        cpu = cpu_seconds(server.pid)
+        figures = pump_introductions(address, pairs, seconds)
+        return figures | {"server_cpu": (cpu_seconds(server.pid) - cpu) / (seconds + WARM_UP)}
+    finally:
+        stop(server)
+
+
+WARM_UP = 1.0
+"""Seconds of introductions before the measured ones."""
+
+
+def pump_introductions(address: tuple[str, int], pairs: int, seconds: float) -> dict[str, Any]:
+    """Register ``pairs`` pairs at ``address``; each requester asks for its partner
+    again as soon as it is introduced: introductions per second over ``seconds``,
+    after :data:`WARM_UP` s."""
     where = sources()
     socks: list[socket.socket] = []
     try:
@@ -247,19 +263,17 @@ def introductions(pairs: int, seconds: float) -> dict[str, Any]:
         for sock, target in partner.items():
             sock.sendall(encode_frame(ConnectRequest(target, 1)))
         pump = Pump(socks)
-        pump.run(1.0, on_frame)  # warm-up
-        done[0], cpu, client = 0, cpu_seconds(server.pid), time.process_time()
+        pump.run(WARM_UP, on_frame)
+        done[0], client = 0, time.process_time()
         pump.run(seconds, on_frame)
         pump.close()
         return {
             "per_second": done[0] / seconds,
-            "server_cpu": (cpu_seconds(server.pid) - cpu) / seconds,
             "client_cpu": (time.process_time() - client) / seconds,
         }
     finally:
         for sock in socks:
             sock.close()
-        stop(server)
 
 
 ACCEPT_AND_CLOSE = """

@@ -45,6 +45,14 @@ def test_quick_benchmark_run_measures_everything(tmp_path: Path) -> None:
     assert "| relay: memory per relayed stream" in done.stdout
     assert "| throughput alice to bob, relayed" in done.stdout
     assert summary["capacity"]["introductions_per_s"] > 0
+    scale_out = summary["cluster"]  # issue 18: workers sharing a registry in Redis
+    assert [f["workers"] for f in scale_out["introductions"]] == [1, 2, 4]
+    assert all(f["per_second"] > 0 for f in scale_out["introductions"])
+    assert scale_out["skew"]["across"]["attempts"] == 30
+    assert 0 <= scale_out["skew"]["across"]["median"] < 1.0
+    assert [m["workers"] for m in scale_out["memory"]] == [1, 2]
+    assert "| rendezvous --redis: introductions/s, 2 workers" in done.stdout
+    assert "| skew between an attempt's two introductions" in done.stdout
     assert summary["cpu_per_punch"] > 0
     families = summary["families"]  # every IPv6, IPv4 and black-holed run connected
     assert families["trials"] == 3

@@ -20,7 +20,8 @@ from typing import Any
 import attrs
 import trio
 
-from . import _commands
+from . import _commands, _workers
+from ._cluster import ClusterUnavailable
 from ._commands import Reporter
 from ._endpoint import Endpoint
 from ._errors import (
@@ -793,6 +794,32 @@ def _rendezvous_arguments(parser: argparse.ArgumentParser) -> None:
         help="bind each name to the key that first registered it, for good "
         "(trust on first use; JSON lines, appended); default: only while its holder is connected",
     )
+    cluster = parser.add_argument_group(
+        "cluster", "several processes and machines sharing one registry in Redis"
+    )
+    cluster.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share the registry with every server given this Redis "
+        "(redis://HOST:PORT/DB, rediss:// for TLS, unix:///PATH): names unique across them, "
+        "registrations per source counted across them, introductions between them; "
+        "--persist-names then binds names in Redis (its FILE is unused)",
+    )
+    cluster.add_argument(
+        "--redis-prefix",
+        default="punch",
+        metavar="PREFIX",
+        help="prefix of the cluster's Redis keys and channels (default punch)",
+    )
+    cluster.add_argument(
+        "--workers",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="run N server processes on the same ports (SO_REUSEPORT), sharing --redis "
+        "(needs --redis and fixed ports; a dead worker is restarted)",
+    )
+    cluster.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     tls = parser.add_argument_group("TLS", "serve the control channel over TLS (RFC 8445 §19.2)")
     tls.add_argument("--tls-cert", type=Path, metavar="FILE", help="certificate chain (PEM)")
     tls.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key (PEM)")
@@ -983,9 +1010,10 @@ def _logging(level: int, report: Reporter | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``punch``: see ``punch --help``. Returns the exit code."""
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.command == "rendezvous":
-        return _serve(parser, args)
+        return _serve(parser, args, argv[argv.index("rendezvous") + 1 :])
     if args.command == "relay":
         return _serve_relay(parser, args)
     if args.command == "id":
@@ -1032,7 +1060,7 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
     limits, context = _server_options(parser, args)
     listen = args.listen or [Endpoint("0.0.0.0", 7000)]
     probe_port = args.probe_port
@@ -1044,6 +1072,12 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     bound: list[Endpoint] = []
     _logging(logging.WARNING if args.quiet else logging.INFO)
     _raise_fd_limit()
+    if args.workers > 1:
+        _check_workers(parser, args, listen, probe_port, relay_port)
+        supervise = functools.partial(
+            _workers.supervise, _workers.worker_argv(argv), args.workers, len(listen)
+        )
+        return _run_server("punch-rendezvous", supervise, listen)
 
     async def run() -> None:
         stop = trio.Event()
@@ -1061,6 +1095,9 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                     relay_port=relay_port,
                     relay=relay,
                     relay_at=args.relay_at,
+                    redis=args.redis,
+                    redis_prefix=args.redis_prefix,
+                    reuse_port=args.reuse_port,
                 )
                 await nursery.start(serve)
                 print(*bound, sep="\n", flush=True)
@@ -1074,17 +1111,37 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return _run_server("punch-rendezvous", run, listen)
 
 
+def _check_workers(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    listen: list[Endpoint],
+    probe_port: int | str,
+    relay_port: int | None,
+) -> None:
+    """Usage errors for ``--workers`` that a worker could only find too late."""
+    if args.redis is None:
+        parser.error("--workers needs --redis: the workers share their registry there")
+    if any(e.port == 0 for e in listen) or probe_port == 0:
+        parser.error("--workers needs fixed ports: each worker binds the same ones")
+    if relay_port is not None:
+        parser.error(
+            "--workers with --relay: a relayed pair must bind to one process; "
+            "run punch-relay and give --relay-at"
+        )
+
+
 def _run_server(program: str, run: Any, listen: list[Endpoint]) -> int:
     """``trio.run(run)`` for a server command: its exit code, and a line for why not 0."""
     try:
-        trio.run(run)
+        _run(run)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except OSError as exc:
         where = ", ".join(map(str, listen))
         print(f"{program}: cannot listen on {where}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except ValueError as exc:  # a --persist-names file that is not ours
+    except (ValueError, ClusterUnavailable, RuntimeError) as exc:
+        # a --persist-names file that is not ours, no Redis, a worker that did not start
         print(f"{program}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_OK
@@ -1098,7 +1155,8 @@ def rendezvous_main(argv: list[str] | None = None) -> int:
         "registered peer 'shutting-down', exit 0 within a few seconds.",
     )
     _rendezvous_arguments(parser)
-    return _serve(parser, parser.parse_args(argv))
+    argv = sys.argv[1:] if argv is None else argv
+    return _serve(parser, parser.parse_args(argv), argv)
 
 
 RELAY_DESCRIPTION = (

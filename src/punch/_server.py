@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ import attrs
 import trio
 
 from . import reuse
+from ._cluster import Cluster, ClusterUnavailable, NameHeld, RemotePeer
 from ._control import ControlChannel
 from ._endpoint import Candidate, CandidateType, Endpoint, Role, as_endpoint
 from ._errors import LocalProtocolError, PeerVerificationError, RemoteProtocolError
@@ -228,6 +230,8 @@ class _Peer:
     host registers once per family): their endpoints are this peer's too."""
     nat: NatFacts | None = None
     """What it reported of its NAT (a ``Report`` on this registration)."""
+    cluster_field: str | None = None
+    """Its field in the cluster's registry (:class:`punch._cluster.Cluster`), once claimed."""
 
     @property
     def nat_facts(self) -> NatFacts | None:
@@ -366,6 +370,8 @@ class RendezvousServer:
         relay_port: that port (grants name it at the address each peer reached).
         relay_at: a relay elsewhere (:func:`serve_relay`, sharing ``relay``'s
             secret) that grants name instead.
+        cluster: the registry shared with other processes in Redis
+            (:class:`punch._cluster.Cluster`); None: this process alone.
     """
 
     limits: ServerLimits = attrs.field(factory=ServerLimits)
@@ -375,6 +381,7 @@ class RendezvousServer:
     relay: Relay | None = None
     relay_port: int = 0
     relay_at: Endpoint | None = None
+    cluster: Cluster | None = None
     peers: dict[str, _Peer] = attrs.field(factory=dict, init=False)
     connections: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
     _registrations: RateLimit = attrs.field(init=False)
@@ -502,6 +509,7 @@ class RendezvousServer:
             finally:
                 if peer is not None:
                     self._remove(peer)
+                    await self._release(peer)
 
     async def _probe(self, stream: trio.SocketStream, observed: Endpoint) -> None:
         """The probe port: tell the observed endpoint; dial back once if asked."""
@@ -582,8 +590,11 @@ class RendezvousServer:
             return None
         assert isinstance(message, Register)  # the protocol state machine ensures it
         assert channel.connection.challenge is not None  # sent before any Register is read
+        await self._limit_registrations(observed)
         key = self._admit(message, observed, channel.connection.challenge)
         peer = _Peer(message.name, observed, message.candidates, channel, message.certificate, key)
+        if self.cluster is not None:
+            await self._claim(peer)
         held = self.peers.get(peer.name)
         if held is not None:  # admitted: the same key, over another family
             held.legs.append(peer)
@@ -616,16 +627,6 @@ class RendezvousServer:
         by a connected peer, and, with :attr:`bindings`, never bound to another key.
         """
         limits = self.limits
-        exempt = limits.is_exempt(observed.address)
-        source = source_key(observed.address)
-        if not exempt and not self._registrations.allow(source, trio.current_time()):
-            raise _Refused(
-                Error(
-                    "rate-limited",
-                    f"more than {limits.registrations_per_minute} registrations a minute "
-                    f"from {source}",
-                )
-            )
         expected = limits.token
         if expected is not None and not (
             message.token is not None
@@ -640,9 +641,8 @@ class RendezvousServer:
         if not verify_signature(key, message.signature, transcript):
             raise _Refused(Error("bad-signature", "the Register is not signed by its key"))
         presented = peer_id(key)
+        self._check_free(message.name, presented, observed)
         held = self.peers.get(message.name)
-        if held is not None and (held.peer_id != presented or observed.family in held.families):
-            raise _Refused(Error("name-taken", f"{message.name!r} is held by a connected peer"))
         bound = self.bindings.bound.get(message.name) if self.bindings is not None else None
         if bound is not None and bound != presented:
             raise _Refused(
@@ -656,6 +656,82 @@ class RendezvousServer:
             if problem is not None:
                 raise _Refused(Error("bad-candidate", f"host candidate {endpoint} is {problem}"))
         return presented
+
+    def _check_free(self, name: str, key: str, observed: Endpoint) -> None:
+        """Raise ``name-taken`` unless no local peer holds ``name``, or only ``key``
+        over another address family."""
+        held = self.peers.get(name)
+        if held is not None and (held.peer_id != key or observed.family in held.families):
+            raise _Refused(Error("name-taken", f"{name!r} is held by a connected peer"))
+
+    async def _limit_registrations(self, observed: Endpoint) -> None:
+        """Raise ``rate-limited`` past ``registrations_per_minute`` from this source:
+        counted in the cluster's Redis when there is one (else, or while it is
+        unreachable, here)."""
+        limits = self.limits
+        if limits.is_exempt(observed.address):
+            return
+        source = source_key(observed.address)
+        allowed = None
+        if self.cluster is not None:
+            try:
+                most = limits.registrations_per_minute
+                allowed = await self.cluster.allow("register", source, most, time.time())
+            except ClusterUnavailable as exc:
+                log.warning("%s: registration rate counted here only: %s", observed, exc)
+        if allowed is None:
+            allowed = self._registrations.allow(source, trio.current_time())
+        if not allowed:
+            raise _Refused(
+                Error(
+                    "rate-limited",
+                    f"more than {limits.registrations_per_minute} registrations a minute "
+                    f"from {source}",
+                )
+            )
+
+    async def _claim(self, peer: _Peer) -> None:
+        """Claim ``peer``'s name cluster-wide; raise ``name-taken`` if another
+        process holds it. With Redis unreachable, the name is unique here only."""
+        assert self.cluster is not None
+        try:
+            await self.cluster.claim(peer)
+        except NameHeld as held:
+            why = "is bound to another key" if held.bound else "is held by a connected peer"
+            raise _Refused(
+                Error("name-taken", f"{peer.name!r} {why} (peer ID {held.peer_id})")
+            ) from None
+        except ClusterUnavailable as exc:
+            log.warning("%s: %r registered here only: %s", peer.observed, peer.name, exc)
+        try:  # the claim awaited: a local registration may have taken the name meanwhile
+            self._check_free(peer.name, peer.peer_id, peer.observed)
+        except _Refused:
+            await self._release(peer)
+            raise
+
+    async def _release(self, peer: _Peer) -> None:
+        """Take ``peer`` out of the cluster's registry, at most ``REDIS_TIMEOUT`` s, even
+        while cancelled (the field would otherwise hold its name until our lease ends)."""
+        if self.cluster is None or peer.cluster_field is None:
+            return
+        with trio.CancelScope(shield=True):
+            try:
+                await self.cluster.release(peer)
+            except ClusterUnavailable as exc:
+                log.warning("%r: not released in the cluster: %s", peer.name, exc)
+
+    async def deliver_forwarded(self, name: str, introduction: Introduction) -> None:
+        """Send an introduction another process made for our peer ``name``."""
+        peer = self.peers.get(name)
+        if peer is None:
+            log.info("%r: a forwarded introduction for a peer no longer here", name)
+            return
+        try:
+            frame = peer.channel.connection.send(introduction)
+        except LocalProtocolError as exc:
+            log.info("%r: forwarded introduction not sent: %s", name, exc)
+            return
+        await self._deliver(peer, frame)
 
     async def _serve(self, peer: _Peer) -> None:
         idle = self.limits.idle_timeout
@@ -678,7 +754,7 @@ class RendezvousServer:
         """Answer ``asker``'s request on its own connection; its candidates are those
         of every registration of its name (it may be a leg)."""
         requester = self.peers.get(asker.name, asker)
-        target = self.peers.get(request.target)
+        target: _Peer | RemotePeer | None = self.peers.get(request.target)
         error = None
         if not self._introductions.allow(requester.name, trio.current_time()):
             error = Error(
@@ -688,10 +764,13 @@ class RendezvousServer:
             )
         elif request.target == requester.name:
             error = Error("same-peer", "a peer cannot be introduced to itself", request.request_id)
-        elif target is None:
-            error = Error(
-                "unknown-peer", f"{request.target!r} is not registered", request.request_id
-            )
+        elif target is None and self.cluster is not None:
+            try:
+                target = await self.cluster.lookup(request.target)
+            except ClusterUnavailable as exc:
+                error = Error("cluster-unavailable", str(exc)[:MAX_ERROR_TEXT], request.request_id)
+        if error is None and target is None:
+            error = _unknown(request)
         if error is not None:
             await asker.channel.send(error)
             return
@@ -715,10 +794,14 @@ class RendezvousServer:
             )
         if request.relay_delay is not None and self.relay is not None:
             ticket, key = self.relay.ticket(to_target.attempt_id, requester.name, target.name)
+            via = target if isinstance(target, _Peer) else requester  # our address it reached
             to_requester, to_target = (
                 attrs.evolve(to, relay=self._grant(peer, ticket, key, request.relay_delay))
-                for to, peer in ((to_requester, requester), (to_target, target))
+                for to, peer in ((to_requester, requester), (to_target, via))
             )
+        if isinstance(target, RemotePeer):
+            await self._introduce_remote(requester, to_requester, target, to_target)
+            return
         # Both at the same moment: encoded first, so neither waits on the other's JSON.
         frames = (
             requester.channel.connection.send(to_requester),
@@ -728,9 +811,32 @@ class RendezvousServer:
             nursery.start_soon(self._deliver, requester, frames[0])
             nursery.start_soon(self._deliver, target, frames[1])
 
+    async def _introduce_remote(
+        self,
+        requester: _Peer,
+        to_requester: Introduction,
+        target: RemotePeer,
+        to_target: Introduction,
+    ) -> None:
+        """Hand ``to_target`` to the process that holds ``target``, then send ours:
+        Redis writes it to that process before it answers us, so the two leave
+        about one round trip to Redis apart (``make bench`` measures the skew)."""
+        assert self.cluster is not None
+        request_id = to_requester.request_id
+        try:
+            forwarded = await self.cluster.forward(target.process, target.name, to_target)
+        except ClusterUnavailable as exc:
+            error = Error("cluster-unavailable", str(exc)[:MAX_ERROR_TEXT], request_id)
+            await requester.channel.send(error)
+            return
+        if not forwarded:  # its process died; its lease has not run out yet
+            await requester.channel.send(_unknown(to_requester))
+            return
+        await self._deliver(requester, requester.channel.connection.send(to_requester))
+
     def introductions(
-        self, requester: _Peer, target: _Peer, request_id: int
-    ) -> tuple[tuple[_Peer, Introduction], tuple[_Peer, Introduction]]:
+        self, requester: _Peer, target: _Peer | RemotePeer, request_id: int
+    ) -> tuple[tuple[_Peer, Introduction], tuple[_Peer | RemotePeer, Introduction]]:
         """The two introductions of one attempt, each with the peer it goes to.
 
         A fresh attempt ID and secret; each side gets the other's candidates
@@ -817,12 +923,23 @@ class RendezvousServer:
                 pass
 
 
-def _server_listener(bind: Endpoint, dual_stack: bool) -> trio.SocketListener:
+def _unknown(request: ConnectRequest | Introduction) -> Error:
+    name = request.target if isinstance(request, ConnectRequest) else request.peer_name
+    return Error("unknown-peer", f"{name!r} is not registered", request.request_id)
+
+
+def _server_listener(
+    bind: Endpoint, dual_stack: bool, reuse_port: bool = False
+) -> trio.SocketListener:
     """A listening socket on ``bind`` (``SO_REUSEADDR``, as trio's own); an IPv6
-    unspecified one takes IPv4 too when ``dual_stack`` and the OS allows it."""
+    unspecified one takes IPv4 too when ``dual_stack`` and the OS allows it.
+    With ``reuse_port``, ``SO_REUSEPORT`` too: processes of one user that each
+    listen there share the connections, balanced by the kernel (socket(7))."""
     sock = socket.socket(bind.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if bind.family == socket.AF_INET6:
             both = dual_stack and bind.address.is_unspecified
             try:
@@ -876,6 +993,9 @@ async def serve_rendezvous(
     relay: Relay | None = None,
     relay_bound: list[Endpoint] | None = None,
     relay_at: Endpoint | None = None,
+    redis: str | Cluster | None = None,
+    redis_prefix: str = "punch",
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[Endpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a rendezvous server until cancelled, or until ``stop`` is set.
@@ -930,6 +1050,17 @@ async def serve_rendezvous(
         relay_at: the endpoint of a relay run elsewhere (:func:`serve_relay`,
             ``punch-relay``) that grants name instead of ours; ``relay`` must
             then hold that relay's secret (``Relay(secret=...)``).
+        redis: a Redis URL (``redis://host:6379/0``, ``unix:///path``), or a
+            :class:`punch._cluster.Cluster`: share the registry with every
+            other server given the same Redis and ``redis_prefix``
+            (:mod:`punch._cluster`): names are unique across them, the
+            registration rate per source is counted across them, and a peer
+            can be introduced to one registered on any of them. With
+            ``persist_names`` (any value), names are bound to keys in Redis
+            instead of a file. ``None`` (default): this process alone.
+        redis_prefix: the prefix of the cluster's keys and channels.
+        reuse_port: listen with ``SO_REUSEPORT`` (socket(7)), so several
+            processes serve one port (``punch-rendezvous --workers``).
         task_status: receives the (first) bound :class:`Endpoint` once listening.
 
     Raises:
@@ -937,6 +1068,7 @@ async def serve_rendezvous(
             with a malformed line, or ``relay_at`` without ``relay``.
         OSError: the listening socket could not be opened (``EADDRINUSE``…),
             or ``persist_names`` cannot be read.
+        punch._cluster.ClusterUnavailable: ``redis`` does not answer at start.
     """
     binds = [as_endpoint(e, "listen") for e in listen] or [Endpoint(host, port)]  # validated
     if relay_at is not None and relay is None:
@@ -944,6 +1076,11 @@ async def serve_rendezvous(
     limits = limits or ServerLimits()
     if registration_timeout is not None:
         limits = attrs.evolve(limits, registration_timeout=registration_timeout)
+    cluster = redis
+    if isinstance(cluster, str):
+        cluster = Cluster(cluster, redis_prefix, persist_names=persist_names is not None)
+    if cluster is not None:
+        persist_names = None
     bindings = NameBindings(Path(persist_names)) if persist_names is not None else None
     on_loopback = all(b.address.is_loopback for b in binds)
     dual_stack = not any(b.family == socket.AF_INET for b in binds)
@@ -952,7 +1089,7 @@ async def serve_rendezvous(
     relays: list[trio.SocketListener] = []
     try:
         for bind in binds:
-            listeners.append(_server_listener(bind, dual_stack))
+            listeners.append(_server_listener(bind, dual_stack, reuse_port))
         if probe_port is not None:
             probes = _port_listeners(binds, probe_port, dual_stack)
         if relay_port is not None:
@@ -970,6 +1107,7 @@ async def serve_rendezvous(
         relay=(relay or Relay()) if relays or relay_at is not None else None,
         relay_port=relay_endpoints[0].port if relays else 0,
         relay_at=relay_at,
+        cluster=cluster,
     )
     endpoints = [Endpoint.from_sockaddr(listener.socket.getsockname()) for listener in listeners]
     for where in endpoints:
@@ -985,33 +1123,55 @@ async def serve_rendezvous(
         bound[:] = endpoints
     if probe_bound is not None:
         probe_bound[:] = probe_endpoints
-    async with trio.open_nursery() as handlers:
-        async with trio.open_nursery() as acceptor:
-            serve = partial(
-                trio.serve_listeners, server.handle, listeners, handler_nursery=handlers
+    try:
+        async with trio.open_nursery() as handlers:
+            if cluster is not None:
+                await handlers.start(cluster.run, server.deliver_forwarded)
+            await _serve_until(
+                server, handlers, listeners, probes, relays, stop, endpoints[0], task_status
             )
-            await acceptor.start(serve)
-            if probes:
-                serve_probes = partial(
-                    trio.serve_listeners, server.handle_probe, probes, handler_nursery=handlers
-                )
-                await acceptor.start(serve_probes)
-            if relays:
-                serve_relays = partial(
-                    trio.serve_listeners, server.handle_relay, relays, handler_nursery=handlers
-                )
-                await acceptor.start(serve_relays)
-            task_status.started(endpoints[0])
-            if stop is None:
-                await trio.sleep_forever()
-            await stop.wait()
-            acceptor.cancel_scope.cancel()
-        log.info("shutting down: %d peer(s) registered", len(server.peers))
+    finally:
         for listener in (*listeners, *probes, *relays):
-            await listener.aclose()
-        with trio.move_on_after(SHUTDOWN_GRACE):
-            await server.say_goodbye()
-        handlers.cancel_scope.cancel()
+            listener.socket.close()
+
+
+async def _serve_until(
+    server: RendezvousServer,
+    handlers: trio.Nursery,
+    listeners: list[trio.SocketListener],
+    probes: list[trio.SocketListener],
+    relays: list[trio.SocketListener],
+    stop: trio.Event | None,
+    first: Endpoint,
+    task_status: trio.TaskStatus[Endpoint],
+) -> None:
+    """Accept on every listener until ``stop``; then the graceful shutdown."""
+    async with trio.open_nursery() as acceptor:
+        serve = partial(trio.serve_listeners, server.handle, listeners, handler_nursery=handlers)
+        await acceptor.start(serve)
+        if probes:
+            serve_probes = partial(
+                trio.serve_listeners, server.handle_probe, probes, handler_nursery=handlers
+            )
+            await acceptor.start(serve_probes)
+        if relays:
+            serve_relays = partial(
+                trio.serve_listeners, server.handle_relay, relays, handler_nursery=handlers
+            )
+            await acceptor.start(serve_relays)
+        task_status.started(first)
+        if stop is None:
+            await trio.sleep_forever()
+        await stop.wait()
+        acceptor.cancel_scope.cancel()
+    log.info("shutting down: %d peer(s) registered", len(server.peers))
+    for listener in (*listeners, *probes, *relays):
+        await listener.aclose()
+    with trio.move_on_after(SHUTDOWN_GRACE):
+        await server.say_goodbye()
+    if server.cluster is not None:
+        await server.cluster.leave()
+    handlers.cancel_scope.cancel()
 
 
 async def serve_relay(

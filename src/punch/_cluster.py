@@ -1,0 +1,547 @@
+"""The registry that rendezvous processes share in Redis (issue 18).
+
+Each process keeps its own control connections and peers; what the others
+need of them lives in Redis, under one key prefix (``punch`` by default):
+
+``{prefix}:process:{id}``
+    a process's lease: set with a ``PX`` expiry of :data:`PROCESS_LEASE`
+    seconds and renewed every :data:`HEARTBEAT` seconds. A process whose
+    lease has run out is dead, and so are its registrations.
+``{prefix}:name:{name}``
+    a hash, one field per registration of that name, ``{process}/{serial}``,
+    whose value is a JSON record: peer ID, address family, server-reflexive
+    and host candidates, certificate, NAT report. A Lua script claims a
+    field atomically (:meth:`Cluster.claim`): the name is taken when a live
+    process holds it under another key, or under the same key over the same
+    address family (the single-process rule, cluster-wide); fields of dead
+    processes are dropped on the way. The hash expires after
+    :data:`NAME_LEASE` seconds unless renewed, so a dead process's names are
+    forgotten even if nobody asks for them.
+``{prefix}:bound``
+    with ``persist_names``, each name's first key (trust on first use).
+``{prefix}:rate:{kind}:{key}``
+    a sorted set of event times: the sliding-window limits that must hold
+    across processes (registrations per source).
+``{prefix}:to:{id}``
+    the pub/sub channel on which other processes hand a process the
+    introductions for its peers (a ``PUBLISH`` is one round trip, and Redis
+    writes the message to the subscriber before it answers the publisher,
+    so both introductions leave within about one loopback round trip).
+
+Redis is reached through ``coredis`` (built on anyio, so it runs on trio;
+``tests/test_cluster.py`` proves it against a real ``redis-server``). Every
+call is bounded by :data:`REDIS_TIMEOUT`; one that fails or times out raises
+:class:`ClusterUnavailable`. While Redis cannot be reached the server keeps
+serving the peers registered on it (their names are then unique on this
+process only) and refuses introductions to anyone else with
+``cluster-unavailable``; when it is back, the next heartbeat writes every
+local registration again (after a Redis restart, or a partition longer than
+the lease).
+
+The scripts touch keys they are not passed (the process leases), so the
+registry needs one Redis server (or a primary with replicas), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import json
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import trio
+
+from ._endpoint import Candidate, CandidateType, Endpoint
+from ._nat import NatFacts
+from ._protocol import (
+    _HEADER,
+    MAX_CANDIDATES,
+    Introduction,
+    _endpoint_from_wire,
+    _endpoint_to_wire,
+    _nat_from_wire,
+    _nat_to_wire,
+    decode_body,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    import coredis
+
+log = logging.getLogger("punch.cluster")
+
+HEARTBEAT = 1.0
+"""Seconds between a process's lease renewals (and its resync checks)."""
+PROCESS_LEASE = 3.0
+"""Seconds a process's lease lasts: a process silent this long is taken for dead,
+and its names may be registered again elsewhere."""
+NAME_LEASE = 3600.0
+"""Seconds a name's hash outlives its last renewal (each process renews its
+names every third of it): the bound on what a dead process leaves in Redis."""
+REDIS_TIMEOUT = 2.0
+"""Seconds any one Redis call may take before :class:`ClusterUnavailable`."""
+RENEW_BATCH = 1000
+"""Names renewed per pipeline."""
+
+_CLAIM = """
+local prefix, field, record, key, family = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local process = string.match(fields[i], '^([^/]+)/')
+  if redis.call('EXISTS', prefix .. ':process:' .. process) == 0 then
+    redis.call('HDEL', KEYS[1], fields[i])
+  else
+    local held = cjson.decode(fields[i + 1])
+    if held.peer_id ~= key or tostring(held.family) == family then
+      return {'held', held.peer_id}
+    end
+  end
+end
+if ARGV[7] == '1' then
+  local bound = redis.call('HGET', KEYS[2], KEYS[3])
+  if bound and bound ~= key then
+    return {'bound', bound}
+  end
+  redis.call('HSETNX', KEYS[2], KEYS[3], key)
+end
+redis.call('HSET', KEYS[1], field, record)
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return {'ok', ''}
+"""
+"""KEYS: the name's hash, the bound hash, the name. ARGV: prefix, field, record,
+peer ID, family, name lease (ms), persist ('1' or '0')."""
+
+_LOOKUP = """
+local out = {}
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local process = string.match(fields[i], '^([^/]+)/')
+  if redis.call('EXISTS', ARGV[1] .. ':process:' .. process) == 1 then
+    table.insert(out, fields[i])
+    table.insert(out, fields[i + 1])
+  end
+end
+return out
+"""
+"""KEYS: the name's hash. ARGV: prefix. The live registrations, field then record."""
+
+_RATE = """
+local now, window, most = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= most then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], math.ceil(window))
+return 1
+"""
+"""KEYS: the limit's sorted set. ARGV: now (ms), window (ms), most, a unique member."""
+
+
+@contextlib.asynccontextmanager
+async def _closing_quietly() -> AsyncIterator[None]:
+    """Around a coredis pub/sub: when cancelled, its cleanup's UNSUBSCRIBE can
+    meet its connection already closed (``anyio.ClosedResourceError``, coredis
+    6.9); that is no failure of ours, and the cancellation goes on."""
+    import anyio
+
+    try:
+        yield
+    except* anyio.ClosedResourceError:
+        if trio.current_effective_deadline() != -math.inf:  # not cancelled: a real loss
+            raise
+
+
+class ClusterUnavailable(Exception):
+    """Redis could not be reached, or did not answer within :data:`REDIS_TIMEOUT` s."""
+
+
+class NameHeld(Exception):
+    """The name is held elsewhere in the cluster (``name-taken``).
+
+    Args:
+        peer_id: the key that holds it.
+        bound: True if the name is bound to that key for good (``persist_names``),
+            False if a connected peer holds it.
+    """
+
+    def __init__(self, peer_id: str, bound: bool) -> None:
+        super().__init__(peer_id, bound)
+        self.peer_id = peer_id
+        self.bound = bound
+
+
+class Registration(Protocol):
+    """What the cluster needs of one local registration (the server's ``_Peer``)."""
+
+    name: str
+    observed: Endpoint
+    host_candidates: tuple[Endpoint, ...]
+    certificate: bytes
+    peer_id: str
+    cluster_field: str | None
+
+    @property
+    def nat_facts(self) -> NatFacts | None: ...
+
+
+@attrs.frozen
+class RemotePeer:
+    """A peer registered on another process: what an introduction to it needs.
+
+    Attributes:
+        name: its name.
+        process: the ID of the process that holds its control connection.
+        candidates: server-reflexive then host candidates of each of its
+            registrations, at most ``MAX_CANDIDATES + 1``.
+        certificate: its registered certificate (DER).
+        nat_facts: its NAT report, if any.
+    """
+
+    name: str
+    process: str
+    candidates: tuple[Candidate, ...]
+    certificate: bytes
+    nat_facts: NatFacts | None
+
+    @property
+    def observed(self) -> Endpoint:
+        """Its first registration's server-reflexive endpoint."""
+        return self.candidates[0].endpoint
+
+
+def _record(peer: Registration) -> str:
+    return json.dumps(
+        {
+            "peer_id": peer.peer_id,
+            "family": 6 if peer.observed.family_name == "IPv6" else 4,
+            "observed": _endpoint_to_wire(peer.observed),
+            "hosts": [_endpoint_to_wire(e) for e in peer.host_candidates],
+            "certificate": peer.certificate.hex(),
+            "nat": _nat_to_wire(peer.nat_facts),
+        },
+        separators=(",", ":"),
+    )
+
+
+def remote_peer(name: str, registrations: list[tuple[str, dict[str, Any]]]) -> RemotePeer:
+    """The peer that ``registrations`` (field, decoded record; at least one) make up.
+
+    Raises:
+        ValueError, KeyError, TypeError: a record that is not ours.
+    """
+    srflx = [
+        Candidate(CandidateType.SERVER_REFLEXIVE, _endpoint_from_wire(r["observed"]))
+        for _, r in registrations
+    ]
+    hosts = [
+        Candidate(CandidateType.HOST, _endpoint_from_wire(e))
+        for _, r in registrations
+        for e in r["hosts"]
+    ]
+    first_field, first = registrations[0]
+    nat = next((r["nat"] for _, r in registrations if r["nat"] is not None), None)
+    return RemotePeer(
+        name,
+        first_field.split("/", 1)[0],
+        tuple(dict.fromkeys([*srflx, *hosts]))[: MAX_CANDIDATES + 1],
+        bytes.fromhex(first["certificate"]),
+        None if nat is None else _nat_from_wire(nat),
+    )
+
+
+@attrs.define(eq=False)
+class Cluster:
+    """One rendezvous process's part in a cluster sharing a registry in Redis.
+
+    Args:
+        url: the Redis server, ``redis://[:password@]host:port/db`` (or
+            ``rediss://`` for TLS), as ``coredis.Redis.from_url`` reads it.
+        prefix: the prefix of every key and channel (one cluster per prefix).
+        persist_names: bind each name to its first key for good, in Redis
+            (``punch-rendezvous --persist-names`` for a cluster).
+        process: this process's ID (default: 64 random bits, hex).
+    """
+
+    url: str
+    prefix: str = "punch"
+    persist_names: bool = False
+    process: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    redis: coredis.Redis[bytes] | None = attrs.field(default=None, init=False)
+    _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
+    """Each Lua script, loaded once (``EVALSHA``, ``EVAL`` if Redis lost it)."""
+    _serial: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
+    _local: dict[str, Registration] = attrs.field(factory=dict, init=False)
+    """Every registration this process has claimed, by field."""
+    available: bool = attrs.field(default=True, init=False)
+    """False from a failed call to the next renewed lease: calls then fail at once,
+    so a partition costs a registration no wait."""
+    resynced: trio.Event = attrs.field(factory=trio.Event, init=False)
+    """Set (then replaced) each time every local registration was written again."""
+    _leaving: bool = attrs.field(default=False, init=False)
+    _dirty: bool = attrs.field(default=False, init=False)
+    """A write failed since the last resync: write every registration again."""
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    async def _call(self, what: str, call: Any) -> Any:
+        """Await ``call`` (a coroutine) within :data:`REDIS_TIMEOUT` s; while
+        :attr:`available` is False, only the lease is tried."""
+        import anyio
+        import coredis.exceptions
+
+        assert self.redis is not None, "Cluster.run has not started"
+        if self._leaving and what != "leave":
+            if inspect.iscoroutine(call):
+                call.close()
+            raise ClusterUnavailable(f"redis {what}: this process is leaving the cluster")
+        if not self.available and what != "lease":
+            if inspect.iscoroutine(call):
+                call.close()  # never started
+            raise ClusterUnavailable(f"redis {what}: unreachable since the last failed call")
+        try:
+            with trio.fail_after(REDIS_TIMEOUT):
+                return await call
+        except Exception as exc:
+            lost = (
+                trio.TooSlowError,
+                coredis.exceptions.RedisError,
+                OSError,
+                anyio.ClosedResourceError,
+                anyio.BrokenResourceError,
+            )
+            if not isinstance(exc, lost) and not (self._leaving and isinstance(exc, RuntimeError)):
+                raise  # (a RuntimeError: its pool closed as we leave)
+            self._dirty = True
+            self.available = False
+            raise ClusterUnavailable(f"redis {what}: {exc or type(exc).__name__}") from exc
+
+    async def run(
+        self,
+        deliver: Any,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect, hold the lease, and hand each introduction that arrives for one of
+        our peers to ``deliver(name, introduction)`` (an async callable); until cancelled.
+
+        Started once Redis answered and our channel is subscribed.
+
+        Raises:
+            ClusterUnavailable: Redis cannot be reached at start.
+        """
+        import coredis
+
+        self.redis = coredis.Redis.from_url(
+            self.url, connect_timeout=REDIS_TIMEOUT, stream_timeout=None
+        )
+        self._scripts = {lua: self.redis.register_script(lua) for lua in (_CLAIM, _LOOKUP, _RATE)}
+        try:
+            async with self.redis:
+                await self._heartbeat()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self._subscribe, deliver)
+                    nursery.start_soon(self._keep_lease)
+                    log.info("cluster: process %s on %s", self.process, self.url)
+                    task_status.started()
+        finally:
+            self._leaving = True  # calls under way or to come: none reaches the closing pool
+
+    async def _heartbeat(self) -> None:
+        """Renew our lease; write every registration again if Redis lost it or a write failed."""
+        assert self.redis is not None
+        lease = self._key("process", self.process)
+        old = await self._call(
+            "lease", self.redis.set(lease, b"1", px=int(PROCESS_LEASE * 1000), get=True)
+        )
+        self.available = True
+        if (old is None or self._dirty) and self._local:
+            log.warning(
+                "cluster: writing %d registration(s) again (%s)",
+                len(self._local),
+                "our lease was gone" if old is None else "a call failed",
+            )
+            await self._write_all(self._local.values())
+            self.resynced.set()
+            self.resynced = trio.Event()
+        self._dirty = False
+
+    async def _write_all(self, registrations: Iterable[Registration]) -> None:
+        """Write these registrations' records, :data:`RENEW_BATCH` a pipeline."""
+        batch = list(registrations)
+        for start in range(0, len(batch), RENEW_BATCH):
+            await self._call("resync", self._pipeline(batch[start : start + RENEW_BATCH], True))
+
+    async def _pipeline(self, registrations: list[Registration], write: bool) -> None:
+        """Renew these registrations' names (and write their records, if ``write``)."""
+        assert self.redis is not None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for peer in registrations:
+                key = self._key("name", peer.name)
+                if write and peer.cluster_field is not None:
+                    pipe.hset(key, {peer.cluster_field: _record(peer)})
+                pipe.pexpire(key, int(NAME_LEASE * 1000))
+
+    async def _keep_lease(self) -> None:
+        renewed = trio.current_time()
+        while True:
+            await trio.sleep(HEARTBEAT)
+            try:
+                await self._heartbeat()
+                if trio.current_time() - renewed >= NAME_LEASE / 3:
+                    await self._renew_names()
+                    renewed = trio.current_time()
+            except ClusterUnavailable as exc:
+                log.warning("cluster: %s; serving local peers only", exc)
+
+    async def _renew_names(self) -> None:
+        batch = list(self._local.values())
+        for start in range(0, len(batch), RENEW_BATCH):
+            await self._call("renew", self._pipeline(batch[start : start + RENEW_BATCH], False))
+
+    async def _subscribe(
+        self, deliver: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Read our channel; resubscribe after a lost connection (every
+        :data:`HEARTBEAT` s at most, until cancelled)."""
+        assert self.redis is not None
+        channel = self._key("to", self.process).encode()
+        started = False
+        async with trio.open_nursery() as deliveries:
+            while True:
+                try:
+                    async with _closing_quietly(), self.redis.pubsub(channels=[channel]) as pubsub:
+                        if not started:
+                            task_status.started()
+                            started = True
+                        async for message in pubsub:
+                            if message["type"] == "message":
+                                data = message["data"]
+                                assert isinstance(data, bytes)  # decode_responses is off
+                                self._forwarded(data, deliver, deliveries)
+                except Exception as exc:  # any failure: resubscribe
+                    if not started:
+                        raise ClusterUnavailable(f"redis subscribe: {exc}") from exc
+                    log.warning("cluster: subscription lost (%s); resubscribing", exc)
+                    await trio.sleep(HEARTBEAT)
+
+    def _forwarded(self, data: bytes, deliver: Any, nursery: trio.Nursery) -> None:
+        name, _, body = data.partition(b"\n")
+        try:
+            introduction = decode_body(body)
+            if not isinstance(introduction, Introduction):
+                raise ValueError(f"not an introduction: {type(introduction).__name__}")
+        except Exception as exc:  # another process's bug: drop it
+            log.error("cluster: dropping a malformed forwarded frame: %s", exc)
+            return
+        nursery.start_soon(deliver, name.decode(), introduction)
+
+    async def claim(self, peer: Registration) -> None:
+        """Enter ``peer``'s registration in Redis (sets ``peer.cluster_field``).
+
+        Raises:
+            NameHeld: another live registration holds its name.
+            ClusterUnavailable: Redis did not answer; the registration is
+                written at the next successful heartbeat.
+        """
+        assert self.redis is not None
+        peer.cluster_field = f"{self.process}/{next(self._serial)}"
+        family = "6" if peer.observed.family_name == "IPv6" else "4"
+        self._local[peer.cluster_field] = peer
+        script = self._scripts[_CLAIM]
+        outcome, holder = await self._call(
+            "claim",
+            script(
+                keys=[self._key("name", peer.name), self._key("bound"), peer.name],
+                args=[
+                    self.prefix,
+                    peer.cluster_field,
+                    _record(peer),
+                    peer.peer_id,
+                    family,
+                    int(NAME_LEASE * 1000),
+                    "1" if self.persist_names else "0",
+                ],
+            ),
+        )
+        if outcome != b"ok":
+            del self._local[peer.cluster_field]
+            peer.cluster_field = None
+            raise NameHeld(holder.decode(), outcome == b"bound")
+
+    async def leave(self) -> None:
+        """On shutdown: end our lease at once (our names are free elsewhere from
+        now, not :data:`PROCESS_LEASE` s later); best effort, at most
+        :data:`REDIS_TIMEOUT` s. Registrations released after it stay unwritten."""
+        self._leaving = True
+        assert self.redis is not None
+        try:
+            await self._call("leave", self.redis.delete([self._key("process", self.process)]))
+        except ClusterUnavailable as exc:
+            log.warning("cluster: leaving without a word: %s", exc)
+
+    async def release(self, peer: Registration) -> None:
+        """Take ``peer``'s registration out of Redis (best effort).
+
+        Raises:
+            ClusterUnavailable: Redis did not answer (the field then goes
+                with our lease, or is dropped by the next resync).
+        """
+        assert self.redis is not None
+        field = peer.cluster_field
+        if field is None or self._local.pop(field, None) is None or self._leaving:
+            return
+        await self._call("release", self.redis.hdel(self._key("name", peer.name), [field]))
+
+    async def lookup(self, name: str) -> RemotePeer | None:
+        """The peer registered as ``name`` on a live process, or None.
+
+        Raises:
+            ClusterUnavailable: Redis did not answer.
+        """
+        assert self.redis is not None
+        script = self._scripts[_LOOKUP]
+        flat = await self._call(
+            "lookup", script(keys=[self._key("name", name)], args=[self.prefix])
+        )
+        if not flat:
+            return None
+        fields = [(flat[i].decode(), json.loads(flat[i + 1])) for i in range(0, len(flat), 2)]
+        return remote_peer(name, fields)
+
+    async def allow(self, kind: str, key: str, most: int, now: float) -> bool:
+        """Record one event of ``kind`` for ``key`` if fewer than ``most`` happened,
+        cluster-wide, in the 60 s before ``now`` (seconds, any clock all processes share).
+
+        Raises:
+            ClusterUnavailable: Redis did not answer.
+        """
+        assert self.redis is not None
+        script = self._scripts[_RATE]
+        allowed = await self._call(
+            "rate",
+            script(
+                keys=[self._key("rate", kind, key)],
+                args=[math.floor(now * 1000), 60_000, most, secrets.token_hex(8)],
+            ),
+        )
+        return bool(allowed)
+
+    async def forward(self, process: str, name: str, introduction: Introduction) -> bool:
+        """Hand ``introduction`` to ``process`` for its peer ``name``; False if that
+        process no longer listens (it died, and its lease has not yet run out).
+
+        Raises:
+            ClusterUnavailable: Redis did not answer.
+        """
+        assert self.redis is not None
+        frame = name.encode() + b"\n" + encode_frame(introduction)[_HEADER.size :]
+        receivers = await self._call("forward", self.redis.publish(self._key("to", process), frame))
+        return bool(receivers)

@@ -1,0 +1,313 @@
+"""Rendezvous servers sharing one registry in a real redis-server (issue 18)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+from typing import TypeVar
+
+import psutil
+import pytest
+import trio
+from netns.scenario import PairRun
+from tools.redis import RedisServer
+
+from punch import Identity, PeerStream, open_host
+from punch._cluster import HEARTBEAT, PROCESS_LEASE, REDIS_TIMEOUT, Cluster
+from punch._control import ControlChannel
+from punch._endpoint import Endpoint, Role
+from punch._protocol import ConnectRequest, Error, Introduction, Registered
+from punch._server import ServerLimits, serve_rendezvous
+
+from .helpers import raw_client, refused_with, register, send_register
+
+T = TypeVar("T")
+
+if shutil.which("redis-server") is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must have redis-server: make netns-deps installs it")
+    pytest.skip("no redis-server (make netns-deps installs it)", allow_module_level=True)
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@asynccontextmanager
+async def cluster(
+    redis: RedisServer, count: int = 2, **options: object
+) -> AsyncIterator[list[Endpoint]]:
+    """``count`` rendezvous servers on loopback sharing ``redis``; cancelled after."""
+    async with trio.open_nursery() as nursery:
+        serve = partial(serve_rendezvous, "127.0.0.1", 0, redis=redis.url, **options)
+        yield [await nursery.start(serve) for _ in range(count)]
+        nursery.cancel_scope.cancel()
+
+
+async def eventually(attempt: Callable[[], Awaitable[T | None]], timeout: float = 5.0) -> T:
+    """``attempt()``'s first non-None result, tried every 50 ms for at most ``timeout`` s
+    (what another process does in Redis has no event to wait on here)."""
+    with trio.fail_after(timeout):
+        while (result := await attempt()) is None:  # noqa: ASYNC110 (no event to wait on)
+            await trio.sleep(0.05)
+    return result
+
+
+async def test_coredis_runs_on_trio(redis: RedisServer) -> None:
+    import coredis
+
+    client = coredis.Redis.from_url(redis.url)
+    async with client:
+        await client.set(b"key", b"value")
+        assert await client.get(b"key") == b"value"
+        async with client.pubsub(channels=[b"channel"]) as pubsub:
+            assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+            assert await client.publish(b"channel", b"hello") == 1
+            message = await pubsub.get_message(timeout=5)
+            assert message is not None
+            assert message["data"] == b"hello"
+
+
+async def test_peers_on_two_servers_are_introduced_with_one_secret(redis: RedisServer) -> None:
+    async with (
+        cluster(redis) as (a, b),
+        raw_client(a, "127.0.0.2") as alice,
+        raw_client(b, "127.0.0.3") as bob,
+    ):
+        assert isinstance(await register(alice, "alice", Endpoint("127.0.0.2", 4000)), Registered)
+        assert isinstance(await register(bob, "bob"), Registered)
+        await alice.send(ConnectRequest("bob", 7))
+        to_alice, to_bob = await alice.receive(), await bob.receive()
+        assert isinstance(to_alice, Introduction)
+        assert isinstance(to_bob, Introduction)
+        assert (to_alice.role, to_bob.role) == (Role.INITIATOR, Role.RESPONDER)
+        assert to_alice.request_id == 7
+        assert to_bob.request_id is None
+        assert to_alice.attempt_id == to_bob.attempt_id
+        assert to_alice.secret == to_bob.secret
+        assert to_alice.peer_name == "bob"
+        assert to_bob.peer_name == "alice"
+        assert [c.endpoint.ip for c in to_alice.candidates] == ["127.0.0.3"]
+        assert [str(c.endpoint) for c in to_bob.candidates][1:] == ["127.0.0.2:4000"]
+        # and back the other way, from the server bob is on
+        await bob.send(ConnectRequest("alice", 8))
+        assert isinstance(back := await bob.receive(), Introduction)
+        assert back.role == Role.INITIATOR
+        assert isinstance(await alice.receive(), Introduction)
+
+
+async def test_a_name_is_unique_across_the_cluster(redis: RedisServer) -> None:
+    async with cluster(redis) as (a, b), raw_client(a) as first:
+        assert isinstance(await register(first, "alice"), Registered)
+        async with raw_client(b) as impostor:  # another key
+            await send_register(impostor, "alice", identity=Identity.generate())
+            assert await refused_with(impostor) == "name-taken"
+        async with raw_client(b) as twin:  # the same key over the same family
+            await send_register(twin, "alice")
+            assert await refused_with(twin) == "name-taken"
+        await first.stream.aclose()
+
+        async def register_elsewhere() -> object | None:  # released on close
+            async with raw_client(b) as later:
+                reply = await register(later, "alice", identity=Identity.generate())
+                return reply if isinstance(reply, Registered) else None
+
+        await eventually(register_elsewhere)
+
+
+async def test_unknown_and_gone_peers_are_unknown_cluster_wide(redis: RedisServer) -> None:
+    async with cluster(redis) as (a, b), raw_client(a) as alice, raw_client(b) as bob:
+        await register(alice, "alice")
+        await register(bob, "bob")
+        await alice.send(ConnectRequest("carol", 1))
+        assert isinstance(error := await alice.receive(), Error)
+        assert error.code == "unknown-peer"
+        await bob.stream.aclose()
+
+        async def ask() -> Error | None:  # bob's server releases the name when it sees the close
+            await alice.send(ConnectRequest("bob", 2))
+            reply = await alice.receive()
+            return reply if isinstance(reply, Error) else None
+
+        assert (await eventually(ask)).code == "unknown-peer"
+
+
+async def test_the_registration_rate_holds_across_servers(redis: RedisServer) -> None:
+    limits = ServerLimits(exempt=(), registrations_per_minute=2)
+    async with cluster(redis, limits=limits) as (a, b):
+        for server, name in ((a, "one"), (b, "two")):
+            async with raw_client(server, "127.0.0.9") as client:
+                assert isinstance(await register(client, name), Registered)
+        async with raw_client(b, "127.0.0.9") as third:
+            await send_register(third, "three")
+            assert await refused_with(third) == "rate-limited"
+        async with raw_client(a, "127.0.0.10") as elsewhere:  # another source is counted apart
+            assert isinstance(await register(elsewhere, "four"), Registered)
+
+
+async def test_a_partition_fails_remote_introductions_fast_and_keeps_local_ones(
+    redis: RedisServer,
+) -> None:
+    async with (
+        cluster(redis) as (a, b),
+        raw_client(a) as alice,
+        raw_client(a) as carol,
+        raw_client(b) as bob,
+    ):
+        for channel, name in ((alice, "alice"), (carol, "carol"), (bob, "bob")):
+            assert isinstance(await register(channel, name), Registered)
+        redis.pause()
+        try:
+            with trio.fail_after(REDIS_TIMEOUT + 1):
+                await alice.send(ConnectRequest("bob", 1))
+                error = await alice.receive()
+            assert isinstance(error, Error)
+            assert error.code == "cluster-unavailable"
+            with trio.fail_after(1):  # no Redis call: carol is here
+                await alice.send(ConnectRequest("carol", 2))
+                assert isinstance(await alice.receive(), Introduction)
+                assert isinstance(await carol.receive(), Introduction)
+            with trio.fail_after(1):  # a failed call makes the next ones fail at once
+                async with raw_client(a) as dave:
+                    assert isinstance(await register(dave, "dave"), Registered)
+        finally:
+            redis.resume()
+
+
+async def test_after_a_redis_restart_the_servers_write_their_peers_again(
+    redis: RedisServer,
+) -> None:
+    clusters = [Cluster(redis.url), Cluster(redis.url)]
+    async with trio.open_nursery() as nursery:
+        a, b = [
+            await nursery.start(partial(serve_rendezvous, "127.0.0.1", 0, redis=c))
+            for c in clusters
+        ]
+        async with raw_client(a) as alice, raw_client(b) as bob:
+            await register(alice, "alice")
+            await register(bob, "bob")
+            resynced = [c.resynced for c in clusters]
+            redis.kill()
+            redis.start()
+            with trio.fail_after(HEARTBEAT * 2 + REDIS_TIMEOUT + 2):
+                for event in resynced:
+                    await event.wait()
+            await alice.send(ConnectRequest("bob", 1))
+            assert isinstance(await alice.receive(), Introduction)
+            assert isinstance(await bob.receive(), Introduction)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_malformed_forwarded_frame_is_dropped(redis: RedisServer) -> None:
+    import coredis
+
+    async with cluster(redis) as (a, b), raw_client(a) as alice, raw_client(b) as bob:
+        await register(alice, "alice")
+        await register(bob, "bob")
+        async with coredis.Redis.from_url(redis.url) as client:
+            channels = await client.pubsub_channels(b"punch:to:*")
+            assert len(channels) == 2
+            for channel in channels:
+                for garbage in (b"bob\n{", b"\xff\xfe", b"bob\n" + b'{"type":"keepalive"}'):
+                    assert await client.publish(channel, garbage) == 1
+        await alice.send(ConnectRequest("bob", 1))  # both servers still introduce
+        assert isinstance(await alice.receive(), Introduction)
+        assert isinstance(await bob.receive(), Introduction)
+
+
+async def test_a_killed_servers_peers_register_again_and_meet(redis: RedisServer) -> None:
+    """SIGKILL one server (no goodbye, no release): its host reconnects to the next
+    rendezvous address, whose claim succeeds once the dead process's lease runs out,
+    within 2 x the keepalive interval."""
+    doomed, survivor = PairRun(), PairRun()
+    args = ("--probe-port", "off", "--redis", redis.url, "-q")
+    a = Endpoint.parse(doomed.start_rendezvous([], "127.0.0.1:0", *args))
+    b = Endpoint.parse(survivor.start_rendezvous([], "127.0.0.1:0", *args))
+    try:
+        async with (
+            open_host("alice", rendezvous=[a, b]) as alice,
+            open_host("bob", rendezvous=[b]) as bob,
+        ):
+            assert alice.rendezvous == a
+            keepalive = ServerLimits().idle_timeout / 3
+            doomed.processes[-1].kill()
+            killed = trio.current_time()
+
+            async def moved() -> bool | None:
+                await alice.wait_registered()
+                return True if alice.rendezvous == b else None
+
+            await eventually(moved, 2 * keepalive)
+            assert trio.current_time() - killed >= PROCESS_LEASE - HEARTBEAT  # the lease held it
+            accepted: list[PeerStream] = []
+
+            async def accept() -> None:
+                accepted.append(await bob.accept())
+
+            async with trio.open_nursery() as pair:
+                pair.start_soon(accept)
+                stream = await alice.connect("bob")
+            async with stream, accepted[0]:
+                assert stream.peer_name == "bob"
+            assert trio.current_time() - killed < 2 * keepalive
+    finally:
+        doomed.close()
+        survivor.close()
+
+
+def free_port() -> int:
+    """A loopback port no one listens on now (the kernel's pick, released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_workers_share_one_port_and_introduce_across_processes(
+    redis: RedisServer,
+) -> None:
+    port = free_port()
+    run = PairRun()
+    args = ("--probe-port", "off", "--redis", redis.url, "--workers", "2", "-q")
+    try:
+        assert run.start_rendezvous([], f"127.0.0.1:{port}", *args) == f"127.0.0.1:{port}"
+        supervisor = run.processes[-1]
+        workers = psutil.Process(supervisor.pid).children()
+        assert len(workers) == 2
+        rendezvous = Endpoint("127.0.0.1", port)
+        import coredis
+
+        async with AsyncExitStack() as clients, coredis.Redis.from_url(redis.url) as client:
+            held: dict[bytes, ControlChannel] = {}  # process -> a peer registered there
+            for index in range(64):  # the kernel's hash spreads them: about 2 tries
+                channel = await clients.enter_async_context(raw_client(rendezvous))
+                assert isinstance(await register(channel, f"peer{index}"), Registered)
+                (field,) = await client.hkeys(f"punch:name:peer{index}")
+                held.setdefault(field.split(b"/")[0], channel)
+                if len(held) == 2:
+                    break
+            assert len(held) == 2, "64 connections all went to one worker"
+            asker, target = held.values()
+            await asker.send(ConnectRequest(f"peer{index}", 1))
+            to_asker, to_target = await asker.receive(), await target.receive()
+            assert isinstance(to_asker, Introduction)
+            assert isinstance(to_target, Introduction)
+            assert to_asker.secret == to_target.secret
+        killed = workers[0].pid
+        workers[0].kill()
+
+        async def replaced() -> bool | None:
+            children = {p.pid for p in psutil.Process(supervisor.pid).children()}
+            return True if len(children) == 2 and killed not in children else None
+
+        await eventually(replaced, 10)
+        supervisor.terminate()
+        assert supervisor.wait(timeout=15) == 0
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    finally:
+        run.close()
