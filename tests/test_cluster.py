@@ -204,6 +204,36 @@ async def test_after_a_redis_restart_the_servers_write_their_peers_again(
         nursery.cancel_scope.cancel()
 
 
+async def test_after_a_partition_the_first_claim_in_redis_keeps_the_name(
+    redis: RedisServer,
+) -> None:
+    """Server a cannot reach Redis for a while: carol registers there (unique on a
+    only), dave leaves from there, and carol registers on b too with another key.
+    When a's lease renews, b's claim stands (a refuses its carol with name-taken)
+    and dave's stale record is dropped (his name is free on b)."""
+    clusters = [Cluster(redis.url), Cluster(redis.url)]
+    async with trio.open_nursery() as nursery:
+        a, b = [
+            await nursery.start(partial(serve_rendezvous, "127.0.0.1", 0, redis=c))
+            for c in clusters
+        ]
+        async with raw_client(a) as dave:
+            assert isinstance(await register(dave, "dave"), Registered)
+            clusters[0].available = False  # as after a failed call: the next fail at once
+            clusters[0]._dirty = True
+        async with raw_client(a) as carol_here, raw_client(b) as carol_there:
+            assert isinstance(await register(carol_here, "carol"), Registered)
+            other = Identity.generate()
+            assert isinstance(await register(carol_there, "carol", identity=other), Registered)
+            resynced = clusters[0].resynced
+            with trio.fail_after(HEARTBEAT + REDIS_TIMEOUT + 2):
+                await resynced.wait()
+                assert await refused_with(carol_here) == "name-taken"
+            async with raw_client(b) as new_dave:
+                assert isinstance(await register(new_dave, "dave", identity=other), Registered)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_malformed_forwarded_frame_is_dropped(redis: RedisServer) -> None:
     import coredis
 

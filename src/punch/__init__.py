@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from . import reuse as reuse
 from ._birthday import ProbeReport as ProbeReport
+from ._cluster import Cluster as Cluster
+from ._cluster import ClusterUnavailable as ClusterUnavailable
 from ._endpoint import Candidate as Candidate
 from ._endpoint import CandidateType as CandidateType
 from ._endpoint import Endpoint as Endpoint
@@ -63,6 +65,8 @@ __all__ = [
     "Candidate",
     "CandidateFailed",
     "CandidateType",
+    "Cluster",
+    "ClusterUnavailable",
     "Endpoint",
     "Filtering",
     "HandshakeError",

@@ -51,13 +51,15 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
 
 from ._endpoint import Candidate, CandidateType, Endpoint
+from ._errors import PunchError
 from ._nat import NatFacts
 from ._protocol import (
     _HEADER,
@@ -94,7 +96,9 @@ local prefix, field, record, key, family = ARGV[1], ARGV[2], ARGV[3], ARGV[4], A
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
   local process = string.match(fields[i], '^([^/]+)/')
-  if redis.call('EXISTS', prefix .. ':process:' .. process) == 0 then
+  if fields[i] == field then
+    -- ours, written before: claimed again after a partition
+  elseif redis.call('EXISTS', prefix .. ':process:' .. process) == 0 then
     redis.call('HDEL', KEYS[1], fields[i])
   else
     local held = cjson.decode(fields[i + 1])
@@ -158,8 +162,9 @@ async def _closing_quietly() -> AsyncIterator[None]:
             raise
 
 
-class ClusterUnavailable(Exception):
-    """Redis could not be reached, or did not answer within :data:`REDIS_TIMEOUT` s."""
+class ClusterUnavailable(PunchError):
+    """Redis could not be reached, or did not answer within :data:`REDIS_TIMEOUT` s
+    (:func:`punch.serve_rendezvous` raises it when Redis does not answer at start)."""
 
 
 class NameHeld(Exception):
@@ -274,6 +279,9 @@ class Cluster:
     persist_names: bool = False
     process: str = attrs.field(factory=lambda: secrets.token_hex(8))
     redis: coredis.Redis[bytes] | None = attrs.field(default=None, init=False)
+    _orphans: dict[str, str] = attrs.field(factory=dict, init=False)
+    """Fields (to names) of registrations that left while Redis could not be told."""
+    _lost: Any = attrs.field(default=None, init=False)
     _scripts: dict[str, Any] = attrs.field(factory=dict, init=False)
     """Each Lua script, loaded once (``EVALSHA``, ``EVAL`` if Redis lost it)."""
     _serial: itertools.count[int] = attrs.field(factory=itertools.count, init=False)
@@ -326,11 +334,15 @@ class Cluster:
     async def run(
         self,
         deliver: Any,
+        lost: Any,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Connect, hold the lease, and hand each introduction that arrives for one of
         our peers to ``deliver(name, introduction)`` (an async callable); until cancelled.
+        A registration whose name another process took while Redis could not be
+        reached goes to ``lost(registration, NameHeld)`` (an async callable), after
+        the partition.
 
         Started once Redis answered and our channel is subscribed.
 
@@ -347,6 +359,7 @@ class Cluster:
             async with self.redis:
                 await self._heartbeat()
                 async with trio.open_nursery() as nursery:
+                    self._lost = partial(nursery.start_soon, lost)
                     await nursery.start(self._subscribe, deliver)
                     nursery.start_soon(self._keep_lease)
                     log.info("cluster: process %s on %s", self.process, self.url)
@@ -362,32 +375,40 @@ class Cluster:
             "lease", self.redis.set(lease, b"1", px=int(PROCESS_LEASE * 1000), get=True)
         )
         self.available = True
-        if (old is None or self._dirty) and self._local:
+        if (old is None or self._dirty) and (self._local or self._orphans):
             log.warning(
-                "cluster: writing %d registration(s) again (%s)",
+                "cluster: claiming %d registration(s) again (%s)",
                 len(self._local),
                 "our lease was gone" if old is None else "a call failed",
             )
-            await self._write_all(self._local.values())
+            await self._resync()
             self.resynced.set()
             self.resynced = trio.Event()
         self._dirty = False
 
-    async def _write_all(self, registrations: Iterable[Registration]) -> None:
-        """Write these registrations' records, :data:`RENEW_BATCH` a pipeline."""
-        batch = list(registrations)
-        for start in range(0, len(batch), RENEW_BATCH):
-            await self._call("resync", self._pipeline(batch[start : start + RENEW_BATCH], True))
+    async def _resync(self) -> None:
+        """Drop the fields of registrations that left while Redis was away, then claim
+        every local one again, one script call each (a name another process took
+        meanwhile goes to ``lost``: the first claim in Redis wins)."""
+        assert self.redis is not None
+        for field, name in list(self._orphans.items()):
+            await self._call("resync", self.redis.hdel(self._key("name", name), [field]))
+            del self._orphans[field]
+        for peer in list(self._local.values()):
+            try:
+                await self._claim(peer)
+            except NameHeld as held:
+                assert peer.cluster_field is not None
+                del self._local[peer.cluster_field]
+                log.warning("cluster: %r was taken elsewhere while Redis was away", peer.name)
+                self._lost(peer, held)
 
-    async def _pipeline(self, registrations: list[Registration], write: bool) -> None:
-        """Renew these registrations' names (and write their records, if ``write``)."""
+    async def _renew(self, registrations: list[Registration]) -> None:
+        """Renew these registrations' names' expiry, in one pipeline."""
         assert self.redis is not None
         async with self.redis.pipeline(transaction=False) as pipe:
             for peer in registrations:
-                key = self._key("name", peer.name)
-                if write and peer.cluster_field is not None:
-                    pipe.hset(key, {peer.cluster_field: _record(peer)})
-                pipe.pexpire(key, int(NAME_LEASE * 1000))
+                pipe.pexpire(self._key("name", peer.name), int(NAME_LEASE * 1000))
 
     async def _keep_lease(self) -> None:
         renewed = trio.current_time()
@@ -404,7 +425,7 @@ class Cluster:
     async def _renew_names(self) -> None:
         batch = list(self._local.values())
         for start in range(0, len(batch), RENEW_BATCH):
-            await self._call("renew", self._pipeline(batch[start : start + RENEW_BATCH], False))
+            await self._call("renew", self._renew(batch[start : start + RENEW_BATCH]))
 
     async def _subscribe(
         self, deliver: Any, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -451,14 +472,26 @@ class Cluster:
             ClusterUnavailable: Redis did not answer; the registration is
                 written at the next successful heartbeat.
         """
-        assert self.redis is not None
         peer.cluster_field = f"{self.process}/{next(self._serial)}"
-        family = "6" if peer.observed.family_name == "IPv6" else "4"
         self._local[peer.cluster_field] = peer
-        script = self._scripts[_CLAIM]
+        try:
+            await self._claim(peer)
+        except NameHeld:
+            del self._local[peer.cluster_field]
+            peer.cluster_field = None
+            raise
+
+    async def _claim(self, peer: Registration) -> None:
+        """Run the claim script for ``peer``'s field.
+
+        Raises:
+            NameHeld, ClusterUnavailable: as :meth:`claim`.
+        """
+        assert peer.cluster_field is not None
+        family = "6" if peer.observed.family_name == "IPv6" else "4"
         outcome, holder = await self._call(
             "claim",
-            script(
+            self._scripts[_CLAIM](
                 keys=[self._key("name", peer.name), self._key("bound"), peer.name],
                 args=[
                     self.prefix,
@@ -472,8 +505,6 @@ class Cluster:
             ),
         )
         if outcome != b"ok":
-            del self._local[peer.cluster_field]
-            peer.cluster_field = None
             raise NameHeld(holder.decode(), outcome == b"bound")
 
     async def leave(self) -> None:
@@ -498,7 +529,11 @@ class Cluster:
         field = peer.cluster_field
         if field is None or self._local.pop(field, None) is None or self._leaving:
             return
-        await self._call("release", self.redis.hdel(self._key("name", peer.name), [field]))
+        try:
+            await self._call("release", self.redis.hdel(self._key("name", peer.name), [field]))
+        except ClusterUnavailable:
+            self._orphans[field] = peer.name  # dropped at the resync
+            raise
 
     async def lookup(self, name: str) -> RemotePeer | None:
         """The peer registered as ``name`` on a live process, or None.

@@ -231,7 +231,7 @@ class _Peer:
     nat: NatFacts | None = None
     """What it reported of its NAT (a ``Report`` on this registration)."""
     cluster_field: str | None = None
-    """Its field in the cluster's registry (:class:`punch._cluster.Cluster`), once claimed."""
+    """Its field in the cluster's registry (:class:`punch.Cluster`), once claimed."""
 
     @property
     def nat_facts(self) -> NatFacts | None:
@@ -371,7 +371,7 @@ class RendezvousServer:
         relay_at: a relay elsewhere (:func:`serve_relay`, sharing ``relay``'s
             secret) that grants name instead.
         cluster: the registry shared with other processes in Redis
-            (:class:`punch._cluster.Cluster`); None: this process alone.
+            (:class:`punch.Cluster`); None: this process alone.
     """
 
     limits: ServerLimits = attrs.field(factory=ServerLimits)
@@ -720,6 +720,12 @@ class RendezvousServer:
             except ClusterUnavailable as exc:
                 log.warning("%r: not released in the cluster: %s", peer.name, exc)
 
+    async def lost(self, peer: _Peer, held: NameHeld) -> None:
+        """Refuse ``peer`` (``name-taken``): another process took its name while
+        Redis could not be reached, and claimed it first."""
+        error = Error("name-taken", f"{peer.name!r} was taken by peer ID {held.peer_id}")
+        await self._refuse(peer.channel, error, drain=False)
+
     async def deliver_forwarded(self, name: str, introduction: Introduction) -> None:
         """Send an introduction another process made for our peer ``name``."""
         peer = self.peers.get(name)
@@ -1051,7 +1057,7 @@ async def serve_rendezvous(
             ``punch-relay``) that grants name instead of ours; ``relay`` must
             then hold that relay's secret (``Relay(secret=...)``).
         redis: a Redis URL (``redis://host:6379/0``, ``unix:///path``), or a
-            :class:`punch._cluster.Cluster`: share the registry with every
+            :class:`punch.Cluster`: share the registry with every
             other server given the same Redis and ``redis_prefix``
             (:mod:`punch._cluster`): names are unique across them, the
             registration rate per source is counted across them, and a peer
@@ -1068,7 +1074,7 @@ async def serve_rendezvous(
             with a malformed line, or ``relay_at`` without ``relay``.
         OSError: the listening socket could not be opened (``EADDRINUSE``…),
             or ``persist_names`` cannot be read.
-        punch._cluster.ClusterUnavailable: ``redis`` does not answer at start.
+        punch.ClusterUnavailable: ``redis`` does not answer at start.
     """
     binds = [as_endpoint(e, "listen") for e in listen] or [Endpoint(host, port)]  # validated
     if relay_at is not None and relay is None:
@@ -1126,7 +1132,7 @@ async def serve_rendezvous(
     try:
         async with trio.open_nursery() as handlers:
             if cluster is not None:
-                await handlers.start(cluster.run, server.deliver_forwarded)
+                await handlers.start(cluster.run, server.deliver_forwarded, server.lost)
             await _serve_until(
                 server, handlers, listeners, probes, relays, stop, endpoints[0], task_status
             )
