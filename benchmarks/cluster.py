@@ -75,9 +75,13 @@ def introductions(workers: int, pairs: int, seconds: float) -> dict[str, Any]:
         server, address = capacity.start(_argv(redis, workers))
         try:
             serving = _processes(server)
-            before = _cpu(serving)
+            assert redis.process is not None
+            store = [psutil.Process(redis.process.pid)]
+            before, stored = _cpu(serving), _cpu(store)
             figures = capacity.pump_introductions(address, pairs, seconds)
-            figures["server_cpu"] = (_cpu(serving) - before) / (seconds + capacity.WARM_UP)
+            spent = seconds + capacity.WARM_UP
+            figures["server_cpu"] = (_cpu(serving) - before) / spent
+            figures["redis_cpu"] = (_cpu(store) - stored) / spent
             figures["workers"] = workers
             return figures
         finally:
@@ -206,7 +210,8 @@ def rows(
     out = [
         (
             f"rendezvous --redis: introductions/s, {w} worker{'s' if w > 1 else ''} "
-            f"(server CPU {by[w]['server_cpu']:.2f} cores)",
+            f"(CPU in cores: server {by[w]['server_cpu']:.2f}, Redis {by[w]['redis_cpu']:.2f}, "
+            f"load {by[w]['client_cpu']:.2f}, of 2)",
             f"{by[w]['per_second']:,.0f}/s",
             "1 worker" if w > 1 else f"no Redis {embedded:,.0f}/s",
             f"{by[w]['per_second'] / (one if w > 1 else embedded):.2f}",

@@ -16,7 +16,7 @@ import trio
 from netns.scenario import PairRun
 from tools.redis import RedisServer
 
-from punch import Identity, PeerStream, open_host
+from punch import Host, Identity, PeerStream, open_host
 from punch._cluster import HEARTBEAT, PROCESS_LEASE, REDIS_TIMEOUT, Cluster
 from punch._control import ControlChannel
 from punch._endpoint import Endpoint, Role
@@ -275,20 +275,26 @@ async def test_a_killed_servers_peers_register_again_and_meet(redis: RedisServer
 
             await eventually(moved, 2 * keepalive)
             assert trio.current_time() - killed >= PROCESS_LEASE - HEARTBEAT  # the lease held it
-            accepted: list[PeerStream] = []
-
-            async def accept() -> None:
-                accepted.append(await bob.accept())
-
-            async with trio.open_nursery() as pair:
-                pair.start_soon(accept)
-                stream = await alice.connect("bob")
-            async with stream, accepted[0]:
-                assert stream.peer_name == "bob"
+            await _meet(alice, bob, 2 * keepalive)
             assert trio.current_time() - killed < 2 * keepalive
     finally:
         doomed.close()
         survivor.close()
+
+
+async def _meet(initiator: Host, responder: Host, timeout: float) -> None:
+    """``initiator`` connects to ``responder`` (registered again, wherever it is now)."""
+    accepted: list[PeerStream] = []
+
+    async def accept() -> None:
+        accepted.append(await responder.accept())
+
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as pair:
+            pair.start_soon(accept)
+            stream = await initiator.connect(responder.name)
+    async with stream, accepted[0]:
+        assert stream.peer_name == responder.name
 
 
 def free_port() -> int:
@@ -328,12 +334,34 @@ async def test_workers_share_one_port_and_introduce_across_processes(
             assert isinstance(to_asker, Introduction)
             assert isinstance(to_target, Introduction)
             assert to_asker.secret == to_target.secret
-        killed = workers[0].pid
-        workers[0].kill()
+        async with (
+            open_host("alice", rendezvous=rendezvous) as alice,
+            open_host("bob", rendezvous=rendezvous) as bob,
+        ):
+            async with coredis.Redis.from_url(redis.url) as client:
+                (field,) = await client.hkeys("punch:name:alice")
+            holder = psutil.Process(int(field.split(b"-")[0]))
+            assert holder in workers
+            holder.kill()  # no goodbye: alice reconnects to the port, to any worker
+            killed = trio.current_time()
+            keepalive = ServerLimits().idle_timeout / 3
+
+            async def both_elsewhere() -> bool | None:  # bob too, if he was on it
+                async with coredis.Redis.from_url(redis.url) as client:
+                    for name in ("alice", "bob"):
+                        fields = await client.hkeys(f"punch:name:{name}")
+                        pids = {int(f.split(b"-")[0]) for f in fields}
+                        if not pids or holder.pid in pids:
+                            return None
+                return True
+
+            await eventually(both_elsewhere, 2 * keepalive)
+            await _meet(alice, bob, 2 * keepalive)
+            assert trio.current_time() - killed < 2 * keepalive
 
         async def replaced() -> bool | None:
             children = {p.pid for p in psutil.Process(supervisor.pid).children()}
-            return True if len(children) == 2 and killed not in children else None
+            return True if len(children) == 2 and holder.pid not in children else None
 
         await eventually(replaced, 10)
         supervisor.terminate()

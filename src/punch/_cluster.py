@@ -50,6 +50,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import secrets
 from collections.abc import AsyncIterator
 from functools import partial
@@ -271,13 +272,16 @@ class Cluster:
         prefix: the prefix of every key and channel (one cluster per prefix).
         persist_names: bind each name to its first key for good, in Redis
             (``punch-rendezvous --persist-names`` for a cluster).
-        process: this process's ID (default: 64 random bits, hex).
+        process: this process's ID, no ``/`` (default: ``PID-RANDOM``, its
+            process ID and 48 random bits in hex: an operator reading Redis
+            sees which process holds a name, and a restarted process with a
+            reused PID still gets an ID of its own).
     """
 
     url: str
     prefix: str = "punch"
     persist_names: bool = False
-    process: str = attrs.field(factory=lambda: secrets.token_hex(8))
+    process: str = attrs.field(factory=lambda: f"{os.getpid()}-{secrets.token_hex(6)}")
     redis: coredis.Redis[bytes] | None = attrs.field(default=None, init=False)
     _orphans: dict[str, str] = attrs.field(factory=dict, init=False)
     """Fields (to names) of registrations that left while Redis could not be told."""
