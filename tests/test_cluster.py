@@ -151,6 +151,25 @@ async def test_the_registration_rate_holds_across_servers(redis: RedisServer) ->
             assert isinstance(await register(elsewhere, "four"), Registered)
 
 
+async def test_connections_per_source_are_counted_across_servers(redis: RedisServer) -> None:
+    limits = ServerLimits(exempt=(), max_connections_per_ip=2)
+    async with cluster(redis, limits=limits) as (a, b):
+        async with raw_client(a, "127.0.0.9") as one, raw_client(b, "127.0.0.9") as two:
+            assert isinstance(await register(one, "one"), Registered)
+            assert isinstance(await register(two, "two"), Registered)
+            async with raw_client(b, "127.0.0.9") as third:
+                assert await refused_with(third) == "too-many-connections"
+            async with raw_client(a, "127.0.0.10") as elsewhere:  # another source
+                assert isinstance(await register(elsewhere, "four"), Registered)
+        # both closed: their counts go as the servers see the closes
+
+        async def admitted() -> bool | None:
+            async with raw_client(a, "127.0.0.9") as again:
+                return True if isinstance(await register(again, "again"), Registered) else None
+
+        await eventually(admitted)
+
+
 async def test_a_partition_fails_remote_introductions_fast_and_keeps_local_ones(
     redis: RedisServer,
 ) -> None:

@@ -44,6 +44,7 @@ registry needs one Redis server (or a primary with replicas), not Redis Cluster.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import itertools
@@ -135,6 +136,37 @@ end
 return out
 """
 """KEYS: the name's hash. ARGV: prefix. The live registrations, field then record."""
+
+_CONNECTIONS = """
+local prefix, process, most, delta = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local function add(n)
+  if redis.call('HINCRBY', KEYS[1], process, n) <= 0 then
+    redis.call('HDEL', KEYS[1], process)
+  end
+end
+add(delta)
+if delta <= 0 then
+  return 1
+end
+local total = 0
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  if fields[i] == process or redis.call('EXISTS', prefix .. ':process:' .. fields[i]) == 1 then
+    total = total + tonumber(fields[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], fields[i])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if total > most then
+  add(-delta)
+  return 0
+end
+return 1
+"""
+"""KEYS: the source's hash, one field a process: its connections from that source.
+ARGV: prefix, process, most, +1 or -1, expiry (ms). 0: over ``most`` cluster-wide
+(the +1 undone). Fields of dead processes are dropped on the way."""
 
 _RATE = """
 local now, window, most = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -283,6 +315,8 @@ class Cluster:
     persist_names: bool = False
     process: str = attrs.field(factory=lambda: f"{os.getpid()}-{secrets.token_hex(6)}")
     redis: coredis.Redis[bytes] | None = attrs.field(default=None, init=False)
+    _connections: collections.Counter[str] = attrs.field(factory=collections.Counter, init=False)
+    """Our connections per source counted in Redis (kept at 0 until a resync writes it)."""
     _orphans: dict[str, str] = attrs.field(factory=dict, init=False)
     """Fields (to names) of registrations that left while Redis could not be told."""
     _lost: Any = attrs.field(default=None, init=False)
@@ -358,7 +392,8 @@ class Cluster:
         self.redis = coredis.Redis.from_url(
             self.url, connect_timeout=REDIS_TIMEOUT, stream_timeout=None
         )
-        self._scripts = {lua: self.redis.register_script(lua) for lua in (_CLAIM, _LOOKUP, _RATE)}
+        scripts = (_CLAIM, _LOOKUP, _RATE, _CONNECTIONS)
+        self._scripts = {lua: self.redis.register_script(lua) for lua in scripts}
         try:
             async with self.redis:
                 await self._heartbeat()
@@ -379,7 +414,7 @@ class Cluster:
             "lease", self.redis.set(lease, b"1", px=int(PROCESS_LEASE * 1000), get=True)
         )
         self.available = True
-        if (old is None or self._dirty) and (self._local or self._orphans):
+        if (old is None or self._dirty) and (self._local or self._orphans or self._connections):
             log.warning(
                 "cluster: claiming %d registration(s) again (%s)",
                 len(self._local),
@@ -398,6 +433,13 @@ class Cluster:
         for field, name in list(self._orphans.items()):
             await self._call("resync", self.redis.hdel(self._key("name", name), [field]))
             del self._orphans[field]
+        for source, count in list(self._connections.items()):  # zeros: HDEL
+            key = self._key("connections", source)
+            if count > 0:
+                await self._call("resync", self.redis.hset(key, {self.process: count}))
+            else:
+                await self._call("resync", self.redis.hdel(key, [self.process]))
+                del self._connections[source]
         for peer in list(self._local.values()):
             try:
                 await self._claim(peer)
@@ -572,6 +614,36 @@ class Cluster:
             ),
         )
         return bool(allowed)
+
+    async def connect(self, source: str, most: int) -> bool:
+        """Count one more connection from ``source`` (a :func:`punch._server.source_key`);
+        False, and not counted, if that makes more than ``most`` across the cluster.
+        Every call must be matched by one :meth:`disconnect` when the connection ends.
+
+        Raises:
+            ClusterUnavailable: Redis did not answer (counted here; written at the resync).
+        """
+        self._connections[source] += 1
+        allowed = await self._count(source, most, 1)
+        if not allowed:
+            self._connections[source] -= 1
+        return allowed
+
+    async def disconnect(self, source: str) -> None:
+        """Count one connection from ``source`` fewer (after :meth:`connect` allowed it).
+
+        Raises:
+            ClusterUnavailable: Redis did not answer (corrected at the resync).
+        """
+        self._connections[source] -= 1
+        await self._count(source, 0, -1)
+        if not self._connections[source]:
+            del self._connections[source]
+
+    async def _count(self, source: str, most: int, delta: int) -> bool:
+        keys = [self._key("connections", source)]
+        args = [self.prefix, self.process, most, delta, int(NAME_LEASE * 1000)]
+        return bool(await self._call("count", self._scripts[_CONNECTIONS](keys=keys, args=args)))
 
     async def forward(self, process: str, name: str, introduction: Introduction) -> bool:
         """Hand ``introduction`` to ``process`` for its peer ``name``; False if that

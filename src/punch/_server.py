@@ -457,12 +457,18 @@ class RendezvousServer:
             stream.socket,
             RendezvousConnection(Side.SERVER, self.limits.max_frame, probe=probe, relay=relay),
         )
+        clustered = counted and self.cluster is not None
         try:
-            if counted and self.connections[source] > self.limits.max_connections_per_ip:
+            most = self.limits.max_connections_per_ip
+            if counted and self.connections[source] > most:
+                raise _Refused(
+                    Error("too-many-connections", f"more than {most} connections from {source}")
+                )
+            if clustered and not await self._cluster_connections(source, observed):
                 raise _Refused(
                     Error(
                         "too-many-connections",
-                        f"more than {self.limits.max_connections_per_ip} connections from {source}",
+                        f"more than {most} connections from {source} across the cluster",
                     )
                 )
             yield channel
@@ -481,6 +487,8 @@ class RendezvousServer:
                 self.connections[source] -= 1
                 if not self.connections[source]:
                     del self.connections[source]
+            if clustered:
+                await self._cluster_disconnected(source)
 
     async def _handle(self, stream: trio.SocketStream, observed: Endpoint) -> None:
         peer: _Peer | None = None
@@ -708,6 +716,25 @@ class RendezvousServer:
         except _Refused:
             await self._release(peer)
             raise
+
+    async def _cluster_connections(self, source: str, observed: Endpoint) -> bool:
+        """Count one more connection from ``source`` in Redis: False past the limit
+        cluster-wide (True, the local count alone holding, while Redis is away)."""
+        assert self.cluster is not None
+        try:
+            return await self.cluster.connect(source, self.limits.max_connections_per_ip)
+        except ClusterUnavailable as exc:
+            log.warning("%s: connections counted here only: %s", observed, exc)
+            return True
+
+    async def _cluster_disconnected(self, source: str) -> None:
+        """Count one connection from ``source`` fewer in Redis, even while cancelled."""
+        assert self.cluster is not None
+        with trio.CancelScope(shield=True):
+            try:
+                await self.cluster.disconnect(source)
+            except ClusterUnavailable as exc:
+                log.info("%s: a closed connection not counted in the cluster: %s", source, exc)
 
     async def _release(self, peer: _Peer) -> None:
         """Take ``peer`` out of the cluster's registry, at most ``REDIS_TIMEOUT`` s, even
