@@ -9,14 +9,18 @@ register a new peer, and hold no name for a connection that is gone.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import struct
 import subprocess
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 import trio
 from netns.scenario import PairRun
+from tools.redis import RedisServer
 
 import punch
 from punch import Endpoint
@@ -29,14 +33,22 @@ ROUNDS = 50
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 
 
-@pytest.fixture
-def rendezvous_process() -> Iterator[tuple[Endpoint, subprocess.Popen[bytes]]]:
-    pair = PairRun()
-    try:
-        address = pair.start_rendezvous([], "127.0.0.1:0", "-q", "--registration-timeout", "3")
+@pytest.fixture(params=["alone", "redis"])
+def rendezvous_process(
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[Endpoint, subprocess.Popen[bytes]]]:
+    """The real server: alone, and in a cluster (``--redis``, issue 18: its handler
+    awaits Redis while counting, claiming and releasing)."""
+    with ExitStack() as stack:
+        args = ["-q", "--registration-timeout", "3"]
+        if request.param == "redis":
+            if shutil.which("redis-server") is None and not os.environ.get("CI"):
+                pytest.skip("no redis-server (make netns-deps installs it)")
+            args += ["--redis", stack.enter_context(RedisServer()).url]
+        pair = PairRun()
+        stack.callback(pair.close)
+        address = pair.start_rendezvous([], "127.0.0.1:0", *args)
         yield Endpoint.parse(address), pair.processes[-1]
-    finally:
-        pair.close()
 
 
 def _reset(sock: socket.socket) -> None:
