@@ -711,6 +711,9 @@ class RendezvousServer:
             ) from None
         except ClusterUnavailable as exc:
             log.warning("%s: %r registered here only: %s", peer.observed, peer.name, exc)
+        except BaseException:  # cancelled mid-claim (registration timeout): it may stand
+            await self._release(peer)
+            raise
         try:  # the claim awaited: a local registration may have taken the name meanwhile
             self._check_free(peer.name, peer.peer_id, peer.observed)
         except _Refused:
@@ -1087,8 +1090,9 @@ async def serve_rendezvous(
             :class:`punch.Cluster`: share the registry with every
             other server given the same Redis and ``redis_prefix``
             (:mod:`punch._cluster`): names are unique across them, the
-            registration rate per source is counted across them, and a peer
-            can be introduced to one registered on any of them. With
+            per-source limits (connections, registrations a minute) are
+            counted across them, and a peer can be introduced to one
+            registered on any of them. With
             ``persist_names`` (any value), names are bound to keys in Redis
             instead of a file. ``None`` (default): this process alone.
         redis_prefix: the prefix of the cluster's keys and channels.
