@@ -24,6 +24,7 @@ from punch._protocol import _HEADER as HEADER
 from punch._protocol import (
     Challenge,
     ConnectRequest,
+    Error,
     Introduction,
     Keepalive,
     Registered,
@@ -242,38 +243,49 @@ WARM_UP = 1.0
 
 
 def pump_introductions(address: tuple[str, int], pairs: int, seconds: float) -> dict[str, Any]:
-    """Register ``pairs`` pairs at ``address``; each requester asks for its partner
-    again as soon as it is introduced: introductions per second over ``seconds``,
-    after :data:`WARM_UP` s."""
-    where = sources()
+    """Register ``pairs`` pairs at ``address`` and :func:`pump` introductions between them."""
     socks: list[socket.socket] = []
     try:
-        requesters, responders = register_pairs(address, pairs, where)
+        requesters, responders = register_pairs(address, pairs, sources())
         socks = requesters + responders
-        partner = {sock: f"s{i}" for i, sock in enumerate(requesters)}
-        done = [0]
-
-        def on_frame(sock: socket.socket, body: bytes) -> None:
-            if sock in partner:
-                if not isinstance(decode_body(body), Introduction):
-                    raise RuntimeError(f"not an introduction: {body[:200]!r}")
-                done[0] += 1
-                sock.send(encode_frame(ConnectRequest(partner[sock], 1)))
-
-        for sock, target in partner.items():
-            sock.sendall(encode_frame(ConnectRequest(target, 1)))
-        pump = Pump(socks)
-        pump.run(WARM_UP, on_frame)
-        done[0], client = 0, time.process_time()
-        pump.run(seconds, on_frame)
-        pump.close()
-        return {
-            "per_second": done[0] / seconds,
-            "client_cpu": (time.process_time() - client) / seconds,
-        }
+        return pump({sock: f"s{i}" for i, sock in enumerate(requesters)}, socks, seconds)
     finally:
         for sock in socks:
             sock.close()
+
+
+def pump(
+    partner: dict[socket.socket, str], socks: list[socket.socket], seconds: float
+) -> dict[str, Any]:
+    """Each requester (a key of ``partner``) asks for its partner again as soon as it
+    is answered: introductions per second over ``seconds``, after :data:`WARM_UP` s.
+    An ``Error`` answer (a cluster's ``cluster-unavailable``) is counted, not an
+    introduction, and asked again."""
+    done, errors = [0], [0]
+
+    def on_frame(sock: socket.socket, body: bytes) -> None:
+        if sock in partner:
+            message = decode_body(body)
+            if isinstance(message, Error):
+                errors[0] += 1
+            elif not isinstance(message, Introduction):
+                raise RuntimeError(f"not an introduction: {body[:200]!r}")
+            else:
+                done[0] += 1
+            sock.send(encode_frame(ConnectRequest(partner[sock], 1)))
+
+    for sock, target in partner.items():
+        sock.sendall(encode_frame(ConnectRequest(target, 1)))
+    reader = Pump(socks)
+    reader.run(WARM_UP, on_frame)
+    done[0], errors[0], client = 0, 0, time.process_time()
+    reader.run(seconds, on_frame)
+    reader.close()
+    return {
+        "per_second": done[0] / seconds,
+        "errors_per_second": errors[0] / seconds,
+        "client_cpu": (time.process_time() - client) / seconds,
+    }
 
 
 ACCEPT_AND_CLOSE = """

@@ -70,22 +70,53 @@ def _cpu(processes: list[psutil.Process]) -> float:
 
 
 def introductions(workers: int, pairs: int, seconds: float) -> dict[str, Any]:
-    """As :func:`benchmarks.capacity.introductions`, against ``workers`` workers."""
+    """As :func:`benchmarks.capacity.introductions`, against ``workers`` workers, every
+    pair split over two of them (each requester on one worker asks for a responder on
+    the next): every introduction goes through Redis, the worst case and the one that
+    scale-out must carry. One worker: every pair on it."""
     with RedisServer() as redis:
         server, address = capacity.start(_argv(redis, workers))
+        socks: list[socket.socket] = []
         try:
+            names = [f"p{i}" for i in range(2 * pairs)]
+            socks = capacity.register(address, names, capacity.sources())
+            partner = _split(socks, names, _processes_of(redis, names), pairs)
             serving = _processes(server)
             assert redis.process is not None
             store = [psutil.Process(redis.process.pid)]
             before, stored = _cpu(serving), _cpu(store)
-            figures = capacity.pump_introductions(address, pairs, seconds)
+            figures = capacity.pump(partner, socks, seconds)
             spent = seconds + capacity.WARM_UP
             figures["server_cpu"] = (_cpu(serving) - before) / spent
             figures["redis_cpu"] = (_cpu(store) - stored) / spent
             figures["workers"] = workers
+            figures["pairs"] = len(partner)
             return figures
         finally:
+            for sock in socks:
+                sock.close()
             _stop(server)
+
+
+def _split(
+    socks: list[socket.socket], names: list[str], where: list[bytes], pairs: int
+) -> dict[socket.socket, str]:
+    """Up to ``pairs`` requesters, each paired with a peer on the next worker (with
+    one worker: the next peer); no peer in two pairs."""
+    by_worker: dict[bytes, list[int]] = {}
+    for index, worker in enumerate(where):
+        by_worker.setdefault(worker, []).append(index)
+    lists = list(by_worker.values())
+    if len(lists) == 1:
+        (only,) = lists
+        return {socks[only[i]]: names[only[i + 1]] for i in range(0, 2 * pairs, 2)}
+    partner: dict[socket.socket, str] = {}
+    half = min(map(len, lists)) // 2
+    for k, mine in enumerate(lists):
+        theirs = lists[(k + 1) % len(lists)]
+        for i in range(half):  # the first half of mine ask the second half of theirs
+            partner[socks[mine[i]]] = names[theirs[half + i]]
+    return dict(list(partner.items())[:pairs])
 
 
 def skew(attempts: int) -> dict[str, Any]:
@@ -209,7 +240,8 @@ def rows(
     one = by[1]["per_second"]
     out = [
         (
-            f"rendezvous --redis: introductions/s, {w} worker{'s' if w > 1 else ''} "
+            f"rendezvous --redis: introductions/s, {w} worker{'s' if w > 1 else ''}"
+            f"{', every pair across two' if w > 1 else ''} "
             f"(CPU in cores: server {by[w]['server_cpu']:.2f}, Redis {by[w]['redis_cpu']:.2f}, "
             f"load {by[w]['client_cpu']:.2f}, of 2)",
             f"{by[w]['per_second']:,.0f}/s",

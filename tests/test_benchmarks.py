@@ -48,6 +48,7 @@ def test_quick_benchmark_run_measures_everything(tmp_path: Path) -> None:
     scale_out = summary["cluster"]  # issue 18: workers sharing a registry in Redis
     assert [f["workers"] for f in scale_out["introductions"]] == [1, 2, 4]
     assert all(f["per_second"] > 0 for f in scale_out["introductions"])
+    assert all(f["errors_per_second"] == 0 for f in scale_out["introductions"])
     assert scale_out["skew"]["across"]["attempts"] == 30
     assert 0 <= scale_out["skew"]["across"]["median"] < 1.0
     assert [m["workers"] for m in scale_out["memory"]] == [1, 2]

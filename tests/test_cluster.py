@@ -8,7 +8,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 import pytest
@@ -41,12 +41,14 @@ def redis() -> Iterator[RedisServer]:
 
 @asynccontextmanager
 async def cluster(
-    redis: RedisServer, count: int = 2, **options: object
+    redis: RedisServer, count: int = 2, *, members: list[Cluster] | None = None, **options: Any
 ) -> AsyncIterator[list[Endpoint]]:
-    """``count`` rendezvous servers on loopback sharing ``redis``; cancelled after."""
+    """``count`` rendezvous servers on loopback sharing ``redis`` (each with its own
+    :class:`Cluster`, or one of ``members``); cancelled after."""
+    members = members if members is not None else [Cluster(redis.url) for _ in range(count)]
     async with trio.open_nursery() as nursery:
-        serve = partial(serve_rendezvous, "127.0.0.1", 0, redis=redis.url, **options)
-        yield [await nursery.start(serve) for _ in range(count)]
+        serve = partial(serve_rendezvous, "127.0.0.1", 0, **options)
+        yield [await nursery.start(partial(serve, redis=member)) for member in members]
         nursery.cancel_scope.cancel()
 
 
@@ -173,8 +175,9 @@ async def test_connections_per_source_are_counted_across_servers(redis: RedisSer
 async def test_a_partition_fails_remote_introductions_fast_and_keeps_local_ones(
     redis: RedisServer,
 ) -> None:
+    members = [Cluster(redis.url), Cluster(redis.url)]
     async with (
-        cluster(redis) as (a, b),
+        cluster(redis, members=members) as (a, b),
         raw_client(a) as alice,
         raw_client(a) as carol,
         raw_client(b) as bob,
@@ -192,7 +195,12 @@ async def test_a_partition_fails_remote_introductions_fast_and_keeps_local_ones(
                 await alice.send(ConnectRequest("carol", 2))
                 assert isinstance(await alice.receive(), Introduction)
                 assert isinstance(await carol.receive(), Introduction)
-            with trio.fail_after(1):  # a failed call makes the next ones fail at once
+
+            async def unavailable() -> bool | None:  # once the lease renewal fails too
+                return None if members[0].available else True
+
+            await eventually(unavailable, HEARTBEAT + REDIS_TIMEOUT + 1)
+            with trio.fail_after(1):  # then every call fails at once
                 async with raw_client(a) as dave:
                     assert isinstance(await register(dave, "dave"), Registered)
         finally:

@@ -123,7 +123,7 @@ return {'ok', ''}
 """KEYS: the name's hash, the bound hash, the name. ARGV: prefix, field, record,
 peer ID, family, name lease (ms), persist ('1' or '0')."""
 
-_LOOKUP = """
+_INTRODUCE = """
 local out = {}
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
@@ -133,9 +133,16 @@ for i = 1, #fields, 2 do
     table.insert(out, fields[i + 1])
   end
 end
-return out
+if #out == 0 then
+  return {0, out}
+end
+local holder = string.match(out[1], '^([^/]+)/')
+return {redis.call('PUBLISH', ARGV[1] .. ':to:' .. holder, ARGV[2]), out}
 """
-"""KEYS: the name's hash. ARGV: prefix. The live registrations, field then record."""
+"""KEYS: the name's hash. ARGV: prefix, the forwarded frame. Publishes the frame to
+the process of the first live registration; returns the number of subscribers
+that got it (0: none, or no live registration) and the live registrations,
+field then record. One round trip: the lookup and the hand-over at once."""
 
 _CONNECTIONS = """
 local prefix, process, most, delta = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -326,8 +333,8 @@ class Cluster:
     _local: dict[str, Registration] = attrs.field(factory=dict, init=False)
     """Every registration this process has claimed, by field."""
     available: bool = attrs.field(default=True, init=False)
-    """False from a failed call to the next renewed lease: calls then fail at once,
-    so a partition costs a registration no wait."""
+    """False from a lost connection or a failed lease renewal to the next renewed
+    lease: calls then fail at once, so a partition costs a registration no wait."""
     resynced: trio.Event = attrs.field(factory=trio.Event, init=False)
     """Set (then replaced) each time every local registration was written again."""
     _leaving: bool = attrs.field(default=False, init=False)
@@ -366,8 +373,11 @@ class Cluster:
             if not isinstance(exc, lost) and not (self._leaving and isinstance(exc, RuntimeError)):
                 raise  # (a RuntimeError: its pool closed as we leave)
             self._dirty = True
-            self.available = False
-            raise ClusterUnavailable(f"redis {what}: {exc or type(exc).__name__}") from exc
+            if what == "lease" or not isinstance(exc, trio.TooSlowError):
+                # Redis is gone (or silent to our lease): fail fast until the lease is
+                # renewed. One slow call alone (a busy process) fails only itself.
+                self.available = False
+            raise ClusterUnavailable(f"redis {what}: {str(exc) or type(exc).__name__}") from exc
 
     async def run(
         self,
@@ -392,11 +402,13 @@ class Cluster:
         self.redis = coredis.Redis.from_url(
             self.url, connect_timeout=REDIS_TIMEOUT, stream_timeout=None
         )
-        scripts = (_CLAIM, _LOOKUP, _RATE, _CONNECTIONS)
+        scripts = (_CLAIM, _INTRODUCE, _RATE, _CONNECTIONS)
         self._scripts = {lua: self.redis.register_script(lua) for lua in scripts}
         try:
             async with self.redis:
                 await self._heartbeat()
+                for lua in self._scripts:  # loaded before a burst of first calls
+                    await self._call("load", self.redis.script_load(lua))
                 async with trio.open_nursery() as nursery:
                     self._lost = partial(nursery.start_soon, lost)
                     await nursery.start(self._subscribe, deliver)
@@ -581,18 +593,21 @@ class Cluster:
             self._orphans[field] = peer.name  # dropped at the resync
             raise
 
-    async def lookup(self, name: str) -> RemotePeer | None:
-        """The peer registered as ``name`` on a live process, or None.
+    async def introduce(self, name: str, introduction: Introduction) -> RemotePeer | None:
+        """Hand ``introduction`` to the live process that holds ``name`` and return that
+        peer (for the other introduction), in one round trip; None if no live process
+        holds it, or the one that does no longer listens (it died, its lease not yet out).
+
+        Redis writes the published frame to that process before it answers us.
 
         Raises:
             ClusterUnavailable: Redis did not answer.
         """
-        assert self.redis is not None
-        script = self._scripts[_LOOKUP]
-        flat = await self._call(
-            "lookup", script(keys=[self._key("name", name)], args=[self.prefix])
-        )
-        if not flat:
+        frame = name.encode() + b"\n" + encode_frame(introduction)[_HEADER.size :]
+        script = self._scripts[_INTRODUCE]
+        call = script(keys=[self._key("name", name)], args=[self.prefix, frame])
+        receivers, flat = await self._call("introduce", call)
+        if not receivers:
             return None
         fields = [(flat[i].decode(), json.loads(flat[i + 1])) for i in range(0, len(flat), 2)]
         return remote_peer(name, fields)
@@ -644,15 +659,3 @@ class Cluster:
         keys = [self._key("connections", source)]
         args = [self.prefix, self.process, most, delta, int(NAME_LEASE * 1000)]
         return bool(await self._call("count", self._scripts[_CONNECTIONS](keys=keys, args=args)))
-
-    async def forward(self, process: str, name: str, introduction: Introduction) -> bool:
-        """Hand ``introduction`` to ``process`` for its peer ``name``; False if that
-        process no longer listens (it died, and its lease has not yet run out).
-
-        Raises:
-            ClusterUnavailable: Redis did not answer.
-        """
-        assert self.redis is not None
-        frame = name.encode() + b"\n" + encode_frame(introduction)[_HEADER.size :]
-        receivers = await self._call("forward", self.redis.publish(self._key("to", process), frame))
-        return bool(receivers)

@@ -790,7 +790,7 @@ class RendezvousServer:
         """Answer ``asker``'s request on its own connection; its candidates are those
         of every registration of its name (it may be a leg)."""
         requester = self.peers.get(asker.name, asker)
-        target: _Peer | RemotePeer | None = self.peers.get(request.target)
+        target = self.peers.get(request.target)
         error = None
         if not self._introductions.allow(requester.name, trio.current_time()):
             error = Error(
@@ -800,44 +800,23 @@ class RendezvousServer:
             )
         elif request.target == requester.name:
             error = Error("same-peer", "a peer cannot be introduced to itself", request.request_id)
-        elif target is None and self.cluster is not None:
-            try:
-                target = await self.cluster.lookup(request.target)
-            except ClusterUnavailable as exc:
-                error = Error("cluster-unavailable", str(exc)[:MAX_ERROR_TEXT], request.request_id)
-        if error is None and target is None:
+        elif target is None and self.cluster is None:
             error = _unknown(request)
         if error is not None:
             await asker.channel.send(error)
             return
-        assert target is not None
+        if target is None:
+            await self._introduce_remote(asker, requester, request)
+            return
         (requester, to_requester), (target, to_target) = self.introductions(
             requester, target, request.request_id
         )
-        log.info(
-            "introducing %r (%s) to %r (%s), attempt %s",
-            requester.name,
-            requester.observed,
-            target.name,
-            target.observed,
-            to_target.attempt_id.hex()[:8],
-        )
+        _log_introduction(requester, target, to_target)
         if requester is self.peers.get(asker.name):
             requester = asker  # the answer goes back on the connection that asked
-        if request.upgrade is not None:
-            to_requester, to_target = (
-                attrs.evolve(to, upgrade=request.upgrade) for to in (to_requester, to_target)
-            )
-        if request.relay_delay is not None and self.relay is not None:
-            ticket, key = self.relay.ticket(to_target.attempt_id, requester.name, target.name)
-            via = target if isinstance(target, _Peer) else requester  # our address it reached
-            to_requester, to_target = (
-                attrs.evolve(to, relay=self._grant(peer, ticket, key, request.relay_delay))
-                for to, peer in ((to_requester, requester), (to_target, via))
-            )
-        if isinstance(target, RemotePeer):
-            await self._introduce_remote(requester, to_requester, target, to_target)
-            return
+        ticket = self._ticket(request, to_target.attempt_id, requester.name, target.name)
+        to_requester = self._dress(to_requester, request, ticket, requester)
+        to_target = self._dress(to_target, request, ticket, target)
         # Both at the same moment: encoded first, so neither waits on the other's JSON.
         frames = (
             requester.channel.connection.send(to_requester),
@@ -848,59 +827,70 @@ class RendezvousServer:
             nursery.start_soon(self._deliver, target, frames[1])
 
     async def _introduce_remote(
-        self,
-        requester: _Peer,
-        to_requester: Introduction,
-        target: RemotePeer,
-        to_target: Introduction,
+        self, asker: _Peer, requester: _Peer, request: ConnectRequest
     ) -> None:
-        """Hand ``to_target`` to the process that holds ``target``, then send ours:
-        Redis writes it to that process before it answers us, so the two leave
-        about one round trip to Redis apart (``make bench`` measures the skew)."""
+        """Introduce ``requester`` (the registration of ``asker``'s name that holds
+        every leg's candidates) to a peer registered on another process: its
+        introduction goes to that process through Redis in the same round trip that
+        finds the peer (:meth:`punch.Cluster.introduce`), then ours leaves, so the two
+        leave about one round trip to Redis apart (``make bench`` measures the skew)."""
         assert self.cluster is not None
-        request_id = to_requester.request_id
+        attempt_id, secret = _attempt()
+        target_name = request.target
+        ticket = self._ticket(request, attempt_id, requester.name, target_name)
+        to_target = self._dress(
+            _to_responder(requester, attempt_id, secret), request, ticket, asker
+        )
         try:
-            forwarded = await self.cluster.forward(target.process, target.name, to_target)
+            target = await self.cluster.introduce(target_name, to_target)
         except ClusterUnavailable as exc:
-            error = Error("cluster-unavailable", str(exc)[:MAX_ERROR_TEXT], request_id)
-            await requester.channel.send(error)
+            error = Error("cluster-unavailable", str(exc)[:MAX_ERROR_TEXT], request.request_id)
+            await asker.channel.send(error)
             return
-        if not forwarded:  # its process died; its lease has not run out yet
-            await requester.channel.send(_unknown(to_requester))
+        if target is None:  # nowhere, or its process died and its lease is not out yet
+            await asker.channel.send(_unknown(request))
             return
-        await self._deliver(requester, requester.channel.connection.send(to_requester))
+        _log_introduction(requester, target, to_target)
+        to_requester = _to_initiator(target, attempt_id, secret, request.request_id)
+        to_requester = self._dress(to_requester, request, ticket, asker)
+        await self._deliver(asker, asker.channel.connection.send(to_requester))
+
+    def _ticket(
+        self, request: ConnectRequest, attempt_id: bytes, requester: str, target: str
+    ) -> tuple[bytes, bytes] | None:
+        """The relay ticket and key of this attempt, if the request asks for a relay."""
+        if request.relay_delay is None or self.relay is None:
+            return None
+        return self.relay.ticket(attempt_id, requester, target)
+
+    def _dress(
+        self,
+        to: Introduction,
+        request: ConnectRequest,
+        ticket: tuple[bytes, bytes] | None,
+        via: _Peer,
+    ) -> Introduction:
+        """``to`` with what the request asks for: the stream to upgrade, and a relay
+        grant (``ticket``, at the address ``via`` reached us on)."""
+        if request.upgrade is not None:
+            to = attrs.evolve(to, upgrade=request.upgrade)
+        if ticket is not None:
+            assert request.relay_delay is not None
+            to = attrs.evolve(to, relay=self._grant(via, *ticket, request.relay_delay))
+        return to
 
     def introductions(
-        self, requester: _Peer, target: _Peer | RemotePeer, request_id: int
-    ) -> tuple[tuple[_Peer, Introduction], tuple[_Peer | RemotePeer, Introduction]]:
+        self, requester: _Peer, target: _Peer, request_id: int
+    ) -> tuple[tuple[_Peer, Introduction], tuple[_Peer, Introduction]]:
         """The two introductions of one attempt, each with the peer it goes to.
 
         A fresh attempt ID and secret; each side gets the other's candidates
         and registered certificate. (The lab's lying rendezvous,
         :mod:`netns.liar`, replaces this one method.)
         """
-        attempt_id = secrets.token_bytes(ATTEMPT_ID_BYTES)
-        secret = secrets.token_bytes(SECRET_BYTES)
-        to_requester = Introduction(
-            target.name,
-            Role.INITIATOR,
-            attempt_id,
-            secret,
-            target.candidates,
-            target.certificate,
-            request_id,
-            target.nat_facts,
-        )
-        to_target = Introduction(
-            requester.name,
-            Role.RESPONDER,
-            attempt_id,
-            secret,
-            requester.candidates,
-            requester.certificate,
-            peer_nat=requester.nat_facts,
-        )
-        return (requester, to_requester), (target, to_target)
+        attempt_id, secret = _attempt()
+        to_requester = _to_initiator(target, attempt_id, secret, request_id)
+        return (requester, to_requester), (target, _to_responder(requester, attempt_id, secret))
 
     def _grant(self, to: _Peer, ticket: bytes, key: bytes, delay: float) -> RelayGrant | None:
         """The relay grant in ``to``'s introduction: :attr:`relay_at`, else our relay
@@ -959,9 +949,55 @@ class RendezvousServer:
                 pass
 
 
-def _unknown(request: ConnectRequest | Introduction) -> Error:
-    name = request.target if isinstance(request, ConnectRequest) else request.peer_name
-    return Error("unknown-peer", f"{name!r} is not registered", request.request_id)
+def _unknown(request: ConnectRequest) -> Error:
+    return Error("unknown-peer", f"{request.target!r} is not registered", request.request_id)
+
+
+def _attempt() -> tuple[bytes, bytes]:
+    """A fresh attempt ID and secret."""
+    return secrets.token_bytes(ATTEMPT_ID_BYTES), secrets.token_bytes(SECRET_BYTES)
+
+
+def _to_initiator(
+    target: _Peer | RemotePeer, attempt_id: bytes, secret: bytes, request_id: int
+) -> Introduction:
+    """The requester's introduction: the target's candidates and certificate."""
+    return Introduction(
+        target.name,
+        Role.INITIATOR,
+        attempt_id,
+        secret,
+        target.candidates,
+        target.certificate,
+        request_id,
+        target.nat_facts,
+    )
+
+
+def _to_responder(requester: _Peer, attempt_id: bytes, secret: bytes) -> Introduction:
+    """The target's introduction: the requester's candidates and certificate."""
+    return Introduction(
+        requester.name,
+        Role.RESPONDER,
+        attempt_id,
+        secret,
+        requester.candidates,
+        requester.certificate,
+        peer_nat=requester.nat_facts,
+    )
+
+
+def _log_introduction(
+    requester: _Peer, target: _Peer | RemotePeer, to_target: Introduction
+) -> None:
+    log.info(
+        "introducing %r (%s) to %r (%s), attempt %s",
+        requester.name,
+        requester.observed,
+        target.name,
+        target.observed,
+        to_target.attempt_id.hex()[:8],
+    )
 
 
 def _server_listener(
