@@ -22,11 +22,16 @@ need of them lives in Redis, under one key prefix (``punch`` by default):
 ``{prefix}:rate:{kind}:{key}``
     a sorted set of event times: the sliding-window limits that must hold
     across processes (registrations per source).
+``{prefix}:connections:{source}``
+    a hash, one field per process: its connections from that source (the
+    concurrent-connections limit, cluster-wide; a dead process's field is
+    dropped by the next count).
 ``{prefix}:to:{id}``
     the pub/sub channel on which other processes hand a process the
-    introductions for its peers (a ``PUBLISH`` is one round trip, and Redis
+    introductions for its peers. One script finds the peer and publishes
+    its introduction (:meth:`Cluster.introduce`, one round trip), and Redis
     writes the message to the subscriber before it answers the publisher,
-    so both introductions leave within about one loopback round trip).
+    so both introductions leave within about one round trip to Redis.
 
 Redis is reached through ``coredis`` (built on anyio, so it runs on trio;
 ``tests/test_cluster.py`` proves it against a real ``redis-server``). Every
