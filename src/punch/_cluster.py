@@ -65,12 +65,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import attrs
 import trio
 
-from ._endpoint import Candidate, CandidateType, Endpoint
+from ._endpoint import Candidate, Endpoint
 from ._errors import PunchError
 from ._nat import NatFacts
 from ._protocol import (
     _HEADER,
-    MAX_CANDIDATES,
     Introduction,
     _endpoint_from_wire,
     _endpoint_to_wire,
@@ -78,6 +77,7 @@ from ._protocol import (
     _nat_to_wire,
     decode_body,
     encode_frame,
+    introduction_candidates,
 )
 
 if TYPE_CHECKING:
@@ -98,14 +98,26 @@ REDIS_TIMEOUT = 2.0
 RENEW_BATCH = 1000
 """Names renewed per pipeline."""
 
-_CLAIM = """
+_LIVE = """
+local function holder(field)
+  return string.match(field, '^([^/]+)/')
+end
+local function alive(prefix, process)
+  return redis.call('EXISTS', prefix .. ':process:' .. process) == 1
+end
+"""
+"""Lua helpers every script that reads fields begins with: the process a field
+(``{process}/{serial}``) belongs to, and whether its lease is live."""
+
+_CLAIM = (
+    _LIVE
+    + """
 local prefix, field, record, key, family = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
-  local process = string.match(fields[i], '^([^/]+)/')
   if fields[i] == field then
     -- ours, written before: claimed again after a partition
-  elseif redis.call('EXISTS', prefix .. ':process:' .. process) == 0 then
+  elseif not alive(prefix, holder(fields[i])) then
     redis.call('HDEL', KEYS[1], fields[i])
   else
     local held = cjson.decode(fields[i + 1])
@@ -125,15 +137,17 @@ redis.call('HSET', KEYS[1], field, record)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return {'ok', ''}
 """
+)
 """KEYS: the name's hash, the bound hash, the name. ARGV: prefix, field, record,
 peer ID, family, name lease (ms), persist ('1' or '0')."""
 
-_INTRODUCE = """
+_INTRODUCE = (
+    _LIVE
+    + """
 local out = {}
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
-  local process = string.match(fields[i], '^([^/]+)/')
-  if redis.call('EXISTS', ARGV[1] .. ':process:' .. process) == 1 then
+  if alive(ARGV[1], holder(fields[i])) then
     table.insert(out, fields[i])
     table.insert(out, fields[i + 1])
   end
@@ -141,15 +155,17 @@ end
 if #out == 0 then
   return {0, out}
 end
-local holder = string.match(out[1], '^([^/]+)/')
-return {redis.call('PUBLISH', ARGV[1] .. ':to:' .. holder, ARGV[2]), out}
+return {redis.call('PUBLISH', ARGV[1] .. ':to:' .. holder(out[1]), ARGV[2]), out}
 """
+)
 """KEYS: the name's hash. ARGV: prefix, the forwarded frame. Publishes the frame to
 the process of the first live registration; returns the number of subscribers
 that got it (0: none, or no live registration) and the live registrations,
 field then record. One round trip: the lookup and the hand-over at once."""
 
-_CONNECTIONS = """
+_CONNECTIONS = (
+    _LIVE
+    + """
 local prefix, process, most, delta = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local function add(n)
   if redis.call('HINCRBY', KEYS[1], process, n) <= 0 then
@@ -163,7 +179,7 @@ end
 local total = 0
 local fields = redis.call('HGETALL', KEYS[1])
 for i = 1, #fields, 2 do
-  if fields[i] == process or redis.call('EXISTS', prefix .. ':process:' .. fields[i]) == 1 then
+  if fields[i] == process or alive(prefix, fields[i]) then
     total = total + tonumber(fields[i + 1])
   else
     redis.call('HDEL', KEYS[1], fields[i])
@@ -176,6 +192,7 @@ if total > most then
 end
 return 1
 """
+)
 """KEYS: the source's hash, one field a process: its connections from that source.
 ARGV: prefix, process, most, +1 or -1, expiry (ms). 0: over ``most`` cluster-wide
 (the +1 undone). Fields of dead processes are dropped on the way."""
@@ -270,7 +287,7 @@ def _record(peer: Registration) -> str:
     return json.dumps(
         {
             "peer_id": peer.peer_id,
-            "family": 6 if peer.observed.family_name == "IPv6" else 4,
+            "family": peer.observed.address.version,
             "observed": _endpoint_to_wire(peer.observed),
             "hosts": [_endpoint_to_wire(e) for e in peer.host_candidates],
             "certificate": peer.certificate.hex(),
@@ -286,21 +303,14 @@ def remote_peer(name: str, registrations: list[tuple[str, dict[str, Any]]]) -> R
     Raises:
         ValueError, KeyError, TypeError: a record that is not ours.
     """
-    srflx = [
-        Candidate(CandidateType.SERVER_REFLEXIVE, _endpoint_from_wire(r["observed"]))
-        for _, r in registrations
-    ]
-    hosts = [
-        Candidate(CandidateType.HOST, _endpoint_from_wire(e))
-        for _, r in registrations
-        for e in r["hosts"]
-    ]
+    observed = [_endpoint_from_wire(r["observed"]) for _, r in registrations]
+    hosts = [_endpoint_from_wire(e) for _, r in registrations for e in r["hosts"]]
     first_field, first = registrations[0]
     nat = next((r["nat"] for _, r in registrations if r["nat"] is not None), None)
     return RemotePeer(
         name,
         first_field.split("/", 1)[0],
-        tuple(dict.fromkeys([*srflx, *hosts]))[: MAX_CANDIDATES + 1],
+        introduction_candidates(observed, hosts),
         bytes.fromhex(first["certificate"]),
         None if nat is None else _nat_from_wire(nat),
     )
@@ -356,14 +366,15 @@ class Cluster:
         import coredis.exceptions
 
         assert self.redis is not None, "Cluster.run has not started"
+        refusal = None
         if self._leaving and what != "leave":
-            if inspect.iscoroutine(call):
-                call.close()
-            raise ClusterUnavailable(f"redis {what}: this process is leaving the cluster")
-        if not self.available and what != "lease":
+            refusal = "this process is leaving the cluster"
+        elif not self.available and what != "lease":
+            refusal = "unreachable since the last failed call"
+        if refusal is not None:
             if inspect.iscoroutine(call):
                 call.close()  # never started
-            raise ClusterUnavailable(f"redis {what}: unreachable since the last failed call")
+            raise ClusterUnavailable(f"redis {what}: {refusal}")
         try:
             with trio.fail_after(REDIS_TIMEOUT):
                 return await call
@@ -551,7 +562,6 @@ class Cluster:
             NameHeld, ClusterUnavailable: as :meth:`claim`.
         """
         assert peer.cluster_field is not None
-        family = "6" if peer.observed.family_name == "IPv6" else "4"
         outcome, holder = await self._call(
             "claim",
             self._scripts[_CLAIM](
@@ -561,7 +571,7 @@ class Cluster:
                     peer.cluster_field,
                     _record(peer),
                     peer.peer_id,
-                    family,
+                    peer.observed.address.version,
                     int(NAME_LEASE * 1000),
                     "1" if self.persist_names else "0",
                 ],

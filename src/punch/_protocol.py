@@ -55,7 +55,7 @@ import enum
 import json
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeAlias
 
 import attrs
@@ -86,6 +86,17 @@ _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CODE_RE = re.compile(r"[a-z][a-z-]{0,31}")
 MAX_ERROR_TEXT = 512
 MAX_TOKEN = 256
+
+
+def introduction_candidates(
+    server_reflexive: Iterable[Endpoint], hosts: Iterable[Endpoint]
+) -> tuple[Candidate, ...]:
+    """A peer's candidates in an introduction: its server-reflexive endpoints
+    first (one per registration), then its host candidates; duplicates dropped,
+    at most ``MAX_CANDIDATES + 1`` (what an :class:`Introduction` holds)."""
+    srflx = [Candidate(CandidateType.SERVER_REFLEXIVE, e) for e in server_reflexive]
+    local = [Candidate(CandidateType.HOST, e) for e in hosts]
+    return tuple(dict.fromkeys([*srflx, *local]))[: MAX_CANDIDATES + 1]
 
 
 def check_name(name: str) -> str:

@@ -31,7 +31,7 @@ import trio
 from . import reuse
 from ._cluster import Cluster, ClusterUnavailable, NameHeld, RemotePeer
 from ._control import ControlChannel
-from ._endpoint import Candidate, CandidateType, Endpoint, Role, as_endpoint
+from ._endpoint import Candidate, Endpoint, Role, as_endpoint
 from ._errors import LocalProtocolError, PeerVerificationError, RemoteProtocolError
 from ._identity import certificate_key, check_peer_id, peer_id, verify_signature
 from ._nat import NatFacts
@@ -39,7 +39,6 @@ from ._protocol import (
     ATTEMPT_ID_BYTES,
     CHALLENGE_BYTES,
     DEFAULT_IDLE_TIMEOUT,
-    MAX_CANDIDATES,
     MAX_ERROR_TEXT,
     MAX_FRAME,
     MIN_FRAME,
@@ -61,6 +60,7 @@ from ._protocol import (
     Side,
     check_idle_timeout,
     check_name,
+    introduction_candidates,
     registration_transcript,
 )
 from ._relay import Refused, Relay
@@ -243,9 +243,8 @@ class _Peer:
         """Server-reflexive ones first (ours, then each leg's), then host candidates;
         duplicates dropped, at most ``MAX_CANDIDATES + 1`` (what an Introduction holds)."""
         everyone = (self, *self.legs)
-        srflx = [Candidate(CandidateType.SERVER_REFLEXIVE, p.observed) for p in everyone]
-        hosts = [Candidate(CandidateType.HOST, e) for p in everyone for e in p.host_candidates]
-        return tuple(dict.fromkeys([*srflx, *hosts]))[: MAX_CANDIDATES + 1]
+        hosts = [e for p in everyone for e in p.host_candidates]
+        return introduction_candidates([p.observed for p in everyone], hosts)
 
     @property
     def families(self) -> set[socket.AddressFamily]:
