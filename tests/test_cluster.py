@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import socket
@@ -331,64 +332,147 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def test_workers_share_one_port_and_introduce_across_processes(
+Pair = tuple[str, ControlChannel, str, ControlChannel]
+"""One pair of the load: its label, the asker, the target's name, the target."""
+LOAD_ROUNDS = 2000
+"""At most this many rounds of the load (one introduction a pair each, then 20 ms)."""
+
+
+async def _ask(asker: ControlChannel, name: str, target: ControlChannel) -> str:
+    """One introduction, within 2 s (an answer, never a hang): ``introduced`` (both
+    got it, with one secret), the error code the asker got, or which side's
+    connection is gone."""
+    with trio.fail_after(2):
+        try:
+            await asker.send(ConnectRequest(name, 1))
+            answer = await asker.receive()
+        except trio.BrokenResourceError:
+            answer = None
+        if answer is None:
+            return "asker lost"
+        if isinstance(answer, Error):
+            return answer.code
+        assert isinstance(answer, Introduction)
+        try:
+            other = await target.receive()
+        except trio.BrokenResourceError:
+            other = None
+        if other is None:
+            return "target lost"
+        assert isinstance(other, Introduction)
+        assert other.secret == answer.secret
+        return "introduced"
+
+
+async def _load(
+    pairs: list[Pair], killed: trio.Event, warm: trio.Event, done: trio.Event
+) -> collections.Counter[tuple[str, bool, str]]:
+    """Each pair asks for an introduction each round, 20 ms apart, until ``done``;
+    ``warm`` is set once every pair was introduced 3 times. Counts (label, after
+    the kill, outcome). A pair stops at its first failure, which only a pair with
+    a peer on the killed worker may have, and only once ``killed`` is set."""
+    seen: collections.Counter[tuple[str, bool, str]] = collections.Counter()
+    live = list(pairs)
+    for round_ in range(LOAD_ROUNDS):
+        if done.is_set():
+            break
+        for pair in list(live):
+            label, asker, name, target = pair
+            outcome = await _ask(asker, name, target)
+            seen[label, killed.is_set(), outcome] += 1
+            if outcome != "introduced":
+                assert "victim" in label, (label, outcome)
+                assert killed.is_set(), (label, outcome)
+                live.remove(pair)
+        if round_ == 2:
+            warm.set()
+        await trio.sleep(0.02)  # pacing, not synchronisation: a steady load
+    return seen
+
+
+async def test_workers_share_one_port_and_a_worker_killed_under_load_loses_only_its_peers(
     redis: RedisServer,
 ) -> None:
+    """``--workers 2`` behind one port, under a load of introductions within and
+    across the workers. SIGKILL the worker that holds alice: pairs on the other
+    worker keep being introduced; pairs with a peer on the dead one fail with a
+    closed connection or ``unknown-peer``, never a hang; alice registers again and
+    meets bob within 2 x the keepalive interval; the supervisor replaces the
+    worker, and SIGTERM stops them all."""
     port = free_port()
     run = PairRun()
     args = ("--probe-port", "off", "--redis", redis.url, "--workers", "2", "-q")
+    limit = ("--introductions-per-minute", "100000")
     try:
-        assert run.start_rendezvous([], f"127.0.0.1:{port}", *args) == f"127.0.0.1:{port}"
+        assert run.start_rendezvous([], f"127.0.0.1:{port}", *args, *limit) == f"127.0.0.1:{port}"
         supervisor = run.processes[-1]
         workers = psutil.Process(supervisor.pid).children()
         assert len(workers) == 2
         rendezvous = Endpoint("127.0.0.1", port)
         import coredis
 
-        async with AsyncExitStack() as clients, coredis.Redis.from_url(redis.url) as client:
-            held: dict[bytes, ControlChannel] = {}  # process -> a peer registered there
-            for index in range(64):  # the kernel's hash spreads them: about 2 tries
-                channel = await clients.enter_async_context(raw_client(rendezvous))
-                assert isinstance(await register(channel, f"peer{index}"), Registered)
-                (field,) = await client.hkeys(f"punch:name:peer{index}")
-                held.setdefault(field.split(b"/")[0], channel)
-                if len(held) == 2:
-                    break
-            assert len(held) == 2, "64 connections all went to one worker"
-            asker, target = held.values()
-            await asker.send(ConnectRequest(f"peer{index}", 1))
-            to_asker, to_target = await asker.receive(), await target.receive()
-            assert isinstance(to_asker, Introduction)
-            assert isinstance(to_target, Introduction)
-            assert to_asker.secret == to_target.secret
+        async def worker_of(name: str) -> int:
+            async with coredis.Redis.from_url(redis.url) as client:
+                (field,) = await client.hkeys(f"punch:name:{name}")
+            return int(field.split(b"-")[0])
+
         async with (
             open_host("alice", rendezvous=rendezvous) as alice,
             open_host("bob", rendezvous=rendezvous) as bob,
+            AsyncExitStack() as clients,
         ):
-            async with coredis.Redis.from_url(redis.url) as client:
-                (field,) = await client.hkeys("punch:name:alice")
-            holder = psutil.Process(int(field.split(b"-")[0]))
-            assert holder in workers
-            holder.kill()  # no goodbye: alice reconnects to the port, to any worker
-            killed = trio.current_time()
+            victim = psutil.Process(await worker_of("alice"))
+            assert victim in workers
+            on: dict[bool, list[tuple[str, ControlChannel]]] = {True: [], False: []}
+            for index in range(64):  # the kernel's hash spreads them: about 8 to 10
+                channel = await clients.enter_async_context(raw_client(rendezvous))
+                assert isinstance(await register(channel, f"load{index}"), Registered)
+                on[await worker_of(f"load{index}") == victim.pid].append((f"load{index}", channel))
+                if min(map(len, on.values())) >= 4:
+                    break
+            assert min(map(len, on.values())) >= 4, "64 connections all but went to one worker"
+            (s0, s1, s2, s3), (v0, v1, v2, v3) = on[False][:4], on[True][:4]
+            pairs: list[Pair] = [
+                ("survivor", s0[1], *s1),
+                ("survivor to victim", s2[1], *v0),
+                ("victim to survivor", v1[1], *s3),
+                ("victim", v2[1], *v3),
+            ]
+            killed, warm, done = trio.Event(), trio.Event(), trio.Event()
+            seen: collections.Counter[tuple[str, bool, str]] = collections.Counter()
+
+            async def load() -> None:
+                seen.update(await _load(pairs, killed, warm, done))
+
             keepalive = ServerLimits().idle_timeout / 3
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(load)
+                await warm.wait()
+                victim.kill()  # no goodbye: alice reconnects to the port, to any worker
+                killed.set()
+                at = trio.current_time()
 
-            async def both_elsewhere() -> bool | None:  # bob too, if he was on it
-                async with coredis.Redis.from_url(redis.url) as client:
-                    for name in ("alice", "bob"):
-                        fields = await client.hkeys(f"punch:name:{name}")
-                        pids = {int(f.split(b"-")[0]) for f in fields}
-                        if not pids or holder.pid in pids:
-                            return None
-                return True
+                async def both_elsewhere() -> bool | None:  # bob too, if he was on it
+                    pids = {await worker_of(name) for name in ("alice", "bob")}
+                    return None if victim.pid in pids else True
 
-            await eventually(both_elsewhere, 2 * keepalive)
-            await _meet(alice, bob, 2 * keepalive)
-            assert trio.current_time() - killed < 2 * keepalive
+                await eventually(both_elsewhere, 2 * keepalive)
+                await _meet(alice, bob, 2 * keepalive)
+                assert trio.current_time() - at < 2 * keepalive
+                done.set()
+            for label, *_ in pairs:  # each was introduced before the kill
+                assert seen[label, False, "introduced"] >= 3, seen
+            assert seen["survivor", True, "introduced"] >= 10, seen  # and on after it
+            assert set(seen) <= {
+                (label, after, outcome)
+                for label, *_ in pairs
+                for after in (False, True)
+                for outcome in ("introduced", "unknown-peer", "asker lost", "target lost")
+            }, seen
 
         async def replaced() -> bool | None:
             children = {p.pid for p in psutil.Process(supervisor.pid).children()}
-            return True if len(children) == 2 and holder.pid not in children else None
+            return True if len(children) == 2 and victim.pid not in children else None
 
         await eventually(replaced, 10)
         supervisor.terminate()
