@@ -7,7 +7,10 @@ stderr go to files, so nothing is lost to pipe buffering.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -80,7 +83,9 @@ class PairRun:
     ) -> subprocess.Popen[bytes]:
         out = (self.workdir / f"{name}.out").open("wb")
         err = (self.workdir / f"{name}.err").open("wb")
-        process = subprocess.Popen([*prefix, *argv], stdin=subprocess.PIPE, stdout=out, stderr=err)
+        process = subprocess.Popen(
+            [*prefix, *argv], stdin=subprocess.PIPE, stdout=out, stderr=err, start_new_session=True
+        )
         out.close()
         err.close()
         self.processes.append(process)
@@ -91,12 +96,16 @@ class PairRun:
         return process
 
     def close(self) -> None:
+        """Kill every process started, and whatever each started (the workers of
+        ``--workers``): each runs in a session, so a process group, of its own."""
         for process in self.processes:
             if process.stdin is not None:
                 process.stdin.close()
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=5)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
     def result(self, name: str, process: subprocess.Popen[bytes]) -> PeerRun:
         stderr = (self.workdir / f"{name}.err").read_text(errors="replace")
