@@ -24,7 +24,6 @@ from punch._protocol import _HEADER as HEADER
 from punch._protocol import (
     Challenge,
     ConnectRequest,
-    Error,
     Introduction,
     Keepalive,
     Registered,
@@ -254,6 +253,10 @@ def pump_introductions(address: tuple[str, int], pairs: int, seconds: float) -> 
             sock.close()
 
 
+_INTRODUCTION = b'{"type":"introduction",'
+_ERROR = b'{"type":"error",'
+
+
 def pump(
     partner: dict[socket.socket, str], socks: list[socket.socket], seconds: float
 ) -> dict[str, Any]:
@@ -264,11 +267,12 @@ def pump(
     done, errors = [0], [0]
 
     def on_frame(sock: socket.socket, body: bytes) -> None:
+        # A frame's type by its first key (punch's encoder writes it first), not a full
+        # decode: the load's CPU is the server's to use on this 2-core machine.
         if sock in partner:
-            message = decode_body(body)
-            if isinstance(message, Error):
+            if body.startswith(_ERROR):
                 errors[0] += 1
-            elif not isinstance(message, Introduction):
+            elif not body.startswith(_INTRODUCTION):
                 raise RuntimeError(f"not an introduction: {body[:200]!r}")
             else:
                 done[0] += 1

@@ -18,7 +18,7 @@ from netns.scenario import PairRun
 from tools.redis import RedisServer
 
 from punch import Host, Identity, PeerStream, open_host
-from punch._cluster import HEARTBEAT, PROCESS_LEASE, REDIS_TIMEOUT, Cluster
+from punch._cluster import HEARTBEAT, INTRODUCE_BATCH, PROCESS_LEASE, REDIS_TIMEOUT, Cluster
 from punch._control import ControlChannel
 from punch._endpoint import Endpoint, Role
 from punch._protocol import ConnectRequest, Error, Introduction, Registered
@@ -103,6 +103,37 @@ async def test_peers_on_two_servers_are_introduced_with_one_secret(redis: RedisS
         assert isinstance(back := await bob.receive(), Introduction)
         assert back.role == Role.INITIATOR
         assert isinstance(await alice.receive(), Introduction)
+
+
+async def test_a_burst_of_introductions_across_servers_each_reach_the_right_peer(
+    redis: RedisServer,
+) -> None:
+    """More introductions at once than one batch holds (they share script calls and
+    messages, :data:`punch._cluster.INTRODUCE_BATCH` at most): each of both sides
+    gets its own, with one secret and the right names, in both directions."""
+    count = INTRODUCE_BATCH + 16
+    async with cluster(redis) as (a, b), AsyncExitStack() as clients:
+        here = [await clients.enter_async_context(raw_client(a)) for _ in range(count)]
+        there = [await clients.enter_async_context(raw_client(b)) for _ in range(count)]
+        for i in range(count):
+            host = Endpoint("127.0.0.1", 10000 + i), Endpoint("127.0.0.1", 20000 + i)
+            assert isinstance(await register(here[i], f"a{i}", host[0]), Registered)
+            assert isinstance(await register(there[i], f"b{i}", host[1]), Registered)
+        for i in range(count):  # a0 asks b0, b1 asks a1, ...
+            asker, name = (here[i], f"b{i}") if i % 2 == 0 else (there[i], f"a{i}")
+            await asker.send(ConnectRequest(name, i + 1))
+        for i in range(count):
+            asker, target = (here[i], there[i]) if i % 2 == 0 else (there[i], here[i])
+            to_asker, to_target = await asker.receive(), await target.receive()
+            assert isinstance(to_asker, Introduction)
+            assert isinstance(to_target, Introduction)
+            assert to_asker.request_id == i + 1
+            assert to_asker.secret == to_target.secret
+            assert {to_asker.peer_name, to_target.peer_name} == {f"a{i}", f"b{i}"}
+            assert to_target.peer_name != to_asker.peer_name
+            for to in (to_asker, to_target):  # the other's host candidate: a{i} 10000+i
+                port = (10000 if to.peer_name.startswith("a") else 20000) + i
+                assert port in {c.endpoint.port for c in to.candidates}
 
 
 async def test_a_name_is_unique_across_the_cluster(redis: RedisServer) -> None:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import inspect
 import itertools
 import json
@@ -70,6 +71,9 @@ from ._errors import PunchError
 from ._nat import NatFacts
 from ._protocol import (
     _HEADER,
+    _MAGIC,
+    MAX_BODY,
+    PROTOCOL_VERSION,
     Introduction,
     _endpoint_from_wire,
     _endpoint_to_wire,
@@ -97,17 +101,28 @@ REDIS_TIMEOUT = 2.0
 """Seconds any one Redis call may take before :class:`ClusterUnavailable`."""
 RENEW_BATCH = 1000
 """Names renewed per pipeline."""
+INTRODUCE_BATCH = 64
+"""Introductions handed over per script call, at most."""
+REMOTE_PEERS_CACHED = 1024
+"""Remote peers kept parsed, by their registrations' exact bytes (at most about 2 KiB
+each): a peer introduced again costs no JSON."""
+_LEAVING = "redis introduce: this process is leaving the cluster"
 
 _LIVE = """
 local function holder(field)
   return string.match(field, '^([^/]+)/')
 end
+local leases = {}
 local function alive(prefix, process)
-  return redis.call('EXISTS', prefix .. ':process:' .. process) == 1
+  if leases[process] == nil then
+    leases[process] = redis.call('EXISTS', prefix .. ':process:' .. process) == 1
+  end
+  return leases[process]
 end
 """
 """Lua helpers every script that reads fields begins with: the process a field
-(``{process}/{serial}``) belongs to, and whether its lease is live."""
+(``{process}/{serial}``) belongs to, and whether its lease is live (asked of
+Redis once a process per script call)."""
 
 _CLAIM = (
     _LIVE
@@ -144,24 +159,45 @@ peer ID, family, name lease (ms), persist ('1' or '0')."""
 _INTRODUCE = (
     _LIVE
     + """
-local out = {}
-local fields = redis.call('HGETALL', KEYS[1])
-for i = 1, #fields, 2 do
-  if alive(ARGV[1], holder(fields[i])) then
-    table.insert(out, fields[i])
-    table.insert(out, fields[i + 1])
+local prefix = ARGV[1]
+local out, holders, frames, order = {}, {}, {}, {}
+for k = 1, #KEYS do
+  local live = {}
+  local fields = redis.call('HGETALL', KEYS[k])
+  for i = 1, #fields, 2 do
+    if alive(prefix, holder(fields[i])) then
+      table.insert(live, fields[i])
+      table.insert(live, fields[i + 1])
+    end
+  end
+  out[k] = {0, live}
+  if #live > 0 then
+    local process = holder(live[1])
+    holders[k] = process
+    if frames[process] == nil then
+      frames[process] = {}
+      table.insert(order, process)
+    end
+    table.insert(frames[process], ARGV[k + 1])
   end
 end
-if #out == 0 then
-  return {0, out}
+local receivers = {}
+for _, process in ipairs(order) do
+  local message = table.concat(frames[process], '\\n')
+  receivers[process] = redis.call('PUBLISH', prefix .. ':to:' .. process, message)
 end
-return {redis.call('PUBLISH', ARGV[1] .. ':to:' .. holder(out[1]), ARGV[2]), out}
+for k, process in pairs(holders) do
+  out[k][1] = receivers[process]
+end
+return out
 """
 )
-"""KEYS: the name's hash. ARGV: prefix, the forwarded frame. Publishes the frame to
-the process of the first live registration; returns the number of subscribers
-that got it (0: none, or no live registration) and the live registrations,
-field then record. One round trip: the lookup and the hand-over at once."""
+"""KEYS: the hashes of a batch of names. ARGV: prefix, then each name's forwarded
+item (``name\\nbody``). Publishes to each process that holds one of the names (its
+first live registration) the items for it, joined by newlines, in one message;
+returns, for each name, the number of subscribers that got its item (0: none, or
+no live registration) and its live registrations, field then record. One round
+trip for the whole batch: the lookups and the hand-overs at once."""
 
 _CONNECTIONS = (
     _LIVE
@@ -316,6 +352,32 @@ def remote_peer(name: str, registrations: list[tuple[str, dict[str, Any]]]) -> R
     )
 
 
+@functools.lru_cache(maxsize=REMOTE_PEERS_CACHED)
+def _remote_peer(name: str, flat: tuple[bytes, ...]) -> RemotePeer:
+    """:func:`remote_peer` of the live registrations the introduction script returned
+    (field, record, field, record...), parsed once while they stay the same."""
+    fields = [(flat[i].decode(), json.loads(flat[i + 1])) for i in range(0, len(flat), 2)]
+    return remote_peer(name, fields)
+
+
+@attrs.define(eq=False)
+class _Pending:
+    """One introduction waiting for its batch's round trip (:meth:`Cluster.introduce`)."""
+
+    name: str
+    item: bytes
+    """What goes to the peer's process: ``name\\nbody`` (the frame without its header)."""
+    done: trio.Event = attrs.field(factory=trio.Event)
+    failure: str | None = None
+    receivers: int = 0
+    registrations: list[bytes] = attrs.field(factory=list)
+
+    def fail(self, why: str) -> None:
+        """Wake its caller with :class:`ClusterUnavailable` (``why``)."""
+        self.failure = why
+        self.done.set()
+
+
 @attrs.define(eq=False)
 class Cluster:
     """One rendezvous process's part in a cluster sharing a registry in Redis.
@@ -353,6 +415,10 @@ class Cluster:
     resynced: trio.Event = attrs.field(factory=trio.Event, init=False)
     """Set (then replaced) each time every local registration was written again."""
     _leaving: bool = attrs.field(default=False, init=False)
+    _pending: list[_Pending] = attrs.field(factory=list, init=False)
+    """Introductions waiting for the next batch."""
+    _wake: trio.Event = attrs.field(factory=trio.Event, init=False)
+    """Set when an introduction joins :attr:`_pending`."""
     _dirty: bool = attrs.field(default=False, init=False)
     """A write failed since the last resync: write every registration again."""
 
@@ -403,7 +469,8 @@ class Cluster:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Connect, hold the lease, and hand each introduction that arrives for one of
-        our peers to ``deliver(name, introduction)`` (an async callable); until cancelled.
+        our peers to ``deliver(name, introduction, frame)`` (an async callable; ``frame``:
+        the introduction's encoding, header and body); until cancelled.
         A registration whose name another process took while Redis could not be
         reached goes to ``lost(registration, NameHeld)`` (an async callable), after
         the partition.
@@ -429,6 +496,7 @@ class Cluster:
                     self._lost = partial(nursery.start_soon, lost)
                     await nursery.start(self._subscribe, deliver)
                     nursery.start_soon(self._keep_lease)
+                    nursery.start_soon(self._introduce_batches)
                     log.info("cluster: process %s on %s", self.process, self.url)
                     task_status.started()
         finally:
@@ -528,15 +596,25 @@ class Cluster:
                     await trio.sleep(HEARTBEAT)
 
     def _forwarded(self, data: bytes, deliver: Any, nursery: trio.Nursery) -> None:
-        name, _, body = data.partition(b"\n")
-        try:
-            introduction = decode_body(body)
-            if not isinstance(introduction, Introduction):
-                raise ValueError(f"not an introduction: {type(introduction).__name__}")
-        except Exception as exc:  # another process's bug: drop it
-            log.error("cluster: dropping a malformed forwarded frame: %s", exc)
+        """Hand each introduction of one message (items ``name\\nbody``, joined by
+        newlines) to ``deliver``; drop what is not ours."""
+        lines = data.split(b"\n")
+        if len(lines) % 2:
+            log.error("cluster: dropping a malformed forwarded message: %d lines", len(lines))
             return
-        nursery.start_soon(deliver, name.decode(), introduction)
+        for name, body in zip(lines[::2], lines[1::2], strict=True):
+            try:
+                if len(body) > MAX_BODY:
+                    raise ValueError(f"a body of {len(body)} bytes")
+                introduction = decode_body(body)
+                if not isinstance(introduction, Introduction):
+                    raise ValueError(f"not an introduction: {type(introduction).__name__}")
+                peer = name.decode()
+            except Exception as exc:  # another process's bug: drop it
+                log.error("cluster: dropping a malformed forwarded frame: %s", exc)
+                continue
+            frame = _HEADER.pack(_MAGIC, PROTOCOL_VERSION, len(body)) + body
+            nursery.start_soon(deliver, peer, introduction, frame)
 
     async def claim(self, peer: Registration) -> None:
         """Enter ``peer``'s registration in Redis (sets ``peer.cluster_field``).
@@ -613,19 +691,59 @@ class Cluster:
         peer (for the other introduction), in one round trip; None if no live process
         holds it, or the one that does no longer listens (it died, its lease not yet out).
 
-        Redis writes the published frame to that process before it answers us.
+        Introductions asked for while a round trip is under way wait for it, then go
+        together in the next (at most :data:`INTRODUCE_BATCH`): one script call and
+        one message a process for the lot. Redis writes the published frames to their
+        processes before it answers us.
 
         Raises:
             ClusterUnavailable: Redis did not answer.
         """
-        frame = name.encode() + b"\n" + encode_frame(introduction)[_HEADER.size :]
-        script = self._scripts[_INTRODUCE]
-        call = script(keys=[self._key("name", name)], args=[self.prefix, frame])
-        receivers, flat = await self._call("introduce", call)
-        if not receivers:
+        if self._leaving:
+            raise ClusterUnavailable(_LEAVING)
+        pending = _Pending(name, name.encode() + b"\n" + encode_frame(introduction)[_HEADER.size :])
+        self._pending.append(pending)
+        self._wake.set()
+        await pending.done.wait()
+        if pending.failure is not None:
+            raise ClusterUnavailable(pending.failure)
+        if not pending.receivers:
             return None
-        fields = [(flat[i].decode(), json.loads(flat[i + 1])) for i in range(0, len(flat), 2)]
-        return remote_peer(name, fields)
+        return _remote_peer(name, tuple(pending.registrations))
+
+    async def _introduce_batches(self) -> None:
+        """Run the introduction script for what :meth:`introduce` queued, a batch at a
+        time, until cancelled; then fail whatever still waits."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while self._pending:
+                    batch = self._pending[:INTRODUCE_BATCH]
+                    del self._pending[:INTRODUCE_BATCH]
+                    await self._introduce_batch(batch)
+        finally:
+            for pending in self._pending:
+                pending.fail(_LEAVING)
+
+    async def _introduce_batch(self, batch: list[_Pending]) -> None:
+        script = self._scripts[_INTRODUCE]
+        keys = [self._key("name", p.name) for p in batch]
+        call = script(keys=keys, args=[self.prefix, *(p.item for p in batch)])
+        try:
+            answers = await self._call("introduce", call)
+        except ClusterUnavailable as exc:
+            for pending in batch:
+                pending.fail(str(exc))
+            return
+        except BaseException:
+            for pending in batch:
+                pending.fail(_LEAVING)
+            raise
+        for pending, (receivers, registrations) in zip(batch, answers, strict=True):
+            pending.receivers = receivers
+            pending.registrations = registrations
+            pending.done.set()
 
     async def allow(self, kind: str, key: str, most: int, now: float) -> bool:
         """Record one event of ``kind`` for ``key`` if fewer than ``most`` happened,

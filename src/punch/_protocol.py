@@ -849,8 +849,9 @@ class RendezvousConnection:
         self._buffer.clear()
         return out
 
-    def send(self, message: Message) -> bytes:
-        """Bytes for ``message``.
+    def send(self, message: Message, frame: bytes | None = None) -> bytes:
+        """Bytes for ``message``: ``frame`` if given (its encoding, made elsewhere:
+        an introduction another rendezvous process forwarded), else encoded here.
 
         Raises:
             LocalProtocolError: this side may not send it now.
@@ -859,7 +860,7 @@ class RendezvousConnection:
         if sender is not self.our_side:
             raise LocalProtocolError(f"{self.our_side.value} may not send {type(message).__name__}")
         self._check_order(message, LocalProtocolError)
-        return encode_frame(message)
+        return encode_frame(message) if frame is None else frame
 
     def receive_data(self, data: bytes | bytearray) -> list[Message]:
         """Feed bytes read from the peer; ``b""`` means it closed its side.

@@ -755,14 +755,15 @@ class RendezvousServer:
         error = Error("name-taken", f"{peer.name!r} was taken by peer ID {held.peer_id}")
         await self._refuse(peer.channel, error, drain=False)
 
-    async def deliver_forwarded(self, name: str, introduction: Introduction) -> None:
-        """Send an introduction another process made for our peer ``name``."""
+    async def deliver_forwarded(self, name: str, introduction: Introduction, frame: bytes) -> None:
+        """Send an introduction another process made for our peer ``name``: ``frame``,
+        its encoding as that process made it (decoded here: checked, not re-encoded)."""
         peer = self.peers.get(name)
         if peer is None:
             log.info("%r: a forwarded introduction for a peer no longer here", name)
             return
         try:
-            frame = peer.channel.connection.send(introduction)
+            frame = peer.channel.connection.send(introduction, frame)
         except LocalProtocolError as exc:
             log.info("%r: forwarded introduction not sent: %s", name, exc)
             return
