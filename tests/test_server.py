@@ -212,6 +212,20 @@ async def test_introductions_per_peer_are_rate_limited() -> None:
             assert (reply.code, reply.request_id) == ("rate-limited", 3)
 
 
+async def test_frames_that_arrive_in_one_segment_are_each_answered() -> None:
+    """Two requests in one write: the second waits in the channel's inbox, not in the
+    socket, and the server must answer it without more bytes arriving."""
+    async with server() as rendezvous:
+        async with raw_client(rendezvous) as asker, raw_client(rendezvous) as target:
+            await register(asker, "asker")
+            await register(target, "target")
+            frames = [asker.connection.send(ConnectRequest("target", i)) for i in (1, 2)]
+            await asker.stream.send_all(b"".join(frames))
+            with trio.fail_after(5):
+                answers = [await asker.receive(), await asker.receive()]
+            assert [a.request_id for a in answers if isinstance(a, Introduction)] == [1, 2]
+
+
 async def test_a_token_is_required_when_set() -> None:
     async with server(ServerLimits(token="s3cret")) as rendezvous:
         for token in (None, "wrong", "s3cre"):

@@ -773,6 +773,7 @@ class RendezvousServer:
         idle = self.limits.idle_timeout
         while True:
             with trio.move_on_after(idle):
+                await peer.channel.wait_readable()
                 message = await peer.channel.receive()
                 if message is None:
                     return
