@@ -158,7 +158,7 @@ async def test_two_dual_stack_hosts_punch_over_ipv6_first(
     ):
         assert Endpoint("::1", bob.local.port) in bob.host_candidates
         stream, accepted = await _punch(alice, bob)
-        assert stream.remote.family == socket.AF_INET6
+        assert stream.remote.family == socket.AF_INET6, "\n".join(map(repr, stream.attempts))
         assert stream.local == Endpoint("::1", alice.local.port)
         first = [a.candidate.endpoint for a in stream.attempts if a.number == 1]
         assert first[0] == Endpoint("::1", bob.local.port)  # IPv6 dialled first

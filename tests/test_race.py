@@ -871,14 +871,15 @@ LOOPBACK6 = Endpoint("::1", 1)
 
 
 async def _staggered(
-    behaviour: dict[Endpoint, float | None], stagger: float = 0.25
+    behaviour: dict[Endpoint, float | None], stagger: float = 0.25, error: OSError = REFUSED
 ) -> tuple[dict[Endpoint, list[float]], PunchFailed, list[Endpoint]]:
-    """A dual-stack race against ``behaviour``'s candidates (in that order); each
-    candidate's attempt times from the start, the failure, and the locals dialled from."""
+    """A dual-stack race against ``behaviour``'s candidates (in that order), each dial
+    failing with ``error``; each candidate's attempt times from the start, the
+    failure, and the locals dialled from."""
     attempts: dict[Endpoint, list[float]] = {}
     froms: list[Endpoint] = []
     intro, _ = introductions((), tuple(behaviour))
-    dial = _fake_dial(behaviour, attempts)
+    dial = _fake_dial(behaviour, attempts, error)
 
     async def recording_dial(
         local: Endpoint, remote: Endpoint, own: object, **_: object
@@ -918,6 +919,18 @@ async def test_ipv4_goes_at_once_when_every_ipv6_candidate_has_failed(
     v4, v6a, v6b = Endpoint("192.0.2.1", 1), Endpoint("2001:db8::1", 1), Endpoint("2001:db8::2", 1)
     times, _, _ = await _staggered({v4: None, v6a: 0.02, v6b: 0.05})
     assert times[v4] == pytest.approx([0.05])  # the last IPv6 refusal, not 0.25 s
+
+
+async def test_ipv4_keeps_the_stagger_when_the_ipv6_4_tuple_is_taken(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """EADDRNOTAVAIL: the peer's own connection on that IPv6 path holds the 4-tuple
+    (we accepted it; it is handshaking), so the path works and IPv4 must not jump
+    ahead of it (on loopback it then won 1 race in about 60)."""
+    v4, v6 = Endpoint("192.0.2.1", 1), Endpoint("2001:db8::1", 1)
+    taken = OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+    times, _, _ = await _staggered({v4: None, v6: 0.02}, error=taken)
+    assert times[v4] == pytest.approx([0.25])
 
 
 async def test_no_stagger_when_no_ipv6_candidate_is_dialled(
