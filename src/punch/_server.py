@@ -773,8 +773,7 @@ class RendezvousServer:
         idle = self.limits.idle_timeout
         while True:
             with trio.move_on_after(idle):
-                await peer.channel.wait_readable()
-                message = await peer.channel.receive()
+                message = await peer.channel.receive_idle()
                 if message is None:
                     return
                 if isinstance(message, ConnectRequest):
