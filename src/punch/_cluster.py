@@ -29,9 +29,11 @@ need of them lives in Redis, under one key prefix (``punch`` by default):
 ``{prefix}:to:{id}``
     the pub/sub channel on which other processes hand a process the
     introductions for its peers. One script finds the peer and publishes
-    its introduction (:meth:`Cluster.introduce`, one round trip), and Redis
-    writes the message to the subscriber before it answers the publisher,
-    so both introductions leave within about one round trip to Redis.
+    its introduction (:meth:`Cluster.introduce`, one round trip; the
+    introductions asked meanwhile share the next call, and one message per
+    process), and Redis writes the message to the subscriber before it
+    answers the publisher, so both introductions leave within about one
+    round trip to Redis.
 
 Redis is reached through ``coredis`` (built on anyio, so it runs on trio;
 ``tests/test_cluster.py`` proves it against a real ``redis-server``). Every
