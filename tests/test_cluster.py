@@ -239,6 +239,51 @@ async def test_a_partition_fails_remote_introductions_fast_and_keeps_local_ones(
             redis.resume()
 
 
+async def test_introductions_queued_behind_a_stalled_call_fail_with_it(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stops answering: the first introduction's round trip times out after
+    REDIS_TIMEOUT, and those queued behind it for the next batch fail with it, not
+    one timeout later."""
+    in_flight = trio.Event()
+    send_batch = Cluster._introduce_batch
+
+    async def observed(self: Cluster, batch: list[Any]) -> None:
+        in_flight.set()
+        await send_batch(self, batch)
+
+    monkeypatch.setattr(Cluster, "_introduce_batch", observed)
+    async with (
+        cluster(redis) as (a, b),
+        raw_client(b) as bob,
+        AsyncExitStack() as clients,
+    ):
+        askers = [await clients.enter_async_context(raw_client(a)) for _ in range(3)]
+        assert isinstance(await register(bob, "bob"), Registered)
+        for index, asker in enumerate(askers):
+            assert isinstance(await register(asker, f"asker{index}"), Registered)
+        redis.pause()
+        try:
+            codes: list[str] = []
+
+            async def answer(asker: ControlChannel) -> None:
+                reply = await asker.receive()
+                assert isinstance(reply, Error)
+                codes.append(reply.code)
+
+            with trio.fail_after(REDIS_TIMEOUT + 1):
+                async with trio.open_nursery() as nursery:
+                    await askers[0].send(ConnectRequest("bob", 1))
+                    nursery.start_soon(answer, askers[0])
+                    await in_flight.wait()  # the first batch is under way: the rest queue
+                    for asker in askers[1:]:
+                        await asker.send(ConnectRequest("bob", 1))
+                        nursery.start_soon(answer, asker)
+            assert codes == ["cluster-unavailable"] * 3
+        finally:
+            redis.resume()
+
+
 async def test_after_a_redis_restart_the_servers_write_their_peers_again(
     redis: RedisServer,
 ) -> None:

@@ -696,7 +696,8 @@ class Cluster:
         Introductions asked for while a round trip is under way wait for it, then go
         together in the next (at most :data:`INTRODUCE_BATCH`): one script call and
         one message a process for the lot. Redis writes the published frames to their
-        processes before it answers us.
+        processes before it answers us. A round trip that fails fails those waiting
+        too, so none waits longer than :data:`REDIS_TIMEOUT`.
 
         Raises:
             ClusterUnavailable: Redis did not answer.
@@ -735,7 +736,10 @@ class Cluster:
         try:
             answers = await self._call("introduce", call)
         except ClusterUnavailable as exc:
-            for pending in batch:
+            # those queued behind it would wait on the same Redis: they fail with it,
+            # so no introduction waits longer than REDIS_TIMEOUT for a stalled Redis
+            queued, self._pending = self._pending, []
+            for pending in (*batch, *queued):
                 pending.fail(str(exc))
             return
         except BaseException:
