@@ -73,9 +73,6 @@ from ._errors import PunchError
 from ._nat import NatFacts
 from ._protocol import (
     _HEADER,
-    _MAGIC,
-    MAX_BODY,
-    PROTOCOL_VERSION,
     Introduction,
     _endpoint_from_wire,
     _endpoint_to_wire,
@@ -83,6 +80,7 @@ from ._protocol import (
     _nat_to_wire,
     decode_body,
     encode_frame,
+    frame_body,
     introduction_candidates,
 )
 
@@ -606,8 +604,7 @@ class Cluster:
             return
         for name, body in zip(lines[::2], lines[1::2], strict=True):
             try:
-                if len(body) > MAX_BODY:
-                    raise ValueError(f"a body of {len(body)} bytes")
+                frame = frame_body(body)
                 introduction = decode_body(body)
                 if not isinstance(introduction, Introduction):
                     raise ValueError(f"not an introduction: {type(introduction).__name__}")
@@ -615,7 +612,6 @@ class Cluster:
             except Exception as exc:  # another process's bug: drop it
                 log.error("cluster: dropping a malformed forwarded frame: %s", exc)
                 continue
-            frame = _HEADER.pack(_MAGIC, PROTOCOL_VERSION, len(body)) + body
             nursery.start_soon(deliver, peer, introduction, frame)
 
     async def claim(self, peer: Registration) -> None:

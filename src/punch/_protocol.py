@@ -734,6 +734,15 @@ def encode_frame(message: Message) -> bytes:
         LocalProtocolError: not a message, or its frame would exceed :data:`MAX_FRAME`.
     """
     body = json.dumps(_to_wire(message), separators=(",", ":"), ensure_ascii=False).encode()
+    return frame_body(body)
+
+
+def frame_body(body: bytes) -> bytes:
+    """One frame (header, then ``body``) for an encoded body.
+
+    Raises:
+        LocalProtocolError: the frame would exceed :data:`MAX_FRAME`.
+    """
     if len(body) > MAX_BODY:
         raise LocalProtocolError(f"frame of {len(body) + _HEADER.size} bytes exceeds {MAX_FRAME}")
     return _HEADER.pack(_MAGIC, PROTOCOL_VERSION, len(body)) + body
