@@ -12,6 +12,7 @@ from punch import Endpoint, SelfDialError, reuse, reuse_available
 from punch.reuse import abort, check_not_self, dial, open_listener
 from tests.helpers import (
     TCP_ESTABLISHED,
+    TCP_SYN_RECV,
     TCP_SYN_SENT,
     nonblocking_client,
     open_fds,
@@ -196,3 +197,54 @@ async def test_an_rst_refused_socket_is_not_kept() -> None:
         await dial(Endpoint("127.0.0.1", 0), Endpoint("127.0.0.1", closed_port), redial=redial)
     assert not redial.kept
     assert open_fds() == before
+
+
+DROP_RSTS = [(0x30, 0, 0, 13), (0x54, 0, 0, 0x04), (0x15, 0, 1, 0x04), (0x06, 0, 0, 0)]
+DROP_RSTS.append((0x06, 0, 0, 0xFFFFFFFF))
+"""Classic BPF: drop a segment with RST set (ldb [13]; and #4; jeq #4 -> drop), pass the rest."""
+
+
+@pytest.mark.parametrize("taken_by", ["dial", "prime, then dial"])
+async def test_a_kept_socket_the_peer_s_syn_met_is_left_to_finish_the_open(taken_by: str) -> None:
+    """The peer's SYN can meet a socket that :class:`reuse.Redial` keeps (SYN_RECV: a
+    simultaneous open under way) just before our next dial, or priming SYN, takes it.
+    Both must let that open finish: disconnecting the socket would answer the peer
+    with an RST, which closes both NATs' entries (the netns lab's ``cone-rst x
+    cone-icmp`` cell failed about 1 trial in 25 that way)."""
+    ours, peer = nonblocking_client("127.0.0.1"), nonblocking_client("127.0.0.1")
+    a, b = (Endpoint.from_sockaddr(s.getsockname()) for s in (ours, peer))
+    kept, deaf_peer = trio.socket.from_stdlib_socket(ours), trio.socket.from_stdlib_socket(peer)
+    # No listener on b: the RST is dropped, so ours stays in SYN_SENT, as a socket does
+    # whose ICMP refusal came while a call of ours held it (a soft error).
+    reuse._attach_filter(kept, DROP_RSTS)
+    assert ours.connect_ex(b.sockaddr()) == errno.EINPROGRESS
+    assert tcp_state(ours) == TCP_SYN_SENT
+    # The peer's SYN meets it; our SYN-ACK is not heard yet.
+    reuse._attach_filter(deaf_peer, reuse._DROP_ALL)
+    assert peer.connect_ex(a.sockaddr()) == errno.EINPROGRESS
+    assert tcp_state(ours) == TCP_SYN_RECV
+    redial = reuse.Redial()
+    redial._keep(kept, b)
+    if taken_by.startswith("prime"):
+        reuse.prime(a, b, redial)
+        assert redial.kept
+        assert tcp_state(ours) == TCP_SYN_RECV  # no RST, no new SYN
+    streams: list[trio.SocketStream] = []
+
+    async def take() -> None:
+        streams.append(await dial(a, b, redial=redial))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take)
+            await trio.testing.wait_all_tasks_blocked()
+            assert tcp_state(ours) == TCP_SYN_RECV  # the dial waits on the open under way
+            reuse._detach_filter(deaf_peer)  # a retransmission (1 s) now completes it
+    async with streams[0] as stream:
+        assert stream.socket is kept
+        assert tcp_state(peer) == TCP_ESTABLISHED
+        await stream.send_all(b"ping")
+        with trio.fail_after(5):
+            await trio.lowlevel.wait_readable(peer)
+        assert peer.recv(4) == b"ping"
+    peer.close()

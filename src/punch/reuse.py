@@ -302,7 +302,8 @@ class Redial:
     socket (a path of microseconds, as in a lab with no delay) is only a soft
     error (``sk_err_soft``, tcp_ipv4.c ``tcp_v4_err``): the connect reports the
     refusal, yet the socket stays in SYN_SENT and may still meet the peer's SYN
-    in a simultaneous open. The next dial then finds it connected and returns it.
+    in a simultaneous open. The next dial then lets that open finish and returns
+    the socket, instead of disconnecting it with an RST (:func:`_reopen`).
 
     Pass one ``Redial`` to every :func:`dial` of one remote; :meth:`close` it
     when done. Not for concurrent dials. Linux only; elsewhere nothing is kept.
@@ -335,7 +336,7 @@ class Redial:
             self._sock = None
 
 
-_TCP_ESTABLISHED = 1  # include/net/tcp_states.h
+_TCP_ESTABLISHED, _TCP_SYN_RECV = 1, 3  # include/net/tcp_states.h
 _AF_UNSPEC_SOCKADDR = struct.pack("H14x", socket.AF_UNSPEC)
 
 
@@ -402,22 +403,41 @@ def _disconnect(sock: trio.socket.SocketType) -> None:
     sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
-async def _connect(sock: trio.socket.SocketType, remote: Endpoint, refused_before: bool) -> None:
-    """Connect ``sock``; one whose last connect was refused is disconnected first, unless
-    it connected meanwhile.
+def _reopen(sock: trio.socket.SocketType) -> bool:
+    """Ready a kept socket (:class:`Redial`) for its next SYN; whether the peer's SYN met
+    it meanwhile.
 
     A refusal is not always the end of the socket: an ICMP error that arrives
-    while our own ``connect`` call still holds the socket (a path of
-    microseconds) is only a soft error (``sk_err_soft``, tcp_ipv4.c
-    ``tcp_v4_err``), reported as the connect's failure, while the socket stays
-    in SYN_SENT and may yet make a simultaneous open with the peer's SYN.
+    while a call of ours holds the socket (a path of microseconds) is only a
+    soft error (``sk_err_soft``, tcp_ipv4.c ``tcp_v4_err``), reported as the
+    connect's failure, while the socket stays in SYN_SENT. The peer's SYN may
+    then meet it: a simultaneous open, under way (SYN_RECV) or done
+    (ESTABLISHED). Such a socket is left to finish, its filter removed, and
+    True is returned: a disconnect would answer the peer with an RST
+    (``tcp_disconnect``), which puts both NATs' entries in CLOSE for 10 s
+    (``nf_conntrack_tcp_timeout_close``), where behind an RST-answering NAT
+    the peer's every later SYN is refused (the netns lab's ``cone-rst x
+    cone-icmp`` cell failed about 1 trial in 25 that way, when the peer's
+    retry reached a kept socket just as our own retry took it). Any other
+    socket is disconnected and False returned. A filter that drops every
+    segment is on from before the look at the state (and stays on after a
+    disconnect), so no SYN can slip in between the look and the disconnect.
     """
-    if refused_before:
-        _detach_filter(sock)  # a primed socket's (see prime)
-        if _tcp_state(sock) == _TCP_ESTABLISHED:
-            return
-        _disconnect(sock)
-    await sock.connect(remote.sockaddr())
+    if sys.platform.startswith("linux"):
+        _attach_filter(sock, _DROP_ALL)
+    if _tcp_state(sock) in (_TCP_ESTABLISHED, _TCP_SYN_RECV):
+        _detach_filter(sock)
+        return True
+    _disconnect(sock)
+    return False
+
+
+async def _connect(sock: trio.socket.SocketType, remote: Endpoint, refused_before: bool) -> None:
+    """Connect ``sock``; one whose last connect was refused is reopened first
+    (:func:`_reopen`), or waited for if the peer's SYN met it meanwhile."""
+    if refused_before and not _reopen(sock):
+        _detach_filter(sock)  # disconnected: deaf no more, the SYN goes now
+    await sock.connect(remote.sockaddr())  # an open under way: EALREADY, then wait
 
 
 async def dial(
@@ -437,8 +457,8 @@ async def dial(
         own: see :func:`check_not_self`.
         redial: where a socket refused by an ICMP error is kept and taken from
             (see :class:`Redial`): the next dial with the same ``redial`` and
-            ``remote`` connects that socket again, or returns it if it connected
-            meanwhile.
+            ``remote`` connects that socket again, or, if the peer's SYN met it
+            meanwhile, waits for that simultaneous open and returns it.
         shared: False: a socket of its own, without the reuse options, from a
             new port of ``local``'s address that ``connect`` picks (``local``'s
             port is ignored; ip(7) ``IP_BIND_ADDRESS_NO_PORT``): a birthday
@@ -563,11 +583,6 @@ def prime(
         raise ValueError(f"ttl must be 1-255, not {ttl!r}")
     local, remote = _endpoints(local, remote, own)
     sock = redial._take(remote)
-    if sock is not None and _tcp_state(sock) == _TCP_ESTABLISHED:
-        redial._keep(sock, remote)  # connected meanwhile: the next dial returns it
-        return
-    if sock is not None:
-        _detach_filter(sock)
     level, option = (
         (socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS)
         if remote.family == socket.AF_INET6
@@ -576,8 +591,9 @@ def prime(
     try:
         if sock is None:
             sock = bind_reusable(local)
-        else:
-            _disconnect(sock)
+        elif _reopen(sock):
+            redial._keep(sock, remote)  # the peer's SYN met it: the next dial waits for it
+            return
         _before_connect(sock, True)
         sock.setsockopt(level, option, ttl)
         try:  # the SYN leaves within connect(2); trio's connect would wait for an answer
