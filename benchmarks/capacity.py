@@ -137,6 +137,20 @@ def register(
     return socks
 
 
+def keep_alive(held: list[socket.socket], swept: float) -> float:
+    """A Keepalive on every ``held`` connection once :data:`KEEPALIVE_EVERY` seconds
+    have passed since ``swept`` (monotonic), so the server drops none as idle (its
+    idle timeout: 45 s by default); returns when it last swept."""
+    if time.monotonic() - swept <= KEEPALIVE_EVERY:
+        return swept
+    for sock in held:
+        sock.sendall(_KEEPALIVE)
+    return time.monotonic()
+
+
+_KEEPALIVE = encode_frame(Keepalive())
+
+
 def register_pairs(
     address: tuple[str, int], pairs: int, where: Iterator[str]
 ) -> tuple[list[socket.socket], list[socket.socket]]:
@@ -162,17 +176,13 @@ def idle_peers(milestones: tuple[int, ...]) -> dict[str, Any]:
         time.sleep(0.5)  # let the interpreter finish starting before the baseline reading
         baseline = rss(server.pid)
         where, swept, started = sources(), time.monotonic(), time.monotonic()
-        keepalive = encode_frame(Keepalive())
         points = []
         for target in milestones:
             while len(held) < target:
                 count = min(BATCH, target - len(held))
                 names = [f"p{len(held) + i}" for i in range(count)]
                 held += register(address, names, where)
-                if time.monotonic() - swept > KEEPALIVE_EVERY:
-                    for sock in held:
-                        sock.sendall(keepalive)
-                    swept = time.monotonic()
+                swept = keep_alive(held, swept)
             size = rss(server.pid)
             points.append(
                 {

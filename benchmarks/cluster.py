@@ -143,13 +143,14 @@ def skew(attempts: int) -> dict[str, Any]:
 
 
 def _processes_of(redis: RedisServer, names: list[str]) -> list[bytes]:
-    """The process each name is registered on, from the registry's hash fields."""
+    """The process each name is registered on, from the registry's hash fields
+    (``b""``: not registered)."""
     import coredis
 
     async def read() -> list[bytes]:
         async with coredis.Redis.from_url(redis.url) as client:
             fields = [await client.hkeys(f"punch:name:{name}") for name in names]
-        return [next(iter(f)).split(b"/")[0] for f in fields]
+        return [next(iter(f), b"").split(b"/")[0] for f in fields]
 
     return asyncio.run(read())
 
@@ -199,10 +200,14 @@ def idle_memory(workers: int, peers: int) -> dict[str, Any]:
             serving = _processes(server)
             held += capacity.register(address, [f"w{i}" for i in range(capacity.BATCH)], where)
             before = {p.pid: p.memory_info().rss for p in serving}
+            swept, names = time.monotonic(), []
             while len(held) < peers + capacity.BATCH:
-                names = [f"p{len(held) + i}" for i in range(capacity.BATCH)]
-                held += capacity.register(address, names, where)
+                names += [f"p{len(held) + i}" for i in range(capacity.BATCH)]
+                held += capacity.register(address, names[-capacity.BATCH :], where)
+                swept = capacity.keep_alive(held, swept)
             grown = sum(p.memory_info().rss - before[p.pid] for p in serving)
+            if not all(_processes_of(redis, names)):  # none dropped as idle meanwhile
+                raise RuntimeError("a peer's registration was gone before the reading")
             return {"workers": workers, "peers": peers, "per_peer": grown / peers}
         finally:
             for sock in held:
