@@ -37,7 +37,16 @@ from punch._server import (
     source_key,
 )
 from punch.reuse import abort
-from tests.helpers import IDENTITY, raw_client, refused_with, register, send_register
+from tests.helpers import (
+    IDENTITY,
+    TCP_ESTABLISHED,
+    nonblocking_client,
+    raw_client,
+    refused_with,
+    register,
+    send_register,
+    tcp_state,
+)
 
 STRICT = ServerLimits(exempt=())  # loopback counted like any other source
 
@@ -378,3 +387,27 @@ async def test_a_flood_of_garbage_is_a_few_warnings_and_a_count(
     assert "45 more malformed connections from 1 source(s) not logged" in warnings()[5]
     assert "(the most from 127.0.0.1: 45)" in warnings()[5]
     assert "protocol error" in warnings()[6]  # a new minute: logged again
+
+
+async def test_every_server_listener_holds_a_reconnect_storm_until_it_accepts() -> None:
+    """Peers reconnect in storms (after a restart, thousands within a second). The
+    kernel completes their handshakes before the server accepts them, up to each
+    listener's backlog (``SERVER_BACKLOG``, capped by ``net.core.somaxconn``); past
+    it the SYN is dropped and the peer retries a second later. A peer's own
+    listener's 128 overflowed there."""
+    storm = 300
+    async with trio.open_nursery() as nursery:
+        probes: list[Endpoint] = []
+        serve = partial(serve_rendezvous, "127.0.0.1", 0, probe_port=0, probe_bound=probes)
+        rendezvous = await nursery.start(serve)
+        for target in (rendezvous, probes[0]):
+            clients = [nonblocking_client("127.0.0.1") for _ in range(storm)]
+            try:
+                for client in clients:  # no checkpoint: the server accepts none meanwhile
+                    client.connect_ex(target.sockaddr())
+                established = sum(tcp_state(client) == TCP_ESTABLISHED for client in clients)
+            finally:
+                for client in clients:
+                    client.close()
+            assert established == storm, target
+        nursery.cancel_scope.cancel()

@@ -69,6 +69,12 @@ log = logging.getLogger("punch.server")
 
 REGISTRATION_TIMEOUT = 10.0
 """Seconds a new control connection has to complete its Register (TLS included)."""
+SERVER_BACKLOG = 65535
+"""listen(2) backlog of every server listener; the kernel caps it at
+``net.core.somaxconn`` (4096 by default since Linux 5.4), as for trio's own
+``open_tcp_listeners``. Peers reconnect in storms (after a restart, thousands
+within a second); a backlog of 128 overflowed there, and each SYN it dropped
+cost its peer a retransmission a second later (``ListenOverflows``)."""
 SEND_TIMEOUT = 5.0
 """Seconds a frame may take to leave; a peer that does not read is dropped."""
 REFUSAL_TIMEOUT = 1.0
@@ -1019,7 +1025,7 @@ def _server_listener(
             except OSError:
                 log.info("%s: this OS keeps IPv6 sockets IPv6-only", bind)
         sock.bind(bind.sockaddr())
-        sock.listen(reuse.LISTEN_BACKLOG)
+        sock.listen(SERVER_BACKLOG)
     except BaseException:
         sock.close()
         raise
@@ -1039,7 +1045,7 @@ def _port_listeners(
     listeners: list[trio.SocketListener] = []
     try:
         for ip in addresses:
-            listeners.append(reuse.open_listener(Endpoint(ip, port)))
+            listeners.append(reuse.open_listener(Endpoint(ip, port), SERVER_BACKLOG))
             port = port or listeners[0].socket.getsockname()[1]
     except BaseException:
         for listener in listeners:

@@ -139,18 +139,21 @@ def _bind_new_port(local: Endpoint) -> trio.socket.SocketType:
     return trio.socket.from_stdlib_socket(sock)
 
 
-def open_listener(local: _EndpointLike) -> trio.SocketListener:
+def open_listener(local: _EndpointLike, backlog: int = LISTEN_BACKLOG) -> trio.SocketListener:
     """A listening socket on ``local`` that dials on the same port can share.
 
     Args:
-        local: as :func:`bind_reusable`; the backlog is :data:`LISTEN_BACKLOG` (128).
+        local: as :func:`bind_reusable`.
+        backlog: connections the kernel completes before they are accepted
+            (listen(2); capped at ``net.core.somaxconn``); default
+            :data:`LISTEN_BACKLOG` (128), for a peer's own listener.
 
     Raises:
         TypeError, ValueError, ReuseUnavailable, OSError: as :func:`bind_reusable`.
     """
     sock = bind_reusable(local)
     try:
-        sock.listen(LISTEN_BACKLOG)
+        sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
