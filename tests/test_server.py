@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import logging
 import ssl
@@ -233,6 +234,19 @@ async def test_frames_that_arrive_in_one_segment_are_each_answered() -> None:
             with trio.fail_after(5):
                 answers = [await asker.receive(), await asker.receive()]
             assert [a.request_id for a in answers if isinstance(a, Introduction)] == [1, 2]
+
+
+async def test_idle_peers_wait_without_keeping_an_exception_alive() -> None:
+    """A registered peer waits for its next frame in ``ControlChannel.receive_idle``;
+    the ``BlockingIOError`` of its last empty read must not live as long as that wait
+    (its traceback and message: about 530 bytes of every idle peer's memory)."""
+    async with server() as rendezvous:
+        async with raw_client(rendezvous) as one, raw_client(rendezvous) as two:
+            await register(one, "one")
+            await register(two, "two")
+            await trio.testing.wait_all_tasks_blocked()
+            gc.collect()
+            assert not [o for o in gc.get_objects() if isinstance(o, BlockingIOError)]
 
 
 async def test_a_token_is_required_when_set() -> None:

@@ -68,13 +68,16 @@ class ControlChannel:
         waited = False
         while not self._inbox:
             try:
-                data = os.read(self.socket.fileno(), _RECEIVE_SIZE)
+                data: bytes | None = os.read(self.socket.fileno(), _RECEIVE_SIZE)
             except BlockingIOError:
+                data = None  # waited for below, not here: inside this clause the error
+                # (its traceback and message: 530 bytes) would live as long as the wait
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            if data is None:
                 await trio.lowlevel.wait_readable(self.socket)
                 waited = True
                 continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
             self._inbox.extend(self.connection.receive_data(data))
             if not data:
                 return None
