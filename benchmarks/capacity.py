@@ -8,9 +8,11 @@ Every loop here is bounded in count and in time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -87,14 +89,21 @@ def cpu_seconds(pid: int) -> float:
 
 def start(argv: list[str]) -> tuple[subprocess.Popen[str], tuple[str, int]]:
     """Start a server that prints ``ip:port`` on its first line; return it and the address."""
-    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert server.stdout is not None
-    ip, port = server.stdout.readline().strip().rsplit(":", 1)
+    try:
+        ip, port = server.stdout.readline().strip().rsplit(":", 1)
+    except ValueError:
+        stop(server)
+        raise RuntimeError(f"{argv[:4]}: no address printed (port taken?)") from None
     return server, (ip, int(port))
 
 
 def stop(server: subprocess.Popen[str]) -> None:
-    server.kill()
+    """Kill the server and whatever it started (``--workers``): its own session, so
+    its own process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
     server.wait(timeout=10)
 
 
