@@ -143,16 +143,26 @@ def skew(attempts: int) -> dict[str, Any]:
 
 
 def _processes_of(redis: RedisServer, names: list[str]) -> list[bytes]:
-    """The process each name is registered on, from the registry's hash fields
-    (``b""``: not registered)."""
+    """The process each name is registered on, from the registry's hash fields."""
     import coredis
 
     async def read() -> list[bytes]:
         async with coredis.Redis.from_url(redis.url) as client:
             fields = [await client.hkeys(f"punch:name:{name}") for name in names]
-        return [next(iter(f), b"").split(b"/")[0] for f in fields]
+        return [next(iter(f)).split(b"/")[0] for f in fields]
 
     return asyncio.run(read())
+
+
+def _registered(redis: RedisServer, names: list[str]) -> int:
+    """How many of ``names`` the registry holds (one ``EXISTS`` call)."""
+    import coredis
+
+    async def count() -> int:
+        async with coredis.Redis.from_url(redis.url) as client:
+            return int(await client.exists([f"punch:name:{name}" for name in names]))
+
+    return asyncio.run(count())
 
 
 def _skews(asker: socket.socket, target: socket.socket, name: str, attempts: int) -> dict[str, Any]:
@@ -206,7 +216,7 @@ def idle_memory(workers: int, peers: int) -> dict[str, Any]:
                 held += capacity.register(address, names[-capacity.BATCH :], where)
                 swept = capacity.keep_alive(held, swept)
             grown = sum(p.memory_info().rss - before[p.pid] for p in serving)
-            if not all(_processes_of(redis, names)):  # none dropped as idle meanwhile
+            if _registered(redis, names) != len(names):  # none dropped as idle meanwhile
                 raise RuntimeError("a peer's registration was gone before the reading")
             return {"workers": workers, "peers": peers, "per_peer": grown / peers}
         finally:
