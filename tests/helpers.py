@@ -64,7 +64,7 @@ def probe_in_namespace(name: str, ruleset: str, module: str, *args: str) -> Any:
     return json.loads(probe.stdout)
 
 
-TCP_ESTABLISHED, TCP_SYN_SENT, TCP_SYN_RECV = 1, 2, 3  # include/net/tcp_states.h
+TCP_ESTABLISHED, TCP_SYN_SENT, TCP_SYN_RECV, TCP_CLOSE = 1, 2, 3, 7  # include/net/tcp_states.h
 
 
 def tcp_state(sock: socket.socket) -> int:

@@ -35,6 +35,7 @@ from punch._race import Inbound, InboundRouter, PunchOptions, Race
 from punch._tls import TLSStream
 from tests.helpers import (
     IDENTITY,
+    TCP_CLOSE,
     TCP_ESTABLISHED,
     TCP_SYN_SENT,
     Player,
@@ -382,6 +383,33 @@ async def test_a_route_opened_and_closed_at_once_leaves_the_router_clean() -> No
             router.open_route(b"q" * 16)
             router.close_route(b"q" * 16)
         assert not router.listening
+
+
+async def test_the_router_listens_while_held_routes_or_not() -> None:
+    """An initiator holds the listener open while its introduction is on the way:
+    a SYN then meets a listener, a route closed meanwhile does not close it, and the
+    release with no route left does."""
+    async with race_side(LOOPBACK) as (local, router):
+        assert not router.listening
+        with router.listen_meanwhile():
+            assert router.listening
+            with nonblocking_client("127.0.0.1") as early:
+                early.connect_ex(local.sockaddr())
+                # loopback delivers within connect(): a listener has answered by now
+                assert tcp_state(early) == TCP_ESTABLISHED
+            router.open_route(b"h" * 16)  # the introduction
+            router.close_route(b"h" * 16)
+            assert router.listening
+            router.open_route(b"i" * 16)
+        assert router.listening  # a route still open
+        router.close_route(b"i" * 16)
+        assert not router.listening
+        with router.listen_meanwhile():
+            pass
+        assert not router.listening
+        with nonblocking_client("127.0.0.1") as late:
+            late.connect_ex(local.sockaddr())
+            assert tcp_state(late) == TCP_CLOSE  # refused: nothing listens
 
 
 async def test_the_router_s_listener_leaves_dropped_endpoints_syns_unanswered() -> None:

@@ -366,7 +366,7 @@ class Host:
                 await self._live_channel().send(attrs.evolve(request, request_id=request_id))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise RendezvousError("closed", "control connection lost") from exc
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(timeout), self._router.listen_meanwhile():
                 reply = await receive.receive()
             if reply is None:
                 raise RendezvousError(
