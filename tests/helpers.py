@@ -17,7 +17,7 @@ from netns.lab import Lab
 
 from punch import Candidate, CandidateType, Endpoint, PeerStream, Role
 from punch._control import ControlChannel
-from punch._handshake import NOMINATION_SIZE, Handshake, Stage
+from punch._handshake import HELLO_SIZE, NOMINATION_SIZE, Handshake, Stage
 from punch._host import signed_register
 from punch._identity import Identity
 from punch._protocol import Challenge, Error, Introduction, RendezvousConnection, Side
@@ -166,7 +166,7 @@ class Player:
         Raises:
             HandshakeError: it is not a valid Nomination (or the stream closed first).
         """
-        await self.reader.send(self.shake.receive(await self.reader.exactly(NOMINATION_SIZE)))
+        self.shake.receive(await self.reader.exactly(NOMINATION_SIZE))
 
 
 async def play_peer(
@@ -175,17 +175,19 @@ async def play_peer(
     """Authenticate ``stream`` as the peer named by ``intro``'s role (test-side handshake).
 
     Both sides speak at once, as the race does; returns once the peer is
-    authenticated (a responder has sent its Proof and awaits the Nomination).
-    ``hold``: what the peer answers to a Hello (a responder's Proof) waits for it.
+    authenticated (a responder has sent its Proof and read the Hello, and awaits
+    the Nomination). ``hold``: a responder's Proof waits for it (its Hello goes
+    at once).
     """
     reader = ExactReader(stream)  # type: ignore[arg-type]
     shake = Handshake(intro.role, intro.attempt_id, intro.secret)
-    await reader.send(shake.hello())
+    opening = shake.opening()
+    await reader.send(opening[:HELLO_SIZE])
+    if hold is not None:
+        await hold.wait()
+    await reader.send(opening[HELLO_SIZE:])
     while shake.expecting and shake.stage is not Stage.NOMINATION:
-        answer = shake.receive(await reader.exactly(shake.expecting))
-        if answer and hold is not None:
-            await hold.wait()
-        await reader.send(answer)
+        shake.receive(await reader.exactly(shake.expecting))
     return Player(reader, shake)
 
 

@@ -25,31 +25,42 @@ def pair() -> tuple[Handshake, Handshake]:
     return Handshake(Role.INITIATOR, attempt, secret), Handshake(Role.RESPONDER, attempt, secret)
 
 
+def proof_of(responder: Handshake) -> bytes:
+    """The Proof in the responder's opening."""
+    return responder.opening()[HELLO_SIZE:]
+
+
 def run(initiator: Handshake, responder: Handshake) -> bytes:
-    """Both Hellos cross at once; returns the Nomination the responder took."""
-    proof = responder.receive(initiator.hello())
-    assert initiator.receive(responder.hello()) == b""
-    assert initiator.receive(proof) == b""
+    """Both openings cross at once; returns the Nomination the responder took."""
+    responder.receive(initiator.opening())
+    initiator.receive(responder.hello())
+    initiator.receive(proof_of(responder))
     nomination = initiator.nominate()
-    assert responder.receive(nomination) == b""
+    responder.receive(nomination)
     return nomination
 
 
-def test_both_sides_authenticate_in_one_exchange_each_way() -> None:
+def test_the_responder_proves_in_its_opening_and_the_initiator_nominates_on_reading_it() -> None:
+    """Neither side waits for the other before speaking: the responder's Proof leaves
+    with its Hello, so the initiator can nominate after one message from the peer."""
     initiator, responder = pair()
+    assert initiator.opening() == initiator.hello()
+    assert len(initiator.opening()) == HELLO_SIZE
+    opening = responder.opening()
+    assert len(opening) == HELLO_SIZE + PROOF_SIZE
+    assert opening[:HELLO_SIZE] == responder.hello()
     assert (initiator.expecting, responder.expecting) == (HELLO_SIZE, HELLO_SIZE)
-    proof = responder.receive(initiator.hello())  # answered at once, with no wait
-    assert len(proof) == PROOF_SIZE
-    assert responder.stage is Stage.NOMINATION
-    assert responder.expecting == NOMINATION_SIZE
-    initiator.receive(responder.hello())
+    initiator.receive(opening[:HELLO_SIZE])  # the responder's opening, read first
     assert initiator.expecting == PROOF_SIZE
-    initiator.receive(proof)
+    initiator.receive(opening[HELLO_SIZE:])
     assert initiator.stage is Stage.AUTHENTICATED
     assert initiator.expecting == 0
     nomination = initiator.nominate()
     assert len(nomination) == NOMINATION_SIZE
     assert initiator.stage is Stage.NOMINATED
+    responder.receive(initiator.opening())  # the initiator's Hello, read late: no matter
+    assert responder.stage is Stage.NOMINATION
+    assert responder.expecting == NOMINATION_SIZE
     responder.receive(nomination)
     assert responder.stage is Stage.NOMINATED
     assert responder.expecting == 0
@@ -58,12 +69,11 @@ def test_both_sides_authenticate_in_one_exchange_each_way() -> None:
 def test_wrong_secret_is_rejected_both_ways() -> None:
     initiator, responder = pair()
     stranger = Handshake(Role.RESPONDER, responder.attempt_id, secrets.token_bytes(32))
-    proof = stranger.receive(initiator.hello())
     initiator.receive(stranger.hello())
     with pytest.raises(HandshakeError, match="proof does not match"):
-        initiator.receive(proof)
+        initiator.receive(proof_of(stranger))
     impostor = Handshake(Role.INITIATOR, responder.attempt_id, secrets.token_bytes(32))
-    proof = responder.receive(impostor.hello())
+    responder.receive(impostor.hello())
     impostor.stage = Stage.AUTHENTICATED  # as if it ignored the proof it cannot check
     impostor.peer_nonce = responder.nonce
     with pytest.raises(HandshakeError, match="nomination does not match"):
@@ -90,18 +100,35 @@ def test_hello_for_another_attempt_is_rejected() -> None:
         initiator.receive(foreign.hello())
 
 
-def test_a_proof_replayed_on_another_connection_of_the_attempt_is_rejected() -> None:
-    initiator, responder = pair()
-    recorded = responder.receive(initiator.hello())
-    # same attempt and secret, the responder's nonce replayed too: a new
-    # initiator nonce on this connection makes the old proof useless
-    again = Handshake(Role.INITIATOR, initiator.attempt_id, initiator.secret)
-    replayer = Handshake(
-        Role.RESPONDER, initiator.attempt_id, initiator.secret, nonce=responder.nonce
+def test_a_proof_from_another_attempt_is_rejected_even_with_its_hello() -> None:
+    """A responder's whole opening recorded in one attempt, replayed in the next
+    between the same peers (same nonce, same role): the attempt id differs."""
+    initiator, _ = pair()
+    earlier = Handshake(Role.RESPONDER, secrets.token_bytes(16), secrets.token_bytes(32))
+    forged = Handshake(
+        Role.RESPONDER, initiator.attempt_id, initiator.secret, nonce=earlier.nonce
     )
-    again.receive(replayer.hello())
+    initiator.receive(forged.hello())  # the Hello names this attempt; its MAC cannot
     with pytest.raises(HandshakeError, match="proof does not match"):
-        again.receive(recorded)
+        initiator.receive(proof_of(earlier))
+
+
+def test_a_proof_replayed_within_its_attempt_verifies_but_wins_no_nomination_back() -> None:
+    """As the module says: the Proof binds the responder's nonce, not the initiator's,
+    so a responder's opening recorded on one connection of this attempt verifies on
+    another; the Nomination that the replayed connection then gets binds the
+    initiator's nonce of that connection, and the real responder, on its own
+    connection, refuses it."""
+    initiator, responder = pair()
+    recorded = responder.opening()
+    again = Handshake(Role.INITIATOR, initiator.attempt_id, initiator.secret)
+    again.receive(recorded[:HELLO_SIZE])
+    again.receive(recorded[HELLO_SIZE:])
+    assert again.stage is Stage.AUTHENTICATED
+    nomination = again.nominate()
+    responder.receive(initiator.hello())
+    with pytest.raises(HandshakeError, match="nomination does not match"):
+        responder.receive(nomination)
 
 
 def test_a_nomination_replayed_on_another_connection_is_rejected() -> None:
@@ -123,6 +150,10 @@ def test_a_mac_reflected_at_its_author_is_rejected() -> None:
     own = initiator._mac(Role.INITIATOR)
     with pytest.raises(HandshakeError, match="proof does not match"):
         initiator.receive(own)
+    # and the responder's own Proof sent back to it as a Nomination
+    responder.receive(initiator.hello())
+    with pytest.raises(HandshakeError, match="nomination does not match"):
+        responder.receive(b"N" + proof_of(responder))
 
 
 def test_messages_out_of_turn_are_errors() -> None:
@@ -140,7 +171,7 @@ def test_messages_out_of_turn_are_errors() -> None:
 
 def test_garbage_instead_of_a_nomination() -> None:
     initiator, responder = pair()
-    responder.receive(initiator.hello())
+    responder.receive(initiator.opening())
     with pytest.raises(HandshakeError, match="garbage instead of a nomination"):
         responder.receive(b"X" * NOMINATION_SIZE)
 
@@ -208,7 +239,8 @@ def test_plaintext_sides_agree_and_their_macs_differ_from_encrypting_ones() -> N
     for encrypt in (False, True):
         initiator = Handshake(Role.INITIATOR, attempt, secret, nonces[0], encrypt=encrypt)
         responder = Handshake(Role.RESPONDER, attempt, secret, nonces[1], encrypt=encrypt)
-        proofs.append(responder.receive(initiator.hello()))
+        responder.receive(initiator.opening())
+        proofs.append(proof_of(responder))
         initiator.receive(responder.hello())
         initiator.receive(proofs[-1])
         assert initiator.stage is Stage.AUTHENTICATED

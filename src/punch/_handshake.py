@@ -10,32 +10,46 @@ Wire (all fixed size, so each read is exact)::
 
     Hello      = b"PNCH" | version u8 | role u8 | attempt_id[16] | nonce[16]
                  | flags u8                                                 (39 bytes)
-    Proof      = HMAC-SHA256(secret, transcript(responder))                 (32 bytes)
-    Nomination = b"N" | HMAC-SHA256(secret, transcript(initiator))          (33 bytes)
-
-    transcript(sender) = b"punch-handshake-v3" | attempt_id
-                         | initiator_nonce | responder_nonce
-                         | initiator_flags | responder_flags | sender_role
+    Proof      = HMAC-SHA256(secret, b"punch-handshake-v4" | attempt_id
+                             | responder_nonce | responder_flags | 2)      (32 bytes)
+    Nomination = b"N" | HMAC-SHA256(secret, b"punch-handshake-v4" | attempt_id
+                             | initiator_nonce | responder_nonce
+                             | initiator_flags | responder_flags | 1)      (33 bytes)
 
     flags: bit 0 set = this side will run TLS 1.3 after the nomination.
 
-Each side sends its Hello the moment its TCP connection is up, without
-waiting for the peer's. The responder answers the initiator's Hello with its
-Proof; the initiator, once that Proof checks out, sends the Nomination and
-holds the stream: it does not wait for an acknowledgement (no message
-follows), since the initiator nominates exactly one stream. So the initiator
-holds its stream two round trips after it dials (TCP's, then Hello/Proof) and
-the responder half a round trip later, as for a direct connect plus one
-authenticating exchange.
+Each side speaks the moment its TCP connection is up, without waiting for the
+peer: the initiator its Hello, the responder its Hello and its Proof in one
+segment (:meth:`Handshake.opening`). The initiator, once it has read a Hello
+and a Proof that checks out, sends the Nomination and holds the stream: it
+does not wait for an acknowledgement (no message follows), since the
+initiator nominates exactly one stream. A simultaneous open (RFC 9293
+§3.5) has both ends' connections up one round trip after the SYNs, so the
+initiator holds its stream 1.5 round trips after it dials and the responder 2;
+a direct connect plus one authenticating exchange costs 2 for its client,
+whose server learns of the connection only half a round trip after it. (In
+version 3 the responder's Proof answered the initiator's Hello, half a round
+trip later: 2 and 2.5 round trips. Measured at 10 ms round trips in the
+netns lab, README "Performance".) Under loss, one message fewer is on the
+initiator's path.
 
 Why replay and reflection stay impossible: every MAC covers the attempt id,
-whose secret is single-use, so nothing from another attempt verifies; it covers
-both sides' fresh nonces, so a Proof or Nomination recorded on one connection
-of this attempt does not verify on another (the responder's Proof binds the
-initiator's nonce of this connection, the Nomination binds the responder's);
-and it covers the sender's role, so a MAC reflected back at its author fails,
-as does a Hello claiming our own role. Our own nonce coming back means a TCP
-self-connect or a reflector.
+whose secret is single-use, so nothing from another attempt verifies; and it
+covers the sender's role, and the two transcripts differ, so a MAC reflected
+back at its author fails, as does a Hello claiming our own role. Our own
+nonce coming back means a TCP self-connect or a reflector. The Nomination
+covers both sides' fresh nonces, so one recorded on one connection of this
+attempt does not verify on another: a responder keeps only a stream it was
+nominated on. The Proof covers only the responder's nonce (it leaves before
+the initiator's Hello is read), so one recorded on one connection of this
+attempt verifies on another of the same attempt, for the attempt's life (its
+timeout). That gives nothing new: a Hello carries no MAC, so whoever holds
+connections to both sides of an attempt could always relay each side's Hello
+and so have the responder prove the nonces it chose (the splicing below); and
+the stream such a replay wins fails at TLS, which needs the peer's registered
+key (``_secure.py``), so it can end a punch, not take one over. With
+``encrypt=False`` such a stream is taken over, as a spliced one always was:
+plaintext streams are for applications that bring their own security.
 
 Downgrade: both sides must agree on encryption. A Hello whose flag differs from
 ours is refused at once (:class:`PeerVerificationError`): a side that encrypts
@@ -61,7 +75,8 @@ from ._endpoint import Role
 from ._errors import HandshakeError, PeerVerificationError
 from ._protocol import ATTEMPT_ID_BYTES
 
-VERSION = 3
+VERSION = 4
+_TRANSCRIPT = b"punch-handshake-v4"
 NONCE_BYTES = 16
 _HELLO = struct.Struct(f"!4sBB{ATTEMPT_ID_BYTES}s{NONCE_BYTES}sB")
 _ENCRYPT = 0x01
@@ -140,10 +155,9 @@ class Handshake:
         nonce: 16 fresh random bytes (default: :func:`secrets.token_bytes`).
         encrypt: we will run TLS after the nomination, and require the peer to.
 
-    Use: send :meth:`hello` at once; then, while :attr:`expecting` is not 0,
-    read exactly that many bytes, pass them to :meth:`receive` and send what it
-    returns. The initiator then sends :meth:`nominate` on the one stream it
-    keeps. Every method raises :class:`HandshakeError` on the first thing that
+    Use: send :meth:`opening` at once; then, while :attr:`expecting` is not 0,
+    read exactly that many bytes and pass them to :meth:`receive`. The
+    initiator then sends :meth:`nominate` on the one stream it keeps. Every method raises :class:`HandshakeError` on the first thing that
     is wrong, and the stream must then be closed.
     """
 
@@ -160,8 +174,16 @@ class Handshake:
         """Bytes the next message from the peer takes; 0 when none is due."""
         return _EXPECTING[self.stage]
 
+    def opening(self) -> bytes:
+        """What we send the moment the stream is up, before reading anything: our
+        Hello, and as the responder our Proof after it (:data:`HELLO_SIZE` bytes, or
+        that plus :data:`PROOF_SIZE`)."""
+        if self.role is Role.RESPONDER:
+            return self.hello() + self._mac(Role.RESPONDER)
+        return self.hello()
+
     def hello(self) -> bytes:
-        """Our Hello, :data:`HELLO_SIZE` bytes: send it as soon as the stream is up."""
+        """Our Hello alone, :data:`HELLO_SIZE` bytes (:meth:`opening` is what is sent)."""
         return _HELLO.pack(
             _MAGIC, VERSION, _ROLE_BYTE[self.role], self.attempt_id, self.nonce, self._flags
         )
@@ -170,11 +192,10 @@ class Handshake:
     def _flags(self) -> int:
         return _ENCRYPT if self.encrypt else 0
 
-    def receive(self, message: bytes) -> bytes:
-        """Take the peer's next message (exactly :attr:`expecting` bytes).
-
-        Returns:
-            the bytes to send in answer (the responder's Proof), or ``b""``.
+    def receive(self, message: bytes) -> None:
+        """Take the peer's next message (exactly :attr:`expecting` bytes); nothing is
+        sent in answer (our :meth:`opening` went first; the initiator's
+        :meth:`nominate` follows at :attr:`Stage.AUTHENTICATED`).
 
         Raises:
             HandshakeError: a malformed Hello, our own nonce back (self-connect or
@@ -190,10 +211,7 @@ class Handshake:
             )
         if self.stage is Stage.HELLO:
             self._receive_hello(parse_hello(message))
-            if self.role is Role.RESPONDER:
-                self.stage = Stage.NOMINATION
-                return self._mac(Role.RESPONDER)
-            self.stage = Stage.PROOF
+            self.stage = Stage.NOMINATION if self.role is Role.RESPONDER else Stage.PROOF
         elif self.stage is Stage.PROOF:
             self._verify(message, Role.RESPONDER, "proof")
             self.stage = Stage.AUTHENTICATED
@@ -202,7 +220,6 @@ class Handshake:
                 raise HandshakeError("initiator sent garbage instead of a nomination")
             self._verify(message[1:], Role.INITIATOR, "nomination")
             self.stage = Stage.NOMINATED
-        return b""
 
     def nominate(self) -> bytes:
         """Initiator: the Nomination for this stream, :data:`NOMINATION_SIZE` bytes.
@@ -228,15 +245,21 @@ class Handshake:
         self.peer_nonce = hello.nonce
 
     def _mac(self, sender: Role) -> bytes:
-        assert self.peer_nonce is not None  # only called after the peer's Hello
-        if self.role is Role.INITIATOR:
-            nonces = self.nonce + self.peer_nonce
+        """The Proof's MAC (``sender`` the responder) or the Nomination's (the initiator)."""
+        if sender is Role.RESPONDER:  # made before the initiator's Hello is read
+            ours = self.role is Role.RESPONDER
+            responder_nonce = self.nonce if ours else self.peer_nonce
+            assert responder_nonce is not None  # the initiator checks after the Hello
+            fields = responder_nonce + bytes([self._flags, _ROLE_BYTE[sender]])
         else:
-            nonces = self.peer_nonce + self.nonce
-        # flags: the peer's equal ours, or its Hello was refused
-        flags = bytes([self._flags, self._flags, _ROLE_BYTE[sender]])
-        transcript = b"punch-handshake-v3" + self.attempt_id + nonces + flags
-        return hmac.digest(self.secret, transcript, "sha256")
+            assert self.peer_nonce is not None  # only after the peer's Hello
+            if self.role is Role.INITIATOR:
+                nonces = self.nonce + self.peer_nonce
+            else:
+                nonces = self.peer_nonce + self.nonce
+            # flags: the peer's equal ours, or its Hello was refused
+            fields = nonces + bytes([self._flags, self._flags, _ROLE_BYTE[sender]])
+        return hmac.digest(self.secret, _TRANSCRIPT + self.attempt_id + fields, "sha256")
 
     def _verify(self, mac: bytes, sender: Role, what: str) -> None:
         if not hmac.compare_digest(mac, self._mac(sender)):

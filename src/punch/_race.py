@@ -1146,19 +1146,19 @@ class Race:
         """
         intro = self.introduction
         shake = Handshake(intro.role, intro.attempt_id, intro.secret, encrypt=self.options.encrypt)
-        await reader.send(shake.hello())  # at once, both roles: no wait for the peer's
+        await reader.send(shake.opening())  # at once, both roles: no wait for the peer's
         # the initiator's ClientHello is made while the Proof is on its way (about 1 ms
         # of CPU; made after it, it delayed every Nomination by that much)
         tls = self._start_tls(reader.stream) if intro.role is Role.INITIATOR else None
         if peer_hello is not None:
-            await reader.send(shake.receive(peer_hello))
+            shake.receive(peer_hello)
         waiting = False
         try:
             while shake.expecting:
                 if shake.stage is Stage.NOMINATION and not waiting:
                     waiting = True
                     self._awaiting_nomination(+1)
-                await reader.send(shake.receive(await reader.exactly(shake.expecting)))
+                shake.receive(await reader.exactly(shake.expecting))
         finally:
             if waiting:
                 self._awaiting_nomination(-1)
