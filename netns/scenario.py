@@ -29,6 +29,10 @@ STARTUP_TIMEOUT = 15.0
 """Seconds the rendezvous gets to print its address, and a listener to register."""
 POLL_INTERVAL = 0.02
 """Seconds between looks at a process's output file while waiting (bounded by the timeouts)."""
+_RUNS = tempfile.TemporaryDirectory(prefix="punch-runs-")
+"""Where every :class:`PairRun` of this process keeps its files: removed when the
+process exits (a test, the matrix and the sweep read a run's files after
+:meth:`PairRun.close`, so a run's own directory outlives it until then)."""
 
 
 @attrs.frozen
@@ -75,7 +79,9 @@ def wait_for(
 class PairRun:
     """Starts the three processes; every one is killed on :meth:`close`."""
 
-    workdir: Path = attrs.field(factory=lambda: Path(tempfile.mkdtemp(prefix="punch-run-")))
+    workdir: Path = attrs.field(
+        factory=lambda: Path(tempfile.mkdtemp(prefix="punch-run-", dir=_RUNS.name))
+    )
     processes: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
 
     def start(

@@ -7,6 +7,7 @@ import io
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,24 @@ def pair():  # type: ignore[no-untyped-def]
 @pytest.fixture
 def rendezvous_process(pair: PairRun) -> str:
     return pair.start_rendezvous([], "127.0.0.1:0")
+
+
+def test_a_pair_run_leaves_no_files_behind_its_process() -> None:
+    """A run's files (outputs, keys) stay readable after it closes, and go when the
+    process that made them exits; each run's own directory once piled up in /tmp."""
+    code = (
+        "from netns.scenario import PairRun\n"
+        "run = PairRun(); (run.workdir / 'bob.err').write_text('x'); run.close()\n"
+        "assert (run.workdir / 'bob.err').read_text() == 'x'\n"
+        "print(run.workdir)"
+    )
+    root = Path(__file__).parents[1]
+    made = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, check=True, capture_output=True, text=True
+    )
+    workdir = Path(made.stdout.strip())
+    assert workdir.name.startswith("punch-run-")
+    assert not workdir.exists() and not workdir.parent.exists()
 
 
 def test_json_with_vv_gives_every_step_as_json(pair: PairRun) -> None:
