@@ -65,6 +65,9 @@ class Lab:
     """namespace -> the name of its link on the WAN router (in the ``wan`` namespace)."""
     _previous_sigterm: object = None
     _helpers: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
+    _holds: dict[tuple[str, str], tuple[str, ...]] = attrs.field(factory=dict)
+    """(source namespace, destination IP) -> the ``ip rule`` of its :meth:`hold_back`."""
+    _engaged: set[tuple[str, str]] = attrs.field(factory=set)
 
     def __enter__(self) -> Lab:
         self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -198,7 +201,9 @@ class Lab:
             rule = ("rule", "add", "not", "iif", "dly0", "table", "100", "priority", "100")
             self.sh(wan, "ip", family, *rule)
 
-    def hold_back(self, source_ns: str, destination_ip: str, seconds: float) -> None:
+    def hold_back(
+        self, source_ns: str, destination_ip: str, seconds: float, *, engaged: bool = True
+    ) -> None:
         """Hold what the WAN router forwards from ``source_ns`` to ``destination_ip``
         for ``seconds`` (0-5) more, on top of any :meth:`delay`.
 
@@ -206,6 +211,10 @@ class Lab:
         (and every other control frame) late, as a peer on a slower path to the
         rendezvous does; its punch traffic is untouched. The server stays as
         it is in service: it sends both introductions at once.
+
+        ``engaged`` False: the delay line is made, and holds nothing until
+        :meth:`engage_hold` (so a peer may register at the path's own speed,
+        then get its introduction late: the timing sweep).
         """
         wan = self.prefix + "wan"
         device = f"dly{len(self._helpers) + 1}"
@@ -213,8 +222,23 @@ class Lab:
         self._delay_line(device, seconds)
         self.sh(wan, "ip", "route", "add", "default", "dev", device, "table", table)
         port = self.wan_ports[source_ns]
-        selector = ("iif", port, "to", f"{destination_ip}/32")
-        self.sh(wan, "ip", "rule", "add", *selector, "table", table, "priority", "50")
+        rule = ("iif", port, "to", f"{destination_ip}/32", "table", table, "priority", "50")
+        self._holds[source_ns, destination_ip] = rule
+        if engaged:
+            self.engage_hold(source_ns, destination_ip)
+
+    def engage_hold(self, source_ns: str, destination_ip: str, engaged: bool = True) -> None:
+        """Switch a :meth:`hold_back` on (or off; either, if it is so already, does
+        nothing): packets forwarded from then on are held (or not); those already
+        in the delay line come out in their time."""
+        key = source_ns, destination_ip
+        if (key in self._engaged) is engaged:
+            return
+        self.sh(self.prefix + "wan", "ip", "rule", "add" if engaged else "del", *self._holds[key])
+        if engaged:
+            self._engaged.add(key)
+        else:
+            self._engaged.discard(key)
 
     def _delay_line(self, device: str, seconds: float) -> None:
         """A TUN ``device`` on the WAN router that :mod:`netns.delay` serves."""

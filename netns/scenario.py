@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +175,11 @@ class PairRun:
         listener_args: tuple[str, ...] = (),
         connector_args: tuple[str, ...] = (),
         after_rendezvous: Callable[[PairRun, str], None] | None = None,
+        after_listener: Callable[[], None] | None = None,
         rendezvous_args: tuple[str, ...] = (),
         listener_rendezvous: str | None = None,
         connector_rendezvous: str | None = None,
+        running: str | None = None,
     ) -> tuple[PeerRun, PeerRun, str]:
         """Rendezvous, then ``bob`` listens, then ``alice`` connects; each sends one line.
 
@@ -186,20 +188,28 @@ class PairRun:
             listener_args, connector_args: more ``punch`` arguments for bob, alice.
             after_rendezvous: called with this run and the rendezvous address
                 once the server is up (to start more processes).
+            after_listener: called once bob has registered, before alice starts.
             rendezvous_args: more ``punch rendezvous`` arguments (another ``--listen``).
             listener_rendezvous, connector_rendezvous: the address bob, alice
                 give as ``--rendezvous`` (default the one the server printed first).
+            running: the address of a rendezvous already running (started by
+                another run, :func:`lab_rendezvous`): none is started.
 
         Returns:
             (alice's run, bob's run, the rendezvous address used).
         """
-        address = self.start_rendezvous(rendezvous_prefix, rendezvous_listen, *rendezvous_args)
-        address = address.splitlines()[0]
+        if running is None:
+            address = self.start_rendezvous(rendezvous_prefix, rendezvous_listen, *rendezvous_args)
+            address = address.splitlines()[0]
+        else:
+            address = running
         if after_rendezvous is not None:
             after_rendezvous(self, address)
         bob = self.start_peer(
             "bob", listener_prefix, ["listen"], listener_rendezvous or address, *listener_args
         )
+        if after_listener is not None:
+            after_listener()
         alice = self.start_peer(
             "alice",
             connector_prefix,
@@ -230,7 +240,8 @@ def run_in_lab(
     """The pair in the lab: rendezvous on the public host, bob at site b, alice at site a.
 
     ``rendezvous_args``: more ``punch-rendezvous`` flags (``--relay``...);
-    ``options`` go to :meth:`PairRun.run` (``listener_args``, ``after_rendezvous``...).
+    ``options`` go to :meth:`PairRun.run` (``listener_args``, ``after_rendezvous``,
+    ``running``...).
     """
     a, b = topology.sites
     pair = PairRun()
@@ -240,11 +251,7 @@ def run_in_lab(
             rendezvous_listen=f"{topology.rendezvous_ip}:{RENDEZVOUS_PORT}",
             listener_prefix=lab.exec_prefix(b.peer_ns),
             connector_prefix=lab.exec_prefix(a.peer_ns),
-            rendezvous_args=(
-                "--listen",
-                f"[{topology.rendezvous_ip6}]:{RENDEZVOUS_PORT}",
-                *rendezvous_args,
-            ),
+            rendezvous_args=(*_lab_listen(topology), *rendezvous_args),
             listener_rendezvous=_rendezvous_for(b, topology),
             connector_rendezvous=_rendezvous_for(a, topology),
             **options,
@@ -252,6 +259,30 @@ def run_in_lab(
     finally:
         pair.close()
     return alice, bob
+
+
+def _lab_listen(topology: Topology) -> tuple[str, ...]:
+    """A lab rendezvous's second address: its IPv6 one, on the same port."""
+    return ("--listen", f"[{topology.rendezvous_ip6}]:{RENDEZVOUS_PORT}")
+
+
+@contextlib.contextmanager
+def lab_rendezvous(lab: Lab, topology: Topology, *args: str) -> Iterator[str]:
+    """One ``punch rendezvous`` on the lab's rendezvous host for many runs (pass the
+    address it yields as :func:`run_in_lab`'s ``running``), killed at the end.
+
+    A run then starts two processes, not three (the timing sweep: about a third
+    less time a trial). Its runs must end their registrations before the next
+    registers the same names with new keys: fine without loss, where a closed
+    connection's FIN or RST arrives within a round trip and the next peer takes
+    a process start (about 0.3 s) to register.
+    """
+    server = PairRun()
+    try:
+        address = server.start_lab_rendezvous(lab, topology, *_lab_listen(topology), *args)
+        yield address.splitlines()[0]
+    finally:
+        server.close()
 
 
 def _rendezvous_for(site: Site, topology: Topology) -> str | None:

@@ -9,7 +9,8 @@ unsolicited SYNs with ICMP. Each cell builds a lab of two NATs
 (:data:`PROFILES` x :data:`PROFILES`), a one-way WAN delay (:meth:`Lab.delay`),
 and holds one side's introduction back by the cell's lateness
 (:meth:`Lab.hold_back`: the rendezvous itself sends both at once, as in
-service). Every trial must connect directly, and in time: from the earlier
+service; a late responder registers first, and only then is held). One
+rendezvous serves a cell's trials. Every trial must connect directly, and in time: from the earlier
 introduction to the nominated stream, the median within lateness + 4 round
 trips + 100 ms, the slowest within lateness + 2 s (issue 12).
 
@@ -22,6 +23,8 @@ classified by cause (:func:`failure_cause`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import datetime
 import json
 import math
@@ -37,7 +40,7 @@ from tools.readme import replace_section
 
 from netns.lab import Lab, build_two_nats
 from netns.matrix import MAX_ATTEMPTS_PER_SECOND, Cell, judge
-from netns.scenario import PeerRun, run_in_lab
+from netns.scenario import PeerRun, lab_rendezvous, run_in_lab
 
 PROFILES = ("cone", "cone-rst", "cone-icmp")
 DELAYS_MS = (0, 25)
@@ -205,33 +208,53 @@ def failure_cause(alice: PeerRun, bob: PeerRun) -> str:
     return "srflx attempts: " + ", ".join(outcomes)
 
 
+UNLIMITED = ("--registrations-per-minute", "100000", "--introductions-per-minute", "100000")
+"""A cell's rendezvous serves all its trials: its per-minute limits must not end them."""
+
+
 def run_cell(cell: SweepCell, trials: int) -> SweepResult:
-    """Build the cell's lab and run ``trials`` punches of the real peers in it."""
+    """Build the cell's lab and run ``trials`` punches of the real peers in it, with
+    one rendezvous for them all (a loss cell: one per trial)."""
     verbose = {"listener_args": ("-vv",), "connector_args": ("-vv",)}
     times: list[float | None] = []
     problems: list[str] = []
     causes: list[str] = []
     attempts = 0
-    with Lab() as lab:
+    with Lab() as lab, contextlib.ExitStack() as stack:
         topology = build_two_nats(lab, cell.a, cell.b)
         if cell.delay_ms:
             lab.delay(cell.delay_ms / 1000)
         for site in topology.sites if cell.loss_percent else ():
             assert site.nat_ns is not None
             lab.loss(site.nat_ns, cell.loss_percent)
+        shared: dict[str, Any] = {}
+        held: tuple[str, str] | None = None
         if cell.late_ms:
             late_site = topology.sites[1 if cell.late == "responder" else 0]
-            lab.hold_back(topology.rendezvous_ns, late_site.public_ip, cell.late_ms / 1000)
+            held = topology.rendezvous_ns, late_site.public_ip
+            # A late responder registers at its path's own speed, then its introduction
+            # is held (registering held back cost it three times the lateness, and the
+            # sweep 20 minutes); a late initiator registers just before it asks.
+            late_listener = cell.late == "responder"
+            lab.hold_back(*held, cell.late_ms / 1000, engaged=not late_listener)
+            if late_listener:
+                shared["after_listener"] = functools.partial(lab.engage_hold, *held)
+        if not cell.loss_percent:  # under loss a killed peer's RST may be lost, and its
+            # name stay registered for the next trial's: there, a rendezvous per trial
+            shared["running"] = stack.enter_context(lab_rendezvous(lab, topology, *UNLIMITED))
         for i in range(trials):
             start = time.monotonic()
             try:
-                alice, bob = run_in_lab(lab, topology, **verbose)
+                alice, bob = run_in_lab(lab, topology, **verbose, **shared)
             except RuntimeError as exc:
                 times.append(None)
                 causes.append("the listener did not register")
                 if not cell.loss_percent:
                     problems.append(f"trial {i}: did not start: {exc}")
                 continue
+            finally:
+                if "after_listener" in shared and held is not None:
+                    lab.engage_hold(*held, engaged=False)  # the next listener registers fast
             trial = judge(Cell(cell.a, cell.b), topology, alice, bob, time.monotonic() - start)
             attempts = max(attempts, trial.attempts_per_second)
             if not trial.connected:

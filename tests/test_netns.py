@@ -208,6 +208,27 @@ def test_hold_back_makes_one_introduction_late_and_nothing_else() -> None:
     assert 0.3 - 0.05 <= connected["connect_time"] < 0.3 + 0.2
 
 
+def test_a_hold_switched_on_after_registering_delays_the_introduction_only() -> None:
+    """The sweep's late responder: it registers at the path's own speed (held back
+    from the start, each of the rendezvous's frames to it came 0.3 s late), then the
+    hold goes on and its introduction comes 0.3 s after alice's."""
+    with Lab() as lab:
+        topology = build_two_nats(lab)
+        held = topology.rendezvous_ns, topology.sites[1].public_ip
+        lab.hold_back(*held, 0.3, engaged=False)
+        verbose = {"listener_args": ("-v",), "connector_args": ("-v",)}
+        alice, bob = run_in_lab(
+            lab, topology, after_listener=lambda: lab.engage_hold(*held), **verbose
+        )
+        lab.engage_hold(*held, engaged=False)
+        lab.engage_hold(*held, engaged=False)  # off already: nothing to do
+    assert (alice.returncode, bob.returncode) == (0, 0), (alice.stderr, bob.stderr)
+    registered = bob.event("registered")
+    assert registered is not None and registered["elapsed"] < 0.3
+    late = _introduced_at(bob) - _introduced_at(alice)
+    assert 0.3 - 0.005 <= late < 0.3 + 0.1
+
+
 def test_a_waiting_listener_outlives_a_rendezvous_restart() -> None:
     """The real rendezvous restarts under a waiting ``punch listen``; a ``punch connect``
     started after the restart reaches it (issue 13.12)."""
