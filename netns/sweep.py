@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import datetime
+import functools
 import json
 import math
 import statistics

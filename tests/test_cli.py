@@ -59,7 +59,8 @@ def test_a_pair_run_leaves_no_files_behind_its_process() -> None:
     )
     workdir = Path(made.stdout.strip())
     assert workdir.name.startswith("punch-run-")
-    assert not workdir.exists() and not workdir.parent.exists()
+    assert not workdir.exists()
+    assert not workdir.parent.exists()
 
 
 def test_json_with_vv_gives_every_step_as_json(pair: PairRun) -> None:

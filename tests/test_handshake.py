@@ -105,9 +105,7 @@ def test_a_proof_from_another_attempt_is_rejected_even_with_its_hello() -> None:
     between the same peers (same nonce, same role): the attempt id differs."""
     initiator, _ = pair()
     earlier = Handshake(Role.RESPONDER, secrets.token_bytes(16), secrets.token_bytes(32))
-    forged = Handshake(
-        Role.RESPONDER, initiator.attempt_id, initiator.secret, nonce=earlier.nonce
-    )
+    forged = Handshake(Role.RESPONDER, initiator.attempt_id, initiator.secret, nonce=earlier.nonce)
     initiator.receive(forged.hello())  # the Hello names this attempt; its MAC cannot
     with pytest.raises(HandshakeError, match="proof does not match"):
         initiator.receive(proof_of(earlier))

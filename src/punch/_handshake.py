@@ -157,8 +157,9 @@ class Handshake:
 
     Use: send :meth:`opening` at once; then, while :attr:`expecting` is not 0,
     read exactly that many bytes and pass them to :meth:`receive`. The
-    initiator then sends :meth:`nominate` on the one stream it keeps. Every method raises :class:`HandshakeError` on the first thing that
-    is wrong, and the stream must then be closed.
+    initiator then sends :meth:`nominate` on the one stream it keeps. Every
+    method raises :class:`HandshakeError` on the first thing that is wrong,
+    and the stream must then be closed.
     """
 
     role: Role
