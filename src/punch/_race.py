@@ -344,8 +344,7 @@ class InboundRouter:
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
         receive.close()
-        if not self._routes and not self._holds:
-            self._stop_listening()
+        self._stop_listening_if_idle()
 
     @contextlib.contextmanager
     def listen_meanwhile(self) -> Iterator[None]:
@@ -362,8 +361,12 @@ class InboundRouter:
             yield
         finally:
             self._holds -= 1
-            if not self._routes and not self._holds:
-                self._stop_listening()
+            self._stop_listening_if_idle()
+
+    def _stop_listening_if_idle(self) -> None:
+        """Close the listeners once no route is open and nothing holds them."""
+        if not self._routes and not self._holds:
+            self._stop_listening()
 
     @property
     def dropping(self) -> frozenset[Endpoint]:
