@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +229,7 @@ def run_cell(cell: SweepCell, trials: int) -> SweepResult:
             assert site.nat_ns is not None
             lab.loss(site.nat_ns, cell.loss_percent)
         shared: dict[str, Any] = {}
-        held: tuple[str, str] | None = None
+        release: Callable[[], None] | None = None
         if cell.late_ms:
             late_site = topology.sites[1 if cell.late == "responder" else 0]
             held = topology.rendezvous_ns, late_site.public_ip
@@ -239,6 +240,7 @@ def run_cell(cell: SweepCell, trials: int) -> SweepResult:
             lab.hold_back(*held, cell.late_ms / 1000, engaged=not late_listener)
             if late_listener:
                 shared["after_listener"] = functools.partial(lab.engage_hold, *held)
+                release = functools.partial(lab.engage_hold, *held, engaged=False)
         if not cell.loss_percent:  # under loss a killed peer's RST may be lost, and its
             # name stay registered for the next trial's: there, a rendezvous per trial
             shared["running"] = stack.enter_context(lab_rendezvous(lab, topology, *UNLIMITED))
@@ -253,8 +255,8 @@ def run_cell(cell: SweepCell, trials: int) -> SweepResult:
                     problems.append(f"trial {i}: did not start: {exc}")
                 continue
             finally:
-                if "after_listener" in shared and held is not None:
-                    lab.engage_hold(*held, engaged=False)  # the next listener registers fast
+                if release is not None:
+                    release()  # the next listener registers fast
             trial = judge(Cell(cell.a, cell.b), topology, alice, bob, time.monotonic() - start)
             attempts = max(attempts, trial.attempts_per_second)
             if not trial.connected:
