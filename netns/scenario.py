@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 
 from netns.lab import RENDEZVOUS_PORT, Lab, Site, Topology
+from netns.launcher import Forked, Launcher, namespace_of
 
 PUNCH = [sys.executable, "-m", "punch"]
 RENDEZVOUS = [*PUNCH, "rendezvous"]
@@ -29,6 +30,8 @@ STARTUP_TIMEOUT = 15.0
 """Seconds the rendezvous gets to print its address, and a listener to register."""
 POLL_INTERVAL = 0.02
 """Seconds between looks at a process's output file while waiting (bounded by the timeouts)."""
+Process = subprocess.Popen[bytes] | Forked
+"""A process that :class:`PairRun` started: spawned, or forked by a :class:`Launcher`."""
 _RUNS = tempfile.TemporaryDirectory(prefix="punch-runs-")
 """Where every :class:`PairRun` of this process keeps its files: removed when the
 process exits (a test, the matrix and the sweep read a run's files after
@@ -61,9 +64,7 @@ def _events(text: str) -> tuple[dict[str, Any], ...]:
     return tuple(events)
 
 
-def wait_for(
-    path: Path, found: Callable[[str], bool], process: subprocess.Popen[bytes], what: str
-) -> str:
+def wait_for(path: Path, found: Callable[[str], bool], process: Process, what: str) -> str:
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         text = path.read_text(errors="replace")
@@ -82,11 +83,24 @@ class PairRun:
     workdir: Path = attrs.field(
         factory=lambda: Path(tempfile.mkdtemp(prefix="punch-run-", dir=_RUNS.name))
     )
-    processes: list[subprocess.Popen[bytes]] = attrs.field(factory=list)
+    processes: list[Process] = attrs.field(factory=list)
+    launcher: Launcher | None = None
+    """Forks each ``punch`` command from this warm process instead of starting
+    Python anew (the timing sweep); other programs are still spawned."""
 
     def start(
         self, name: str, prefix: list[str], argv: list[str], stdin: bytes | None = None
-    ) -> subprocess.Popen[bytes]:
+    ) -> Process:
+        if self.launcher is not None and argv[: len(PUNCH)] == PUNCH:
+            forked = self.launcher.start(
+                namespace_of(prefix),
+                argv[len(PUNCH) :],
+                stdin or b"",
+                str(self.workdir / f"{name}.out"),
+                str(self.workdir / f"{name}.err"),
+            )
+            self.processes.append(forked)
+            return forked
         out = (self.workdir / f"{name}.out").open("wb")
         err = (self.workdir / f"{name}.err").open("wb")
         process = subprocess.Popen(
@@ -113,7 +127,7 @@ class PairRun:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
 
-    def result(self, name: str, process: subprocess.Popen[bytes]) -> PeerRun:
+    def result(self, name: str, process: Process) -> PeerRun:
         stderr = (self.workdir / f"{name}.err").read_text(errors="replace")
         return PeerRun(
             name,
@@ -145,7 +159,7 @@ class PairRun:
 
     def start_peer(
         self, name: str, prefix: list[str], command: list[str], address: str, *args: str
-    ) -> subprocess.Popen[bytes]:
+    ) -> Process:
         """Start ``punch COMMAND --name NAME`` (JSON status) with one line on stdin; for
         ``listen`` and ``receive``, return once it has registered."""
         argv = [*PUNCH, *command, "--name", name, "--rendezvous", address, "--json", *args]
@@ -155,7 +169,7 @@ class PairRun:
             wait_for(self.workdir / f"{name}.err", lambda t: '"registered"' in t, process, name)
         return process
 
-    def wait(self, name: str, process: subprocess.Popen[bytes], timeout: float) -> PeerRun:
+    def wait(self, name: str, process: Process, timeout: float) -> PeerRun:
         """Wait for the process to exit by itself (else kill it) and collect its run."""
         try:
             process.wait(timeout=timeout)
@@ -220,9 +234,10 @@ class PairRun:
         return self.wait("alice", alice, timeout), self.wait("bob", bob, timeout), address
 
 
-def run_on_loopback() -> tuple[PeerRun, PeerRun, str]:
-    """The pair on 127.0.0.1, no namespaces: (alice, bob, rendezvous address)."""
-    pair = PairRun()
+def run_on_loopback(launcher: Launcher | None = None) -> tuple[PeerRun, PeerRun, str]:
+    """The pair on 127.0.0.1, no namespaces: (alice, bob, rendezvous address); each
+    process forked by ``launcher`` if one is given."""
+    pair = PairRun(launcher=launcher)
     try:
         return pair.run(
             rendezvous_prefix=[],
@@ -235,16 +250,21 @@ def run_on_loopback() -> tuple[PeerRun, PeerRun, str]:
 
 
 def run_in_lab(
-    lab: Lab, topology: Topology, *, rendezvous_args: Sequence[str] = (), **options: Any
+    lab: Lab,
+    topology: Topology,
+    *,
+    rendezvous_args: Sequence[str] = (),
+    launcher: Launcher | None = None,
+    **options: Any,
 ) -> tuple[PeerRun, PeerRun]:
     """The pair in the lab: rendezvous on the public host, bob at site b, alice at site a.
 
     ``rendezvous_args``: more ``punch-rendezvous`` flags (``--relay``...);
-    ``options`` go to :meth:`PairRun.run` (``listener_args``, ``after_rendezvous``,
-    ``running``...).
+    ``launcher``: fork the processes from it (:class:`PairRun`'s); ``options``
+    go to :meth:`PairRun.run` (``listener_args``, ``after_rendezvous``, ``running``...).
     """
     a, b = topology.sites
-    pair = PairRun()
+    pair = PairRun(launcher=launcher)
     try:
         alice, bob, _ = pair.run(
             rendezvous_prefix=lab.exec_prefix(topology.rendezvous_ns),
@@ -267,7 +287,9 @@ def _lab_listen(topology: Topology) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def lab_rendezvous(lab: Lab, topology: Topology, *args: str) -> Iterator[str]:
+def lab_rendezvous(
+    lab: Lab, topology: Topology, *args: str, launcher: Launcher | None = None
+) -> Iterator[str]:
     """One ``punch rendezvous`` on the lab's rendezvous host for many runs (pass the
     address it yields as :func:`run_in_lab`'s ``running``), killed at the end.
 
@@ -278,7 +300,7 @@ def lab_rendezvous(lab: Lab, topology: Topology, *args: str) -> Iterator[str]:
     within a round trip and the next peer takes a process start (about 0.3 s)
     to register.
     """
-    server = PairRun()
+    server = PairRun(launcher=launcher)
     try:
         address = server.start_lab_rendezvous(lab, topology, *_lab_listen(topology), *args)
         yield address.splitlines()[0]

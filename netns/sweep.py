@@ -40,6 +40,7 @@ import attrs
 from tools.readme import replace_section
 
 from netns.lab import Lab, build_two_nats
+from netns.launcher import Launcher
 from netns.matrix import MAX_ATTEMPTS_PER_SECOND, Cell, judge
 from netns.scenario import PeerRun, lab_rendezvous, run_in_lab
 
@@ -213,22 +214,28 @@ UNLIMITED = ("--registrations-per-minute", "100000", "--introductions-per-minute
 """A cell's rendezvous serves all its trials: its per-minute limits must not end them."""
 
 
-def run_cell(cell: SweepCell, trials: int) -> SweepResult:
+def run_cell(cell: SweepCell, trials: int, launcher: Launcher | None = None) -> SweepResult:
     """Build the cell's lab and run ``trials`` punches of the real peers in it, with
-    one rendezvous for them all (a loss cell: one per trial)."""
-    verbose = {"listener_args": ("-vv",), "connector_args": ("-vv",)}
+    one rendezvous for them all (a loss cell: one per trial), every process forked
+    by ``launcher`` (None: one made for this cell)."""
     times: list[float | None] = []
     problems: list[str] = []
     causes: list[str] = []
     attempts = 0
     with Lab() as lab, contextlib.ExitStack() as stack:
+        if launcher is None:
+            launcher = stack.enter_context(Launcher())
+        shared: dict[str, Any] = {
+            "listener_args": ("-vv",),
+            "connector_args": ("-vv",),
+            "launcher": launcher,
+        }
         topology = build_two_nats(lab, cell.a, cell.b)
         if cell.delay_ms:
             lab.delay(cell.delay_ms / 1000)
         for site in topology.sites if cell.loss_percent else ():
             assert site.nat_ns is not None
             lab.loss(site.nat_ns, cell.loss_percent)
-        shared: dict[str, Any] = {}
         release: Callable[[], None] | None = None
         if cell.late_ms:
             late_site = topology.sites[1 if cell.late == "responder" else 0]
@@ -243,11 +250,13 @@ def run_cell(cell: SweepCell, trials: int) -> SweepResult:
                 release = functools.partial(lab.engage_hold, *held, engaged=False)
         if not cell.loss_percent:  # under loss a killed peer's RST may be lost, and its
             # name stay registered for the next trial's: there, a rendezvous per trial
-            shared["running"] = stack.enter_context(lab_rendezvous(lab, topology, *UNLIMITED))
+            shared["running"] = stack.enter_context(
+                lab_rendezvous(lab, topology, *UNLIMITED, launcher=launcher)
+            )
         for i in range(trials):
             start = time.monotonic()
             try:
-                alice, bob = run_in_lab(lab, topology, **verbose, **shared)
+                alice, bob = run_in_lab(lab, topology, **shared)
             except RuntimeError as exc:
                 times.append(None)
                 causes.append("the listener did not register")
@@ -316,16 +325,18 @@ def main(argv: list[str] | None = None) -> int:
     chosen = quick_cells() if args.quick else cells()
     chosen = [c for c in chosen if not args.cells or c.name in args.cells]
     results = []
-    for cell in chosen:
-        result = run_cell(cell, args.loss_trials if cell.loss_percent else args.trials)
-        results.append(result)
-        s = result.summary()
-        print(
-            f"{cell.name:45} {s['connected']}/{s['trials']} median {s['median_ms']} "
-            f"max {s['max_ms']} {'ok' if result.ok else 'PROBLEM'}",
-            file=sys.stderr,
-            flush=True,
-        )
+    with Launcher() as launcher:
+        for cell in chosen:
+            trials = args.loss_trials if cell.loss_percent else args.trials
+            result = run_cell(cell, trials, launcher)
+            results.append(result)
+            s = result.summary()
+            print(
+                f"{cell.name:45} {s['connected']}/{s['trials']} median {s['median_ms']} "
+                f"max {s['max_ms']} {'ok' if result.ok else 'PROBLEM'}",
+                file=sys.stderr,
+                flush=True,
+            )
     markdown = table(results)
     print(markdown)
     args.json.write_text(json.dumps([r.summary() for r in results], indent=2) + "\n")
