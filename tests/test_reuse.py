@@ -133,6 +133,10 @@ async def test_refused_dial_closes_its_socket() -> None:
     assert open_fds() == before
 
 
+def thin_linear(sock: trio.socket.SocketType) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, reuse.TCP_THIN_LINEAR_TIMEOUTS)
+
+
 async def test_a_dial_retransmits_every_second_at_most_until_it_is_given_back() -> None:
     target = open_listener(Endpoint("127.0.0.1", 0))
     async with target:
@@ -145,7 +149,9 @@ async def test_a_dial_retransmits_every_second_at_most_until_it_is_given_back() 
             assert rto_max_ms(stream.socket) == reuse.PUNCH_RTO_MAX_MS == 1000
             # and falls to 50 ms above the smoothed round trip (kept in jiffies: 4 ms at HZ 250)
             assert rto_min_us(stream.socket) == pytest.approx(reuse.PUNCH_RTO_MIN_US, abs=4000)
+            assert thin_linear(stream.socket) == 1  # and does not double while it is thin
             reuse.restore_retransmission_timeout(stream.socket)
+            assert thin_linear(stream.socket) == 0
             system = reuse._sysctl("tcp_rto_max_ms", reuse.DEFAULT_RTO_MAX_MS)
             assert rto_max_ms(stream.socket) == system != 1000
             floor = reuse._sysctl("tcp_rto_min_us", reuse.DEFAULT_RTO_MIN_US)

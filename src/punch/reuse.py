@@ -177,6 +177,8 @@ RFC 6298 §2.4 asks for 1 s, which no stack uses): see
 :func:`cap_retransmission_timeout`."""
 DEFAULT_RTO_MIN_US = 200_000
 """Linux's own floor (``TCP_RTO_MIN``), where ``net.ipv4.tcp_rto_min_us`` cannot be read."""
+TCP_THIN_LINEAR_TIMEOUTS = getattr(socket, "TCP_THIN_LINEAR_TIMEOUTS", 16)
+"""The option number (include/uapi/linux/tcp.h, Linux 2.6.34+; tcp(7)); Python lacks it."""
 
 
 def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
@@ -213,11 +215,23 @@ def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
     and 5.7 s; the 10% loss cell 20/20, median 1.07 s (1.68 s in the last
     sweep before).
     The kept stream gets the system's floor back with its bound.
+
+    And the timeouts stop doubling (``TCP_THIN_LINEAR_TIMEOUTS``, tcp(7),
+    Linux's "thin stream" mode): while fewer than 4 segments are in flight
+    on an established connection, its first 6 retransmissions each come one
+    RTO after the last, not twice as late. A punch's and a registration's
+    messages are such a stream: one small frame, then a wait for the answer.
+    SYNs are not covered (``net.ipv4.tcp_syn_linear_timeouts`` is Linux's
+    knob for those). The netns lab's 20% loss cell, two rounds of 20 trials,
+    each round run side by side with the code before: 19 and 18 connected
+    within 10 s, against 15 and 16; from the introduction to the stream, the
+    90th percentile 5.5 and 6.4 s, against 9.7 and 7.4 s.
     """
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, PUNCH_RTO_MAX_MS)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, PUNCH_SYN_RETRIES)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MIN_US, PUNCH_RTO_MIN_US)
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 1)
     except (OSError, AttributeError):
         pass  # an older kernel (ENOPROTOOPT), or another OS: its backoff outlasts 7 s
 
@@ -231,6 +245,7 @@ def restore_retransmission_timeout(sock: trio.socket.SocketType) -> None:
         sock.setsockopt(
             socket.IPPROTO_TCP, TCP_RTO_MIN_US, _sysctl("tcp_rto_min_us", DEFAULT_RTO_MIN_US)
         )
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 0)  # the sysctl's again
     except OSError:
         pass
 
