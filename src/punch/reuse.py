@@ -223,11 +223,11 @@ def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
     messages are such a stream: one small frame, then a wait for the answer.
     SYNs are not covered (``net.ipv4.tcp_syn_linear_timeouts`` is Linux's
     knob for those). The netns lab's 20% loss cell, trials connected within
-    10 s per 20: 19 and 18 in two rounds run side by side with the code
-    before (15 and 16), then 15 in the full sweep (the sweep before, without
-    it: 18); 52 in 60 against 49 in 60, within the noise of so few trials.
-    From the introduction to the stream, the 90th percentile fell in both
-    side-by-side rounds: 5.5 and 6.4 s, against 9.7 and 7.4 s.
+    10 s per 20: 19, 18 and 19 in three rounds run side by side with the code
+    before (15, 16 and 15); but 15 in the full sweep after (the sweep before,
+    without it: 18). From the introduction to the stream, the 90th
+    percentile fell in each side-by-side round: 5.5, 6.4 and 5.4 s, against
+    9.7, 7.4 and 6.6 s.
     """
     try:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, PUNCH_RTO_MAX_MS)
