@@ -23,7 +23,7 @@ from punch._identity import Identity
 from punch._protocol import Challenge, Error, Introduction, RendezvousConnection, Side
 from punch._race import InboundRouter, Race
 from punch._stream import ExactReader
-from punch.reuse import TCP_RTO_MAX_MS, TCP_RTO_MIN_US, bind_reusable
+from punch.reuse import TCP_RTO_MAX_MS, TCP_RTO_MIN_US, TCP_THIN_LINEAR_TIMEOUTS, bind_reusable
 
 
 def open_fds() -> int:
@@ -45,6 +45,11 @@ def rto_max_ms(sock: trio.socket.SocketType) -> int | None:
         return int(sock.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS))
     except OSError:
         return None
+
+
+def thin_linear(sock: trio.socket.SocketType) -> int:
+    """``TCP_THIN_LINEAR_TIMEOUTS`` of ``sock``: 1 while its timeouts do not double."""
+    return int(sock.getsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS))
 
 
 def probe_in_namespace(name: str, ruleset: str, module: str, *args: str) -> Any:

@@ -53,9 +53,7 @@ def test_forked_peers_exchange_their_stdin_lines_on_loopback(launcher: Launcher)
     assert bob.received == b"hello from alice\n"
 
 
-def test_a_running_command_times_out_is_killed_and_dies_with_the_launcher(
-    tmp_path: Path,
-) -> None:
+def test_a_running_command_times_out_is_killed_and_dies_with_the_launcher() -> None:
     with Launcher() as launcher:
         pair = PairRun(launcher=launcher)
         address = pair.start_rendezvous([], "127.0.0.1:0")

@@ -19,6 +19,7 @@ from tests.helpers import (
     rto_max_ms,
     rto_min_us,
     tcp_state,
+    thin_linear,
 )
 
 
@@ -131,10 +132,6 @@ async def test_refused_dial_closes_its_socket() -> None:
     with pytest.raises(ConnectionRefusedError):
         await dial(Endpoint("127.0.0.1", 0), Endpoint("127.0.0.1", closed_port))
     assert open_fds() == before
-
-
-def thin_linear(sock: trio.socket.SocketType) -> int:
-    return sock.getsockopt(socket.IPPROTO_TCP, reuse.TCP_THIN_LINEAR_TIMEOUTS)
 
 
 async def test_a_dial_retransmits_every_second_at_most_until_it_is_given_back() -> None:
