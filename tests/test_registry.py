@@ -237,6 +237,7 @@ async def run_program(program: list[tuple[Any, ...]]) -> None:
     assert isinstance(clock, trio.testing.MockClock)
     server = RendezvousServer(LIMITS, on_loopback=True)
     async with trio.open_nursery() as nursery, AsyncExitStack() as exits:
+        await nursery.start(server.park_idle)  # registered peers wait parked, as in the binary
         serve = partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1")
         listeners = await nursery.start(serve)
         rendezvous = Endpoint.from_sockaddr(listeners[0].socket.getsockname())

@@ -236,17 +236,75 @@ async def test_frames_that_arrive_in_one_segment_are_each_answered() -> None:
             assert [a.request_id for a in answers if isinstance(a, Introduction)] == [1, 2]
 
 
-async def test_idle_peers_wait_without_keeping_an_exception_alive() -> None:
-    """A registered peer waits for its next frame in ``ControlChannel.receive_idle``;
-    the ``BlockingIOError`` of its last empty read must not live as long as that wait
-    (its traceback and message: about 530 bytes of every idle peer's memory)."""
-    async with server() as rendezvous:
-        async with raw_client(rendezvous) as one, raw_client(rendezvous) as two:
-            await register(one, "one")
-            await register(two, "two")
+def _tasks() -> int:
+    """Every task under the root task, the root included."""
+    todo, count = [trio.lowlevel.current_root_task()], 0
+    while todo:
+        task = todo.pop()
+        count += 1
+        todo += [child for nursery in task.child_nurseries for child in nursery.child_tasks]
+    return count
+
+
+@asynccontextmanager
+async def parked_registry() -> AsyncIterator[tuple[RendezvousServer, Endpoint]]:
+    """A registry with parking on, as :func:`serve_rendezvous` runs it."""
+    registry = RendezvousServer(limits=STRICT)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(registry.park_idle)
+        serve = partial(trio.serve_tcp, registry.handle, 0, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        yield registry, Endpoint.from_sockaddr(listeners[0].socket.getsockname())
+        nursery.cancel_scope.cancel()
+
+
+async def test_registered_peers_wait_without_a_task_or_an_exception_each() -> None:
+    """Idle registered peers are parked (punch._parking): however many there are, the
+    server's tasks stay as many as with one, and the ``BlockingIOError`` of each last
+    empty read is gone (its traceback: about 530 bytes a peer)."""
+    async with parked_registry() as (registry, rendezvous):
+        async with AsyncExitStack() as clients:
+            first = await clients.enter_async_context(raw_client(rendezvous))
+            await register(first, "p0")
             await trio.testing.wait_all_tasks_blocked()
+            with_one = _tasks()
+            for i in range(1, 6):
+                await register(await clients.enter_async_context(raw_client(rendezvous)), f"p{i}")
+            await trio.testing.wait_all_tasks_blocked()
+            assert _tasks() == with_one
+            assert set(registry.peers) == {f"p{i}" for i in range(6)}
             gc.collect()
             assert not [o for o in gc.get_objects() if isinstance(o, BlockingIOError)]
+            # parked, still served: a request wakes its peer
+            await first.send(ConnectRequest("p5", 1))
+            with trio.fail_after(5):
+                assert isinstance(await first.receive(), Introduction)
+
+
+async def test_a_parked_peer_that_closes_leaves_the_registry_and_the_count() -> None:
+    async with parked_registry() as (registry, rendezvous):
+        async with raw_client(rendezvous) as client:
+            await register(client, "leaver")
+            await trio.testing.wait_all_tasks_blocked()
+            assert registry.connections == {"127.0.0.1": 1}
+        await trio.testing.wait_all_tasks_blocked()
+        assert registry.peers == {}
+        assert not registry.connections
+
+
+async def test_a_parked_peer_dropped_by_the_server_leaves_at_once() -> None:
+    """As when an introduction to it cannot be sent: its descriptor leaves the parking
+    before it is closed, and its session ends without waiting for the idle timeout."""
+    async with parked_registry() as (registry, rendezvous):
+        async with raw_client(rendezvous) as client:
+            await register(client, "dropped")
+            await trio.testing.wait_all_tasks_blocked()
+            registry._drop(registry.peers["dropped"])
+            await trio.testing.wait_all_tasks_blocked()
+            assert registry.peers == {}
+            assert not registry.connections
+            with pytest.raises(trio.BrokenResourceError):  # reset
+                await client.receive()
 
 
 async def test_a_token_is_required_when_set() -> None:

@@ -51,12 +51,11 @@ class ControlChannel:
 
     async def receive_idle(self) -> Message | None:
         """:meth:`receive`, for a connection that mostly waits (a registered peer on
-        the server): over plain TCP, a non-blocking read(2) of the descriptor and,
-        when it has nothing, a wait for readability (epoll), so a waiting connection
-        holds a task stack four frames shorter than inside :meth:`receive` (the
-        server's memory per idle peer), and a busy one yields once a message, as
-        :meth:`receive` does. Over TLS (which may hold decrypted bytes the socket
-        does not show): :meth:`receive`.
+        the server): over plain TCP, :meth:`receive_ready` and, when nothing has
+        arrived, a wait for readability (epoll), so a waiting connection holds a
+        task stack four frames shorter than inside :meth:`receive`, and a busy one
+        yields once a message, as :meth:`receive` does. Over TLS (which may hold
+        decrypted bytes the socket does not show): :meth:`receive`.
 
         Raises:
             RemoteProtocolError: the peer broke the protocol.
@@ -66,23 +65,39 @@ class ControlChannel:
         if not isinstance(self.stream, trio.SocketStream):
             return await self.receive()
         waited = False
+        while True:
+            try:
+                message = self.receive_ready()
+            except trio.WouldBlock:
+                pass  # waited for below, not here: inside this clause the exception
+                # (its traceback: hundreds of bytes) would live as long as the wait
+            else:
+                break
+            await trio.lowlevel.wait_readable(self.socket)
+            waited = True
+        if not waited:
+            await trio.lowlevel.checkpoint()  # a flood of frames still lets others run
+        return message
+
+    def receive_ready(self) -> Message | None:
+        """The next message if it has arrived, without waiting; ``None`` when the peer
+        closed cleanly. Plain TCP only (a non-blocking read(2) of the descriptor).
+
+        Raises:
+            trio.WouldBlock: nothing more has arrived (wait for readability, ask again).
+            RemoteProtocolError: the peer broke the protocol.
+            trio.BrokenResourceError: the connection failed, or was closed here.
+        """
         while not self._inbox:
             try:
-                data: bytes | None = os.read(self.socket.fileno(), _RECEIVE_SIZE)
+                data = os.read(self.socket.fileno(), _RECEIVE_SIZE)
             except BlockingIOError:
-                data = None  # waited for below, not here: inside this clause the error
-                # (its traceback and message: 530 bytes) would live as long as the wait
+                raise trio.WouldBlock from None
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-            if data is None:
-                await trio.lowlevel.wait_readable(self.socket)
-                waited = True
-                continue
             self._inbox.extend(self.connection.receive_data(data))
             if not data:
                 return None
-        if not waited:
-            await trio.lowlevel.checkpoint()  # a flood of frames still lets others run
         return self._inbox.pop(0)
 
     async def send(self, message: Message) -> None:

@@ -35,6 +35,7 @@ from ._endpoint import Candidate, Endpoint, Role, as_endpoint
 from ._errors import LocalProtocolError, PeerVerificationError, RemoteProtocolError
 from ._identity import certificate_key, check_peer_id, peer_id, verify_signature
 from ._nat import NatFacts
+from ._parking import Parking
 from ._protocol import (
     ATTEMPT_ID_BYTES,
     CHALLENGE_BYTES,
@@ -393,10 +394,25 @@ class RendezvousServer:
     _introductions: RateLimit = attrs.field(init=False)
     _protocol_warnings: WarningThrottle = attrs.field(factory=WarningThrottle, init=False)
     _reaches: trio.Semaphore = attrs.field(factory=lambda: trio.Semaphore(MAX_REACHES), init=False)
+    _parking: Parking[_Peer] = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._registrations = RateLimit(self.limits.registrations_per_minute)
         self._introductions = RateLimit(self.limits.introductions_per_minute)
+        self._parking = Parking(self._resume, self._expire, self.limits.idle_timeout, _abort_parked)
+
+    async def park_idle(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Hold registered peers that wait (plain TCP) without a task each, until
+        cancelled (:mod:`punch._parking`: about 5 KiB less memory per idle peer);
+        then close every connection still parked. Without it, each registered
+        peer keeps its own task. Follows trio's ``nursery.start`` protocol.
+
+        Raises:
+            RuntimeError: it is already running.
+        """
+        await self._parking.run(task_status=task_status)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one control connection until it closes; never raises but Cancelled."""
@@ -412,13 +428,13 @@ class RendezvousServer:
 
     async def _relayed(self, stream: trio.SocketStream, observed: Endpoint) -> None:
         assert self.relay is not None
-        async with self._session(stream, observed, relay=True) as channel:
-            await self.relay.serve(channel, stream, observed)
+        async with self._session(stream, observed, relay=True) as session:
+            await self.relay.serve(session.channel, stream, observed)
 
     async def _guarded(
         self,
         stream: trio.SocketStream,
-        serve: Callable[[trio.SocketStream, Endpoint], Awaitable[None]],
+        serve: Callable[[trio.SocketStream, Endpoint], Awaitable[bool | None]],
     ) -> None:
         """Run ``serve(stream, observed)`` so that nothing escapes but Cancelled.
 
@@ -427,6 +443,7 @@ class RendezvousServer:
         ``getpeername``), and ``trio.serve_listeners`` would let any exception
         that escapes a handler end the whole server.
         """
+        kept = False
         try:
             try:
                 observed = Endpoint.from_sockaddr(stream.socket.getpeername())
@@ -435,12 +452,54 @@ class RendezvousServer:
                 return
             # an Introduction lost on the way is part of the punch's cost: resent each second
             reuse.cap_retransmission_timeout(stream.socket)
-            try:
-                await serve(stream, observed)
-            except Exception:  # one connection's bug must never take the server down
-                log.exception("%s: unexpected error, closing this connection", observed)
+            kept = await self._contained(serve(stream, observed), observed)
         finally:
-            reuse.abort(stream.socket)
+            if not kept:
+                reuse.abort(stream.socket)
+
+    @staticmethod
+    async def _contained(serving: Awaitable[bool | None], observed: Endpoint) -> bool:
+        """Await ``serving``; True if it kept its connection open (parked), False if
+        it ended or raised anything but Cancelled (logged: one connection's bug must
+        never take the server down)."""
+        try:
+            return bool(await serving)
+        except Exception:
+            log.exception("%s: unexpected error, closing this connection", observed)
+            return False
+
+    async def _resume(self, peer: _Peer) -> None:
+        """A parked peer's connection is readable (or closed): answer it, then park it
+        again or end it; ``on_readable`` of :attr:`_parking`. Never raises but Cancelled."""
+        await self._unparked(peer, idle=False)
+
+    async def _expire(self, peer: _Peer) -> None:
+        """A parked peer sent nothing for ``idle_timeout`` s: refuse it
+        (``idle-timeout``) and end it; ``on_idle`` of :attr:`_parking`."""
+        await self._unparked(peer, idle=True)
+
+    async def _unparked(self, peer: _Peer, *, idle: bool) -> None:
+        stream = peer.channel.stream
+        assert isinstance(stream, trio.SocketStream)  # only plain TCP is parked
+        kept = False
+        try:
+            kept = await self._contained(self._continue(peer, stream, idle), peer.observed)
+        finally:
+            if not kept:
+                reuse.abort(stream.socket)
+
+    async def _continue(self, peer: _Peer, stream: trio.SocketStream, idle: bool) -> bool:
+        """A parked peer's session, picked up where :meth:`_handle` left it."""
+        async with self._session(stream, peer.observed, channel=peer.channel) as session:
+            try:
+                if idle:
+                    raise self._idle_timeout()
+                session.kept = await self._serve(peer)
+            finally:
+                if not session.kept:
+                    self._remove(peer)
+                    await self._release(peer)
+        return session.kept
 
     @contextlib.asynccontextmanager
     async def _session(
@@ -450,33 +509,29 @@ class RendezvousServer:
         *,
         probe: bool = False,
         relay: bool = False,
-    ) -> AsyncIterator[ControlChannel]:
-        """One connection's channel, counted against its source's limit; a refusal,
-        a protocol error or a lost connection inside ends it (told, then closed)."""
+        channel: ControlChannel | None = None,
+    ) -> AsyncIterator[_Session]:
+        """One connection's session, counted against its source's limit; a refusal,
+        a protocol error or a lost connection inside ends it (told, then closed),
+        and so does the end of the block, unless the block set ``kept`` (parked: a
+        later session with that ``channel`` goes on from there, not counted again)."""
         source = source_key(observed.address)
         counted = not self.limits.is_exempt(observed.address)
-        if counted:
-            self.connections[source] += 1
-        channel = ControlChannel(
-            stream,
-            stream.socket,
-            RendezvousConnection(Side.SERVER, self.limits.max_frame, probe=probe, relay=relay),
-        )
         clustered = counted and self.cluster is not None
+        resumed = channel is not None
+        if channel is None:
+            if counted:
+                self.connections[source] += 1
+            channel = ControlChannel(
+                stream,
+                stream.socket,
+                RendezvousConnection(Side.SERVER, self.limits.max_frame, probe=probe, relay=relay),
+            )
+        session = _Session(channel)
         try:
-            most = self.limits.max_connections_per_ip
-            if counted and self.connections[source] > most:
-                raise _Refused(
-                    Error("too-many-connections", f"more than {most} connections from {source}")
-                )
-            if clustered and not await self._cluster_connections(source, observed):
-                raise _Refused(
-                    Error(
-                        "too-many-connections",
-                        f"more than {most} connections from {source} across the cluster",
-                    )
-                )
-            yield channel
+            if not resumed:
+                await self._admit_connection(source, observed, counted, clustered)
+            yield session
         except _Refused as refusal:
             log.info("%s: refused: %s: %s", observed, refusal.error.code, refusal.error.text)
             await self._refuse(channel, refusal.error)
@@ -488,16 +543,38 @@ class RendezvousServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("%s: connection lost: %s", observed, exc.__cause__ or exc)
         finally:
-            if counted:
-                self.connections[source] -= 1
-                if not self.connections[source]:
-                    del self.connections[source]
-            if clustered:
-                await self._cluster_disconnected(source)
+            if not session.kept:
+                if counted:
+                    self.connections[source] -= 1
+                    if not self.connections[source]:
+                        del self.connections[source]
+                if clustered:
+                    await self._cluster_disconnected(source)
 
-    async def _handle(self, stream: trio.SocketStream, observed: Endpoint) -> None:
+    async def _admit_connection(
+        self, source: str, observed: Endpoint, counted: bool, clustered: bool
+    ) -> None:
+        """Raise :class:`_Refused` (``too-many-connections``) if this new connection,
+        counted, puts its source over the limit, here or across the cluster."""
+        most = self.limits.max_connections_per_ip
+        if counted and self.connections[source] > most:
+            raise _Refused(
+                Error("too-many-connections", f"more than {most} connections from {source}")
+            )
+        if clustered and not await self._cluster_connections(source, observed):
+            raise _Refused(
+                Error(
+                    "too-many-connections",
+                    f"more than {most} connections from {source} across the cluster",
+                )
+            )
+
+    async def _handle(self, stream: trio.SocketStream, observed: Endpoint) -> bool:
+        """A control connection: the registration, then the peer's requests; True
+        when it was parked (:attr:`_parking`: the session goes on in :meth:`_resume`)."""
         peer: _Peer | None = None
-        async with self._session(stream, observed) as channel:
+        async with self._session(stream, observed) as session:
+            channel = session.channel
             try:
                 with trio.move_on_after(self.limits.registration_timeout) as registering:
                     if self.ssl_context is not None:
@@ -518,15 +595,19 @@ class RendezvousServer:
                     )
                     raise _Refused(Error("registration-timeout", "no Register in time"))
                 if peer is not None:
-                    await self._serve(peer)
+                    session.kept = await self._serve(peer)
+                    if session.kept:
+                        _adopt(channel)
             finally:
-                if peer is not None:
+                if peer is not None and not session.kept:
                     self._remove(peer)
                     await self._release(peer)
+        return session.kept
 
     async def _probe(self, stream: trio.SocketStream, observed: Endpoint) -> None:
         """The probe port: tell the observed endpoint; dial back once if asked."""
-        async with self._session(stream, observed, probe=True) as channel:
+        async with self._session(stream, observed, probe=True) as session:
+            channel = session.channel
             with trio.move_on_after(self.limits.registration_timeout):
                 await channel.send(Probed(observed))
                 request = await channel.receive()
@@ -775,22 +856,52 @@ class RendezvousServer:
             return
         await self._deliver(peer, frame)
 
-    async def _serve(self, peer: _Peer) -> None:
-        idle = self.limits.idle_timeout
-        while True:
-            with trio.move_on_after(idle):
-                message = await peer.channel.receive_idle()
+    async def _serve(self, peer: _Peer) -> bool:
+        """Answer ``peer``'s messages until it closes (False), or, while
+        :attr:`_parking` runs and the connection is plain TCP, until it has nothing
+        more to read: then park it (True: its session goes on in :meth:`_resume`).
+        Parked, any bytes that arrive restart the ``idle_timeout`` clock; with a
+        task of its own (TLS), only whole messages do.
+
+        Raises:
+            _Refused: ``idle-timeout``: nothing received for ``idle_timeout`` s.
+            RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError:
+                as :meth:`ControlChannel.receive` does.
+        """
+        channel = peer.channel
+        if self._parking.running and isinstance(channel.stream, trio.SocketStream):
+            while True:
+                try:
+                    message = channel.receive_ready()
+                except trio.WouldBlock:
+                    self._parking.park(peer, channel.socket.fileno())
+                    return True
                 if message is None:
-                    return
-                if isinstance(message, ConnectRequest):
-                    await self._introduce(peer, message)
-                elif isinstance(message, Report):
-                    peer.nat = message.nat
-                    log.info("%s: %r reports %s", peer.observed, peer.name, message.nat)
-                else:
-                    assert isinstance(message, Keepalive)  # the only other client message
+                    return False
+                await self._answer(peer, message)
+                await trio.lowlevel.checkpoint()  # a flood of frames still lets others run
+        while True:
+            with trio.move_on_after(self.limits.idle_timeout):
+                message = await channel.receive_idle()
+                if message is None:
+                    return False
+                await self._answer(peer, message)
                 continue
-            raise _Refused(Error("idle-timeout", f"nothing received for {idle:g} s"))
+            raise self._idle_timeout()
+
+    def _idle_timeout(self) -> _Refused:
+        idle = self.limits.idle_timeout
+        return _Refused(Error("idle-timeout", f"nothing received for {idle:g} s"))
+
+    async def _answer(self, peer: _Peer, message: Message) -> None:
+        """Act on one message from a registered ``peer``."""
+        if isinstance(message, ConnectRequest):
+            await self._introduce(peer, message)
+        elif isinstance(message, Report):
+            peer.nat = message.nat
+            log.info("%s: %r reports %s", peer.observed, peer.name, message.nat)
+        else:
+            assert isinstance(message, Keepalive)  # the only other client message
 
     async def _introduce(self, asker: _Peer, request: ConnectRequest) -> None:
         """Answer ``asker``'s request on its own connection; its candidates are those
@@ -915,10 +1026,17 @@ class RendezvousServer:
                 await peer.channel.send_frame(frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.info("%r: introduction not delivered: %s", peer.name, exc.__cause__ or exc)
-                reuse.abort(peer.channel.socket)
+                self._drop(peer)
         if scope.cancelled_caught:
             log.warning("%r: not reading; dropped after %g s", peer.name, SEND_TIMEOUT)
-            reuse.abort(peer.channel.socket)
+            self._drop(peer)
+
+    def _drop(self, peer: _Peer) -> None:
+        """Close ``peer``'s connection at once (an RST); whoever serves it ends its
+        session: its own task, or, parked, a task woken for it first (a descriptor
+        must leave the parking before it is closed)."""
+        self._parking.wake(peer.channel.socket.fileno())
+        reuse.abort(peer.channel.socket)
 
     async def say_goodbye(self) -> None:
         """Tell every registered peer ``shutting-down``, all at once, each bounded."""
@@ -953,6 +1071,33 @@ class RendezvousServer:
                     drained += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
                 pass
+
+
+def _adopt(channel: ControlChannel) -> None:
+    """Give ``channel`` a socket object of its own for its descriptor, so that closing
+    the stream it came with (``trio.serve_listeners`` closes each handler's stream
+    when the handler returns) leaves the connection open: the old socket object is
+    detached (then its close does nothing), the descriptor and the TCP connection
+    stay as they are."""
+    old = channel.socket
+    fd = old.detach()
+    channel.socket = trio.socket.from_stdlib_socket(
+        socket.socket(old.family, old.type, old.proto, fileno=fd)
+    )
+    channel.stream = trio.SocketStream(channel.socket)
+
+
+def _abort_parked(peer: _Peer) -> None:
+    reuse.abort(peer.channel.socket)
+
+
+@attrs.define(eq=False)
+class _Session:
+    """What :meth:`RendezvousServer._session` yields: the channel, and whether the
+    block kept it open (parked) rather than ending it."""
+
+    channel: ControlChannel
+    kept: bool = False
 
 
 def _unknown(request: ConnectRequest) -> Error:
@@ -1204,6 +1349,7 @@ async def serve_rendezvous(
         probe_bound[:] = probe_endpoints
     try:
         async with trio.open_nursery() as handlers:
+            await handlers.start(server.park_idle)
             if cluster is not None:
                 await handlers.start(cluster.run, server.deliver_forwarded, server.lost)
             await _serve_until(
