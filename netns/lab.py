@@ -112,6 +112,14 @@ class Lab:
         # IPv6 connect took 2 s, a punch 1 s, against 0.3 ms once it settled)
         for conf in ("all", "default"):
             self.sh(full, "sysctl", "-q", "-w", f"net.ipv6.conf.{conf}.accept_dad=0")
+        # Trials independent of each other: Linux caches each destination's RTT when
+        # a connection closes cleanly and starts the next connection's RTO at three
+        # times it (tcp_metrics; commit 1b7fdd2, "do not use cached RTT for RTT
+        # estimation"). A lossy trial's RTT, inflated by its retransmitted SYNs
+        # (seconds), so slowed the next trials to the same peer: at 20% loss the
+        # next connections started with RTOs of 4-8 s, and TLS after the punch took
+        # a median 1.34 s against 0.57 s with nothing cached (20 trials each).
+        self.sh(full, "sysctl", "-q", "-w", "net.ipv4.tcp_no_metrics_save=1")
         return full
 
     def sh(self, ns: str, *argv: str, stdin: str | None = None) -> str:
