@@ -3,6 +3,7 @@ socket pairs; idle expiry on trio's MockClock."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -131,11 +132,18 @@ async def test_it_runs_once_at_a_time() -> None:
             await lot.parking.run()
 
 
-async def test_a_descriptor_epoll_cannot_watch_is_refused_and_not_parked(
-    tmp_path: Path,
-) -> None:
-    with open(tmp_path / "file", "wb") as file:
-        async with running() as lot:
-            with pytest.raises(PermissionError):  # EPERM: a regular file (epoll_ctl(2))
-                lot.parking.park("file", file.fileno())
-            assert file.fileno() not in lot.parking
+@pytest.fixture
+def regular_file(tmp_path: Path) -> Iterator[int]:
+    """A descriptor of a regular file (which epoll(7) cannot watch)."""
+    fd = os.open(tmp_path / "file", os.O_CREAT | os.O_RDWR)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+async def test_a_descriptor_epoll_cannot_watch_is_refused_and_not_parked(regular_file: int) -> None:
+    async with running() as lot:
+        with pytest.raises(PermissionError):  # EPERM: a regular file (epoll_ctl(2))
+            lot.parking.park("file", regular_file)
+        assert regular_file not in lot.parking
