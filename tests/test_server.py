@@ -281,6 +281,27 @@ async def test_registered_peers_wait_without_a_task_or_an_exception_each() -> No
                 assert isinstance(await first.receive(), Introduction)
 
 
+async def test_without_parking_idle_peers_keep_no_exception_alive() -> None:
+    """A registry that does not park serves each peer in its own task, waiting in
+    ``ControlChannel.receive_idle``: the ``BlockingIOError`` of each last empty read
+    (its traceback: about 530 bytes a peer) must not live as long as that wait."""
+    registry = RendezvousServer(limits=STRICT)
+    async with trio.open_nursery() as nursery:
+        serve = partial(trio.serve_tcp, registry.handle, 0, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        rendezvous = Endpoint.from_sockaddr(listeners[0].socket.getsockname())
+        async with raw_client(rendezvous) as one, raw_client(rendezvous) as two:
+            await register(one, "one")
+            await register(two, "two")
+            await trio.testing.wait_all_tasks_blocked()
+            gc.collect()
+            alive = [
+                o for o in gc.get_objects() if isinstance(o, (BlockingIOError, trio.WouldBlock))
+            ]
+            assert not alive
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_parked_peer_that_closes_leaves_the_registry_and_the_count() -> None:
     async with parked_registry() as (registry, rendezvous):
         async with raw_client(rendezvous) as client:
