@@ -247,11 +247,14 @@ def _tasks() -> int:
 
 
 @asynccontextmanager
-async def parked_registry() -> AsyncIterator[tuple[RendezvousServer, Endpoint]]:
-    """A registry with parking on, as :func:`serve_rendezvous` runs it."""
+async def parked_registry(
+    parking: bool = True,
+) -> AsyncIterator[tuple[RendezvousServer, Endpoint]]:
+    """A registry on loopback; ``parking`` on, as :func:`serve_rendezvous` runs it."""
     registry = RendezvousServer(limits=STRICT)
     async with trio.open_nursery() as nursery:
-        await nursery.start(registry.park_idle)
+        if parking:
+            await nursery.start(registry.park_idle)
         serve = partial(trio.serve_tcp, registry.handle, 0, host="127.0.0.1")
         listeners = await nursery.start(serve)
         yield registry, Endpoint.from_sockaddr(listeners[0].socket.getsockname())
@@ -285,11 +288,7 @@ async def test_without_parking_idle_peers_keep_no_exception_alive() -> None:
     """A registry that does not park serves each peer in its own task, waiting in
     ``ControlChannel.receive_idle``: the ``BlockingIOError`` of each last empty read
     (its traceback: about 530 bytes a peer) must not live as long as that wait."""
-    registry = RendezvousServer(limits=STRICT)
-    async with trio.open_nursery() as nursery:
-        serve = partial(trio.serve_tcp, registry.handle, 0, host="127.0.0.1")
-        listeners = await nursery.start(serve)
-        rendezvous = Endpoint.from_sockaddr(listeners[0].socket.getsockname())
+    async with parked_registry(parking=False) as (_, rendezvous):
         async with raw_client(rendezvous) as one, raw_client(rendezvous) as two:
             await register(one, "one")
             await register(two, "two")
@@ -299,7 +298,6 @@ async def test_without_parking_idle_peers_keep_no_exception_alive() -> None:
                 o for o in gc.get_objects() if isinstance(o, (BlockingIOError, trio.WouldBlock))
             ]
             assert not alive
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_parked_peer_that_closes_leaves_the_registry_and_the_count() -> None:

@@ -152,12 +152,12 @@ class Parking(Generic[T]):
         assert self._nursery is not None
         while True:
             now = trio.current_time()
-            deadline = now + self.idle  # none parked: none can expire sooner
             while self._parked:
                 fd, (item, deadline) = next(iter(self._parked.items()))
                 if deadline > now:
                     break
                 self._take(fd)
                 self._nursery.start_soon(self.on_idle, item)
-                deadline = now + self.idle
+            else:
+                deadline = now + self.idle  # none parked: none can expire sooner
             await trio.sleep_until(deadline)

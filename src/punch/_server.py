@@ -399,7 +399,9 @@ class RendezvousServer:
     def __attrs_post_init__(self) -> None:
         self._registrations = RateLimit(self.limits.registrations_per_minute)
         self._introductions = RateLimit(self.limits.introductions_per_minute)
-        self._parking = Parking(self._resume, self._expire, self.limits.idle_timeout, _abort_parked)
+        self._parking = Parking(
+            self._resume, partial(self._resume, idle=True), self.limits.idle_timeout, self._drop
+        )
 
     async def park_idle(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -443,50 +445,41 @@ class RendezvousServer:
         ``getpeername``), and ``trio.serve_listeners`` would let any exception
         that escapes a handler end the whole server.
         """
-        kept = False
         try:
-            try:
-                observed = Endpoint.from_sockaddr(stream.socket.getpeername())
-            except OSError as exc:  # reset before we looked: nothing to serve
-                log.debug("a connection was gone before it was served: %s", exc)
-                return
-            # an Introduction lost on the way is part of the punch's cost: resent each second
-            reuse.cap_retransmission_timeout(stream.socket)
-            kept = await self._contained(serve(stream, observed), observed)
-        finally:
-            if not kept:
-                reuse.abort(stream.socket)
+            observed = Endpoint.from_sockaddr(stream.socket.getpeername())
+        except OSError as exc:  # reset before we looked: nothing to serve
+            log.debug("a connection was gone before it was served: %s", exc)
+            reuse.abort(stream.socket)
+            return
+        # an Introduction lost on the way is part of the punch's cost: resent each second
+        reuse.cap_retransmission_timeout(stream.socket)
+        await self._contained(serve(stream, observed), observed, stream.socket)
 
     @staticmethod
-    async def _contained(serving: Awaitable[bool | None], observed: Endpoint) -> bool:
-        """Await ``serving``; True if it kept its connection open (parked), False if
-        it ended or raised anything but Cancelled (logged: one connection's bug must
-        never take the server down)."""
-        try:
-            return bool(await serving)
-        except Exception:
-            log.exception("%s: unexpected error, closing this connection", observed)
-            return False
-
-    async def _resume(self, peer: _Peer) -> None:
-        """A parked peer's connection is readable (or closed): answer it, then park it
-        again or end it; ``on_readable`` of :attr:`_parking`. Never raises but Cancelled."""
-        await self._unparked(peer, idle=False)
-
-    async def _expire(self, peer: _Peer) -> None:
-        """A parked peer sent nothing for ``idle_timeout`` s: refuse it
-        (``idle-timeout``) and end it; ``on_idle`` of :attr:`_parking`."""
-        await self._unparked(peer, idle=True)
-
-    async def _unparked(self, peer: _Peer, *, idle: bool) -> None:
-        stream = peer.channel.stream
-        assert isinstance(stream, trio.SocketStream)  # only plain TCP is parked
+    async def _contained(
+        serving: Awaitable[bool | None], observed: Endpoint, sock: trio.socket.SocketType
+    ) -> None:
+        """Await ``serving``, then close ``sock`` (an RST) unless ``serving`` kept its
+        connection open (returned True: parked). Nothing escapes but Cancelled: any
+        other exception is logged, since one connection's bug must never take the
+        server down."""
         kept = False
         try:
-            kept = await self._contained(self._continue(peer, stream, idle), peer.observed)
+            kept = bool(await serving)
+        except Exception:
+            log.exception("%s: unexpected error, closing this connection", observed)
         finally:
             if not kept:
-                reuse.abort(stream.socket)
+                reuse.abort(sock)
+
+    async def _resume(self, peer: _Peer, *, idle: bool = False) -> None:
+        """A parked peer's connection is readable (or closed): answer it, then park it
+        again or end it (``on_readable`` of :attr:`_parking`); with ``idle``, it sent
+        nothing for ``idle_timeout`` s: refuse it (``idle-timeout``) and end it
+        (``on_idle``). Never raises but Cancelled."""
+        stream = peer.channel.stream
+        assert isinstance(stream, trio.SocketStream)  # only plain TCP is parked
+        await self._contained(self._continue(peer, stream, idle), peer.observed, stream.socket)
 
     async def _continue(self, peer: _Peer, stream: trio.SocketStream, idle: bool) -> bool:
         """A parked peer's session, picked up where :meth:`_handle` left it."""
@@ -1085,10 +1078,6 @@ def _adopt(channel: ControlChannel) -> None:
         socket.socket(old.family, old.type, old.proto, fileno=fd)
     )
     channel.stream = trio.SocketStream(channel.socket)
-
-
-def _abort_parked(peer: _Peer) -> None:
-    reuse.abort(peer.channel.socket)
 
 
 @attrs.define(eq=False)
