@@ -157,7 +157,8 @@ class Lab:
         self.sh(ns, "ip", "addr", "add", cidr, "dev", ifname)
 
     def loss(self, ns: str, percent: int) -> None:
-        """Drop ``percent`` % of the IP packets on ``ns``'s WAN link, both directions.
+        """Drop ``percent`` % of the IP packets on ``ns``'s WAN link, both directions
+        (once per ``ns``: a second call adds a second drop).
 
         nft ``numgen random`` on the netdev ingress hook at each end of the link,
         so the sender's NAT has already mapped a packet that the wire then loses.
@@ -167,7 +168,10 @@ class Lab:
         rule = f"meta protocol {{ ip, ip6 }} numgen random mod 100 < {percent} drop"
         for where, device in ((ns, "wan0"), (self.prefix + "wan", self.wan_ports[ns])):
             hook = f'type filter hook ingress device "{device}" priority 0'
-            self._table(where, "netdev punchloss", hook, rule)
+            # a table per device: the WAN router holds one per lossy port, and a second
+            # "chain c" of one shared table would hook every port into both drop rules
+            # (36% for 20%, as each site's uplink had until 2026-12-03)
+            self._table(where, f"netdev punchloss_{device}", hook, rule)
 
     def block(self, ns: str, address: str) -> None:
         """Drop everything ``ns`` would forward to ``address`` (an IPv4 or IPv6 address

@@ -329,3 +329,75 @@ def test_a_control_connect_is_not_abandoned_by_the_kernel_before_its_timeout() -
         dropped = lab.sh(b, "nft", "list", "table", "ip", "l")
     assert out.strip() == "still connecting"
     assert int(dropped.split("packets ")[1].split()[0]) >= 9  # 0, 1, ..., 8 s
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 9999))
+s.settimeout(2.0)
+print("ready", flush=True)
+got = 0
+try:
+    while True:
+        data, sender = s.recvfrom(64)
+        got += 1
+        s.sendto(data, sender)
+except TimeoutError:
+    print(got)
+"""
+
+UDP_SEND = """
+import socket, sys, time
+count, server = int(sys.argv[1]), sys.argv[2]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.002)
+back = 0
+for i in range(count):  # bounded: count datagrams, 2 ms apart at most
+    s.sendto(b"%d" % i, (server, 9999))
+    try:
+        s.recv(64)
+        back += 1
+    except TimeoutError:
+        pass
+s.settimeout(1.0)
+try:
+    while True:
+        s.recv(64)
+        back += 1
+except TimeoutError:
+    print(back)
+"""
+
+
+def test_loss_on_both_sites_drops_the_given_share_each_way() -> None:
+    """20% on each site's WAN link: 20% of what a peer sends upstream, and 20% of
+    what comes back; not more because the other site is lossy too (a table shared
+    by the WAN router's ports once hooked each port into both drop rules: 36% up)."""
+    count = 1000
+    with Lab() as lab:
+        topology = build_two_nats(lab)
+        for site in topology.sites:
+            lab.loss(site.nat_ns, 20)
+        echo = subprocess.Popen(
+            [*lab.exec_prefix(topology.rendezvous_ns), sys.executable, "-c", UDP_ECHO],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert echo.stdout is not None
+            assert echo.stdout.readline() == "ready\n"
+            sender = lab.exec_prefix(topology.sites[0].peer_ns)
+            back = subprocess.run(
+                [*sender, sys.executable, "-c", UDP_SEND, str(count), topology.rendezvous_ip],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            ).stdout
+            up = int(echo.communicate(timeout=30)[0])
+        finally:
+            echo.kill()
+    # binomial(1000, 0.8): sd 12.6, so each band is about 5 sd wide each side
+    assert 740 <= up <= 860, up
+    assert 0.74 <= int(back) / up <= 0.86, (back, up)
