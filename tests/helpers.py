@@ -175,18 +175,22 @@ class Player:
 
 
 async def play_peer(
-    stream: trio.abc.Stream, intro: Introduction, *, hold: trio.Event | None = None
+    stream: trio.abc.Stream,
+    intro: Introduction,
+    *,
+    hold: trio.Event | None = None,
+    client_hello: bytes = b"",
 ) -> Player:
     """Authenticate ``stream`` as the peer named by ``intro``'s role (test-side handshake).
 
     Both sides speak at once, as the race does; returns once the peer is
-    authenticated (a responder has sent its Proof and read the Hello, and awaits
-    the Nomination). ``hold``: a responder's Proof waits for it (its Hello goes
-    at once).
+    authenticated (a responder has sent its Proof and read the Hello, and any
+    ClientHello, and awaits the Nomination). ``hold``: what follows our Hello
+    (a responder's Proof, an initiator's ``client_hello``) waits for it.
     """
     reader = ExactReader(stream)  # type: ignore[arg-type]
     shake = Handshake(intro.role, intro.attempt_id, intro.secret)
-    opening = shake.opening()
+    opening = shake.opening(client_hello)
     await reader.send(opening[:HELLO_SIZE])
     if hold is not None:
         await hold.wait()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from punch import HandshakeError, PeerVerificationError, Role
 from punch._handshake import (
     HELLO_SIZE,
+    MAX_CLIENT_HELLO,
     NOMINATION_SIZE,
     PROOF_SIZE,
     VERSION,
@@ -243,3 +244,59 @@ def test_plaintext_sides_agree_and_their_macs_differ_from_encrypting_ones() -> N
         initiator.receive(proofs[-1])
         assert initiator.stage is Stage.AUTHENTICATED
     assert proofs[0] != proofs[1]  # the MAC covers the flags: a Proof does not cross over
+
+
+CLIENT_HELLO = b"\x16\x03\x01\x00\x04\x01\x00\x00\x00"  # shaped as a record; never parsed here
+
+
+def test_the_client_hello_follows_the_initiators_hello_and_the_responder_reads_it() -> None:
+    """Hello, the ClientHello's length, the ClientHello; the responder holds it for
+    TLS before the Nomination, which still verifies (the MACs cover encryption only)."""
+    initiator, responder = pair()
+    opening = initiator.opening(CLIENT_HELLO)
+    assert len(opening) == HELLO_SIZE + 2 + len(CLIENT_HELLO)
+    assert parse_hello(opening[:HELLO_SIZE]).client_hello_follows
+    assert not parse_hello(initiator.opening()).client_hello_follows
+    responder.receive(opening[:HELLO_SIZE])
+    assert (responder.stage, responder.expecting) == (Stage.CLIENT_HELLO_SIZE, 2)
+    responder.receive(opening[HELLO_SIZE : HELLO_SIZE + 2])
+    assert (responder.stage, responder.expecting) == (Stage.CLIENT_HELLO, len(CLIENT_HELLO))
+    assert responder.client_hello is None
+    responder.receive(opening[HELLO_SIZE + 2 :])
+    assert responder.client_hello == CLIENT_HELLO
+    assert (responder.stage, responder.expecting) == (Stage.NOMINATION, NOMINATION_SIZE)
+    initiator.receive(responder.hello())
+    initiator.receive(proof_of(responder))
+    responder.receive(initiator.nominate())
+    assert responder.stage is Stage.NOMINATED
+
+
+def test_a_client_hello_only_from_an_initiator_that_encrypts_and_within_one_record() -> None:
+    initiator, responder = pair()
+    with pytest.raises(HandshakeError, match="TLS server"):
+        responder.opening(CLIENT_HELLO)
+    with pytest.raises(HandshakeError, match="ClientHello"):
+        initiator.opening(b"x" * (MAX_CLIENT_HELLO + 1))
+    plaintext = Handshake(Role.INITIATOR, initiator.attempt_id, initiator.secret, encrypt=False)
+    with pytest.raises(HandshakeError, match="encrypt=False"):
+        plaintext.opening(CLIENT_HELLO)
+    assert len(initiator.opening(b"x" * MAX_CLIENT_HELLO)) == HELLO_SIZE + 2 + MAX_CLIENT_HELLO
+
+
+@pytest.mark.parametrize("size", [0, MAX_CLIENT_HELLO + 1])
+def test_a_client_hello_length_out_of_range_is_refused(size: int) -> None:
+    initiator, responder = pair()
+    responder.receive(initiator.opening(CLIENT_HELLO)[:HELLO_SIZE])
+    with pytest.raises(HandshakeError, match=f"ClientHello of {size} bytes"):
+        responder.receive(size.to_bytes(2, "big"))
+
+
+def test_a_client_hello_announced_by_the_responder_or_without_encryption_is_refused() -> None:
+    initiator, responder = pair()
+    hello = bytearray(responder.hello())
+    hello[-1] |= 0x02  # the responder claims a ClientHello follows
+    with pytest.raises(HandshakeError, match="TLS server"):
+        initiator.receive(bytes(hello))
+    hello[-1] = 0x02  # a ClientHello, but no encryption
+    with pytest.raises(HandshakeError, match="unknown flags"):
+        parse_hello(bytes(hello))

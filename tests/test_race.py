@@ -163,77 +163,116 @@ async def test_a_hello_for_an_expired_attempt_is_reset_while_a_live_one_is_route
         router.close_route(live_r.attempt_id)
 
 
+CLIENT = IDENTITY.tls_context(IDENTITY.certificate, server_side=False)
+SERVER = IDENTITY.tls_context(IDENTITY.certificate, server_side=True)
+
+
+def _unloadable() -> ssl.SSLContext:
+    raise ssl.SSLError("not a certificate")
+
+
 async def _nominated_against_a_player(
-    client_tls: Callable[[], ssl.SSLContext], *, hold: trio.Event | None = None
+    tls: Callable[[], ssl.SSLContext],
 ) -> tuple[PeerStream, Player]:
-    """A real initiator's race (with ``client_tls``) against a hand-played responder,
-    up to the Nomination: (the kept stream, the responder's side). ``hold``: the
-    responder's Proof waits for it."""
+    """A real initiator's race (with ``tls``) against a hand-played responder, up
+    to the Nomination: (the kept stream, the responder's side)."""
     listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
     endpoint = Endpoint.from_sockaddr(listener.socket.getsockname())
     intro_i, intro_r = introductions((), (endpoint,))
     players = []
 
     async def respond() -> None:
-        player = await play_peer(await listener.accept(), intro_r, hold=hold)
+        player = await play_peer(await listener.accept(), intro_r)
         await player.nominated()
         players.append(player)
 
     async with race_side(LOOPBACK) as (local, router), listener:
-        race = {"introduction": intro_i, "local": local, "client_tls": client_tls}
+        race = {"introduction": intro_i, "local": local, "tls": tls}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(respond)
             kept = await run_race(router, race)
     return kept, players[0]
 
 
-async def test_the_initiator_sends_its_client_hello_with_the_nomination() -> None:
-    """One segment, one loss event: the ClientHello is readable with the Nomination,
-    and the kept stream's TLS goes on from it."""
-    client = IDENTITY.tls_context(IDENTITY.certificate, server_side=False)
-    server = IDENTITY.tls_context(IDENTITY.certificate, server_side=True)
-    kept, peer = await _nominated_against_a_player(lambda: client)
-    # the read that brought the Nomination brought a whole TLS handshake record too
-    record = bytes(peer.reader.buffer)
+async def test_the_initiator_sends_its_client_hello_with_its_hello() -> None:
+    """The ClientHello follows the Hello at once, one whole TLS handshake record
+    with its length first, and the kept stream's TLS goes on from it."""
+    kept, peer = await _nominated_against_a_player(lambda: CLIENT)
+    record = peer.shake.client_hello
+    assert record is not None
     assert record[:1] == b"\x16"  # handshake (RFC 8446 §5.1)
     assert len(record) == 5 + int.from_bytes(record[3:5], "big")
     assert record[5] == 1  # ClientHello (§4)
-    theirs = TLSStream(peer.reader.stream, server, server_side=True, pending=record)
+    assert peer.reader.buffer == b""  # and nothing came after the Nomination
+    theirs = TLSStream(peer.reader.stream, SERVER, server_side=True, pending=record)
+    await _sealed(kept, theirs)
+
+
+async def _sealed(kept: PeerStream, theirs: TLSStream) -> None:
+    """Finish TLS on the kept stream (from where the race left it) and on the
+    player's end, and carry one message sealed across; closes both."""
+    server_side = kept.role is Role.RESPONDER
     async with kept, theirs, trio.open_nursery() as nursery:
         nursery.start_soon(theirs.do_handshake)
-        await kept.start_tls(client, server_side=False)
-        await kept.send_all(b"sealed")
-        assert await theirs.receive_some(6) == b"sealed"
-
-
-async def test_the_initiator_makes_its_client_hello_before_the_proof_arrives() -> None:
-    """The ClientHello's CPU is spent while the Proof is on its way: a responder that
-    holds its Proof until the client context was asked for still gets a Nomination
-    (were the ClientHello made after the Proof, this race would end at its deadline)."""
-    client = IDENTITY.tls_context(IDENTITY.certificate, server_side=False)
-    asked = trio.Event()
-
-    def client_tls() -> ssl.SSLContext:
-        asked.set()
-        return client
-
-    kept, peer = await _nominated_against_a_player(client_tls, hold=asked)
-    assert peer.reader.buffer[:1] == b"\x16"  # its ClientHello came with the Nomination
-    await kept.aclose()
-    await peer.reader.stream.aclose()
+        await kept.start_tls(SERVER if server_side else CLIENT, server_side=server_side)
+        await theirs.send_all(b"sealed")
+        assert await kept.receive_some(6) == b"sealed"
 
 
 async def test_a_client_context_that_cannot_be_made_leaves_tls_to_after_the_race() -> None:
-    """A certificate OpenSSL cannot load: the Nomination goes alone and the stream is
+    """A certificate OpenSSL cannot load: the Hello goes alone and the stream is
     kept; TLS after the race refuses the certificate with its typed error."""
-
-    def unloadable() -> ssl.SSLContext:
-        raise ssl.SSLError("not a certificate")
-
-    kept, peer = await _nominated_against_a_player(unloadable)
-    assert peer.reader.buffer == b""  # no ClientHello came with the Nomination
+    kept, peer = await _nominated_against_a_player(_unloadable)
+    assert peer.shake.client_hello is None  # no ClientHello came with the Hello
     await kept.aclose()
     await peer.reader.stream.aclose()
+
+
+async def _responder_against_a_player(
+    tls: Callable[[], ssl.SSLContext],
+) -> tuple[PeerStream, TLSStream, bytes]:
+    """A real responder's race (with ``tls``) against a hand-played initiator that
+    sends its ClientHello with its Hello: (the kept stream, the initiator's TLS,
+    the bytes it had read after the Proof before it nominated)."""
+    async with race_side(LOOPBACK) as (local, router):
+        intro_i, intro_r = introductions((), ())  # the responder only accepts here
+        router.open_route(intro_r.attempt_id)
+        result: list[PeerStream] = []
+        stream = await trio.open_tcp_stream(local.ip, local.port)
+        async with trio.open_nursery() as nursery:
+
+            async def respond() -> None:
+                race = {"introduction": intro_r, "local": local, "tls": tls}
+                result.append(await run_race(router, race))
+
+            nursery.start_soon(respond)
+            ours = TLSStream(stream, CLIENT, server_side=False)
+            player = await play_peer(stream, intro_i, client_hello=ours.flight())
+            before = b""
+            if tls is not _unloadable:  # the server flight, before any Nomination
+                before = await player.reader.exactly(1)
+            before += bytes(player.reader.buffer)
+            await player.nominate()
+        ours.feed(before)
+        player.reader.buffer.clear()
+    [kept] = result
+    return kept, ours, before
+
+
+async def test_the_responder_answers_the_client_hello_before_the_nomination() -> None:
+    """The server flight leaves as the ClientHello is read: the initiator holds it
+    before it nominates, and both TLS ends finish from there."""
+    kept, ours, before = await _responder_against_a_player(lambda: SERVER)
+    assert before[:1] == b"\x16"  # a handshake record...
+    assert before[5] == 2  # ...that begins with a ServerHello (RFC 8446 §4)
+    await _sealed(kept, ours)
+
+
+async def test_a_server_context_that_cannot_be_made_keeps_the_client_hello_for_later() -> None:
+    """No server flight during the race; TLS after it reads the ClientHello again."""
+    kept, ours, before = await _responder_against_a_player(_unloadable)
+    assert before == b""
+    await _sealed(kept, ours)
 
 
 async def test_initiator_nominates_one_stream_and_closes_the_rest() -> None:

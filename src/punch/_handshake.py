@@ -6,32 +6,55 @@ single-use secret, and the initiator nominates the one connection both keep
 bytes and gives bytes and a stage; it never does I/O, so ``_race.py`` only
 moves bytes and keeps time, and tests drive it with bytes alone.
 
-Wire (all fixed size, so each read is exact)::
+Wire (fixed sizes, but for the ClientHello, which its length precedes)::
 
     Hello      = b"PNCH" | version u8 | role u8 | attempt_id[16] | nonce[16]
                  | flags u8                                                 (39 bytes)
-    Proof      = HMAC-SHA256(secret, b"punch-handshake-v4" | attempt_id
+    ClientHello = length u16 | TLS ClientHello record (1..MAX_CLIENT_HELLO bytes)
+    Proof      = HMAC-SHA256(secret, b"punch-handshake-v5" | attempt_id
                              | responder_nonce | responder_flags | 2)      (32 bytes)
-    Nomination = b"N" | HMAC-SHA256(secret, b"punch-handshake-v4" | attempt_id
+    Nomination = b"N" | HMAC-SHA256(secret, b"punch-handshake-v5" | attempt_id
                              | initiator_nonce | responder_nonce
                              | initiator_flags | responder_flags | 1)      (33 bytes)
 
-    flags: bit 0 set = this side will run TLS 1.3 after the nomination.
+    flags: bit 0 set = this side will run TLS 1.3 after the nomination;
+           bit 1 set = a ClientHello follows this Hello (the initiator's, with bit 0).
+    The MACs cover bit 0 only: bit 1 only frames bytes, and TLS authenticates
+    the ClientHello itself (its transcript, RFC 8446 §4.4.1).
 
 Each side speaks the moment its TCP connection is up, without waiting for the
-peer: the initiator its Hello, the responder its Hello and its Proof in one
-segment (:meth:`Handshake.opening`). The initiator, once it has read a Hello
-and a Proof that checks out, sends the Nomination and holds the stream: it
-does not wait for an acknowledgement (no message follows), since the
-initiator nominates exactly one stream. A simultaneous open (RFC 9293
-§3.5) has both ends' connections up one round trip after the SYNs, so the
-initiator holds its stream 1.5 round trips after it dials and the responder 2;
-a direct connect plus one authenticating exchange costs 2 for its client,
-whose server learns of the connection only half a round trip after it. (In
-version 3 the responder's Proof answered the initiator's Hello, half a round
-trip later: 2 and 2.5 round trips. Measured at 10 ms round trips in the
-netns lab, README "Performance".) Under loss, one message fewer is on the
-initiator's path.
+peer: the initiator its Hello, and when it encrypts its TLS ClientHello after
+it; the responder its Hello and its Proof in one segment
+(:meth:`Handshake.opening`). A responder that reads a ClientHello answers it
+at once with its TLS server flight (``_race.py``), before any Nomination. The
+initiator, once it has read a Hello and a Proof that checks out, sends the
+Nomination and holds the stream: it does not wait for an acknowledgement (no
+message follows), since the initiator nominates exactly one stream. A
+simultaneous open (RFC 9293 §3.5) has both ends' connections up one round
+trip after the SYNs, so the initiator holds its stream 1.5 round trips after
+it dials and the responder 2; a direct connect plus one authenticating
+exchange costs 2 for its client, whose server learns of the connection only
+half a round trip after it. (In version 3 the responder's Proof answered the
+initiator's Hello, half a round trip later: 2 and 2.5 round trips. Measured
+at 10 ms round trips in the netns lab, README "Performance".) Under loss, one
+message fewer is on the initiator's path.
+
+TLS rides the same flights (version 5). In version 4 the ClientHello left with
+the Nomination, so an encrypted stream took three flights after the TCP
+handshake before the initiator held it: the responder's Proof, the
+initiator's Nomination and ClientHello, the responder's server flight. Now
+the ClientHello leaves with the Hello and the server flight answers it, in
+parallel with the Proof: two flights (the ClientHello, the server flight),
+half a round trip sooner, and under loss one retransmission fewer on the
+path (each about a second: a punch's round trip estimate, taken across
+retransmitted SYNs, is seconds; see :func:`punch.reuse.cap_retransmission_timeout`).
+What the server flight gives away before the Nomination: the responder's
+certificate (encrypted, but to whoever sent the ClientHello) and one
+signature, to any connection that presents a Hello of the attempt. The
+certificate is the key the responder registered, which the rendezvous gives
+every peer it is introduced to; a stranger still cannot finish TLS as the
+initiator (its certificate must be the initiator's registered one), nor be
+nominated (the Nomination's MAC needs the secret).
 
 Why replay and reflection stay impossible: every MAC covers the attempt id,
 whose secret is single-use, so nothing from another attempt verifies; and it
@@ -75,11 +98,12 @@ from ._endpoint import Role
 from ._errors import HandshakeError, PeerVerificationError
 from ._protocol import ATTEMPT_ID_BYTES
 
-VERSION = 4
-_TRANSCRIPT = b"punch-handshake-v4"
+VERSION = 5
+_TRANSCRIPT = b"punch-handshake-v5"
 NONCE_BYTES = 16
 _HELLO = struct.Struct(f"!4sBB{ATTEMPT_ID_BYTES}s{NONCE_BYTES}sB")
 _ENCRYPT = 0x01
+_CLIENT_HELLO = 0x02
 _MAGIC = b"PNCH"
 _ROLE_BYTE = {Role.INITIATOR: 1, Role.RESPONDER: 2}
 _BYTE_ROLE = {v: k for k, v in _ROLE_BYTE.items()}
@@ -87,6 +111,9 @@ _NOMINATE = b"N"
 HELLO_SIZE = _HELLO.size
 PROOF_SIZE = hashlib.sha256().digest_size
 NOMINATION_SIZE = len(_NOMINATE) + PROOF_SIZE
+_LENGTH = struct.Struct("!H")
+MAX_CLIENT_HELLO = 16389
+"""Bytes: one TLS record, its 5-byte header and the largest plaintext (RFC 8446 §5.1)."""
 
 
 @attrs.frozen
@@ -97,13 +124,15 @@ class Hello:
     attempt_id: bytes
     nonce: bytes
     encrypt: bool
+    client_hello_follows: bool = False
 
 
 def parse_hello(data: bytes) -> Hello:
     """Decode exactly :data:`HELLO_SIZE` bytes.
 
     Raises:
-        HandshakeError: wrong size, magic, version or role byte.
+        HandshakeError: wrong size, magic, version, role byte or flags (a
+            ClientHello announced without encryption).
     """
     if len(data) != HELLO_SIZE:
         raise HandshakeError(f"hello must be {HELLO_SIZE} bytes, got {len(data)}")
@@ -114,9 +143,11 @@ def parse_hello(data: bytes) -> Hello:
         raise HandshakeError(f"handshake version {version}, expected {VERSION}")
     if role not in _BYTE_ROLE:
         raise HandshakeError(f"unknown role byte {role}")
-    if flags & ~_ENCRYPT:
+    if flags & ~(_ENCRYPT | _CLIENT_HELLO) or flags == _CLIENT_HELLO:
         raise HandshakeError(f"unknown flags {flags:#04x}")
-    return Hello(_BYTE_ROLE[role], attempt_id, nonce, bool(flags & _ENCRYPT))
+    return Hello(
+        _BYTE_ROLE[role], attempt_id, nonce, bool(flags & _ENCRYPT), bool(flags & _CLIENT_HELLO)
+    )
 
 
 class Stage(enum.Enum):
@@ -124,6 +155,10 @@ class Stage(enum.Enum):
 
     HELLO = "hello"
     """Waiting for the peer's Hello."""
+    CLIENT_HELLO_SIZE = "client-hello-size"
+    """Responder: the Hello announced a ClientHello; waiting for its length."""
+    CLIENT_HELLO = "client-hello"
+    """Responder: waiting for the ClientHello itself (:attr:`Handshake.expecting` bytes)."""
     PROOF = "proof"
     """Initiator: waiting for the responder's Proof."""
     NOMINATION = "nomination"
@@ -137,6 +172,7 @@ class Stage(enum.Enum):
 
 _EXPECTING = {
     Stage.HELLO: HELLO_SIZE,
+    Stage.CLIENT_HELLO_SIZE: _LENGTH.size,
     Stage.PROOF: PROOF_SIZE,
     Stage.NOMINATION: NOMINATION_SIZE,
     Stage.AUTHENTICATED: 0,
@@ -155,8 +191,10 @@ class Handshake:
         nonce: 16 fresh random bytes (default: :func:`secrets.token_bytes`).
         encrypt: we will run TLS after the nomination, and require the peer to.
 
-    Use: send :meth:`opening` at once; then, while :attr:`expecting` is not 0,
-    read exactly that many bytes and pass them to :meth:`receive`. The
+    Use: send :meth:`opening` at once (the initiator that encrypts passes its
+    ClientHello); then, while :attr:`expecting` is not 0, read exactly that
+    many bytes and pass them to :meth:`receive`. A responder answers
+    :attr:`client_hello` as soon as it is set (TLS's server flight). The
     initiator then sends :meth:`nominate` on the one stream it keeps. Every
     method raises :class:`HandshakeError` on the first thing that is wrong,
     and the stream must then be closed.
@@ -168,25 +206,48 @@ class Handshake:
     nonce: bytes = attrs.field(factory=lambda: secrets.token_bytes(NONCE_BYTES))
     encrypt: bool = True
     peer_nonce: bytes | None = attrs.field(default=None, init=False)
+    client_hello: bytes | None = attrs.field(default=None, init=False)
+    """Responder: the initiator's TLS ClientHello, once read (None if it sent none)."""
     stage: Stage = attrs.field(default=Stage.HELLO, init=False)
+    _client_hello_size: int = attrs.field(default=0, init=False)
 
     @property
     def expecting(self) -> int:
         """Bytes the next message from the peer takes; 0 when none is due."""
+        if self.stage is Stage.CLIENT_HELLO:
+            return self._client_hello_size
         return _EXPECTING[self.stage]
 
-    def opening(self) -> bytes:
+    def opening(self, client_hello: bytes = b"") -> bytes:
         """What we send the moment the stream is up, before reading anything: our
-        Hello, and as the responder our Proof after it (:data:`HELLO_SIZE` bytes, or
-        that plus :data:`PROOF_SIZE`)."""
-        if self.role is Role.RESPONDER:
-            return self.hello() + self._mac(Role.RESPONDER)
-        return self.hello()
+        Hello, then as the initiator our ``client_hello`` (a TLS ClientHello record,
+        its length first) if we have one, or as the responder our Proof
+        (:data:`HELLO_SIZE` bytes, plus 2 and the ClientHello's, or plus
+        :data:`PROOF_SIZE`).
 
-    def hello(self) -> bytes:
-        """Our Hello alone, :data:`HELLO_SIZE` bytes (:meth:`opening` is what is sent)."""
+        Raises:
+            HandshakeError: a ClientHello from the responder or from a side that
+                does not encrypt, or longer than :data:`MAX_CLIENT_HELLO`.
+        """
+        if self.role is Role.RESPONDER:
+            if client_hello:
+                raise HandshakeError("the responder is the TLS server: it sends no ClientHello")
+            return self.hello() + self._mac(Role.RESPONDER)
+        if not client_hello:
+            return self.hello()
+        if not self.encrypt or len(client_hello) > MAX_CLIENT_HELLO:
+            raise HandshakeError(
+                f"cannot send a {len(client_hello)}-byte ClientHello (encrypt={self.encrypt})"
+            )
+        framed = self.hello(self._flags | _CLIENT_HELLO) + _LENGTH.pack(len(client_hello))
+        return framed + client_hello
+
+    def hello(self, flags: int | None = None) -> bytes:
+        """Our Hello alone, :data:`HELLO_SIZE` bytes (:meth:`opening` is what is sent);
+        ``flags``: default ours (bit 0, encryption)."""
+        flags = self._flags if flags is None else flags
         return _HELLO.pack(
-            _MAGIC, VERSION, _ROLE_BYTE[self.role], self.attempt_id, self.nonce, self._flags
+            _MAGIC, VERSION, _ROLE_BYTE[self.role], self.attempt_id, self.nonce, flags
         )
 
     @property
@@ -194,15 +255,17 @@ class Handshake:
         return _ENCRYPT if self.encrypt else 0
 
     def receive(self, message: bytes) -> None:
-        """Take the peer's next message (exactly :attr:`expecting` bytes); nothing is
-        sent in answer (our :meth:`opening` went first; the initiator's
-        :meth:`nominate` follows at :attr:`Stage.AUTHENTICATED`).
+        """Take the peer's next message (exactly :attr:`expecting` bytes); the
+        handshake itself sends nothing in answer (our :meth:`opening` went first;
+        the initiator's :meth:`nominate` follows at :attr:`Stage.AUTHENTICATED`;
+        TLS answers :attr:`client_hello`).
 
         Raises:
             HandshakeError: a malformed Hello, our own nonce back (self-connect or
                 reflection), another attempt's id, a role that is not the
-                opposite of ours, a MAC that does not prove the secret, or a
-                message when none is due.
+                opposite of ours, a ClientHello from the responder or of a
+                length outside 1..:data:`MAX_CLIENT_HELLO`, a MAC that does not
+                prove the secret, or a message when none is due.
             PeerVerificationError: (a :class:`HandshakeError`) the peer's Hello
                 does not agree on encryption: a downgrade, refused.
         """
@@ -211,8 +274,22 @@ class Handshake:
                 f"{len(message)} bytes at stage {self.stage.value}, expected {self.expecting}"
             )
         if self.stage is Stage.HELLO:
-            self._receive_hello(parse_hello(message))
-            self.stage = Stage.NOMINATION if self.role is Role.RESPONDER else Stage.PROOF
+            hello = parse_hello(message)
+            self._receive_hello(hello)
+            if self.role is Role.INITIATOR:
+                self.stage = Stage.PROOF
+            elif hello.client_hello_follows:
+                self.stage = Stage.CLIENT_HELLO_SIZE
+            else:
+                self.stage = Stage.NOMINATION
+        elif self.stage is Stage.CLIENT_HELLO_SIZE:
+            (self._client_hello_size,) = _LENGTH.unpack(message)
+            if not 0 < self._client_hello_size <= MAX_CLIENT_HELLO:
+                raise HandshakeError(f"a ClientHello of {self._client_hello_size} bytes")
+            self.stage = Stage.CLIENT_HELLO
+        elif self.stage is Stage.CLIENT_HELLO:
+            self.client_hello = bytes(message)
+            self.stage = Stage.NOMINATION
         elif self.stage is Stage.PROOF:
             self._verify(message, Role.RESPONDER, "proof")
             self.stage = Stage.AUTHENTICATED
@@ -240,6 +317,8 @@ class Handshake:
             raise HandshakeError("hello is for another punch attempt")
         if hello.role is not self.role.other:
             raise HandshakeError(f"peer claims role {hello.role.value}, we are {self.role.value}")
+        if hello.client_hello_follows and hello.role is not Role.INITIATOR:
+            raise HandshakeError("a ClientHello from the responder, which is the TLS server")
         if hello.encrypt is not self.encrypt:
             ours, theirs = ("TLS", "plaintext") if self.encrypt else ("plaintext", "TLS")
             raise PeerVerificationError(f"peer wants {theirs}, we require {ours}: refused")

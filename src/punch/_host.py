@@ -550,7 +550,7 @@ class Host:
                 inbound,
                 own=self.own_endpoints,
                 options=options,
-                client_tls=_secure.client_context(self.identity, introduction, options.encrypt),
+                tls=_secure.race_context(self.identity, introduction, options.encrypt),
                 other_locals=self.locals[1:],
                 router=self._router,
                 introduced_at=introduced_at,

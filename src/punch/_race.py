@@ -591,12 +591,13 @@ class Race:
         dial: the connect function (:func:`punch.reuse.dial`; tests swap it).
         prime: the priming function (:func:`punch.reuse.prime`; tests swap it),
             the attempt after one refused by an RST (see :data:`MIN_PACING`).
-        client_tls: initiator with encryption: gives the TLS client context,
-            called at nomination (the host built it as it opened,
-            :meth:`~punch.Identity.prepare_tls`, so the call costs about
-            0.2 ms: the peer's certificate added as a trust anchor); the
-            ClientHello leaves in one segment with the Nomination (one loss
-            event, not two), and the stream's TLS goes on from it.
+        tls: with encryption, gives our TLS context (client as the initiator,
+            server as the responder), called as each stream comes up (the
+            host built it as it opened, :meth:`~punch.Identity.prepare_tls`;
+            the peer's certificate is added as a trust anchor): the
+            initiator's ClientHello leaves with its Hello, the responder's
+            server flight answers it at once (:mod:`punch._handshake`), and
+            the kept stream's TLS goes on from there.
         other_locals: the endpoints we hold in the other family (a dual-stack
             host: one port number on IPv4 and on IPv6); candidates of a family
             we hold no port in are skipped.
@@ -640,7 +641,7 @@ class Race:
     options: PunchOptions = attrs.field(factory=PunchOptions)
     dial: DialFn = reuse.dial
     prime: PrimeFn = reuse.prime
-    client_tls: Callable[[], ssl.SSLContext] | None = None
+    tls: Callable[[], ssl.SSLContext] | None = None
     other_locals: tuple[Endpoint, ...] = ()
     router: InboundRouter | None = None
     introduced_at: float | None = None
@@ -1149,10 +1150,10 @@ class Race:
         """
         intro = self.introduction
         shake = Handshake(intro.role, intro.attempt_id, intro.secret, encrypt=self.options.encrypt)
-        await reader.send(shake.opening())  # at once, both roles: no wait for the peer's
-        # the initiator's ClientHello is made while the Proof is on its way (about 1 ms
-        # of CPU; made after it, it delayed every Nomination by that much)
-        tls = self._start_tls(reader.stream) if intro.role is Role.INITIATOR else None
+        # the initiator's ClientHello leaves with its Hello (about 0.1 ms of CPU)
+        started = self._start_tls(reader.stream) if intro.role is Role.INITIATOR else None
+        tls, client_hello = started or (None, b"")
+        await reader.send(shake.opening(client_hello))
         if peer_hello is not None:
             shake.receive(peer_hello)
         waiting = False
@@ -1162,6 +1163,11 @@ class Race:
                     waiting = True
                     self._awaiting_nomination(+1)
                 shake.receive(await reader.exactly(shake.expecting))
+                if shake.client_hello and tls is None:  # the responder answers it at once
+                    started = self._start_tls(reader.stream, shake.client_hello)
+                    if started is not None:
+                        tls, server_flight = started
+                        await reader.send(server_flight)
         finally:
             if waiting:
                 self._awaiting_nomination(-1)
@@ -1170,29 +1176,31 @@ class Race:
             async with self._nominating:  # exactly one stream is ever nominated
                 if self._winner is not None:
                     return
-                nomination = shake.nominate()
-                if tls is not None:
-                    stream_tls, client_hello = tls
-                    nomination += client_hello
-                    stream_tls.feed(bytes(reader.buffer))  # read past the Proof: TLS's
-                    reader.buffer.clear()
-                await reader.send(nomination)
-                self._win(reader, won_by, remote, tls[0] if tls is not None else None, relayed)
+                await reader.send(shake.nominate())
+                self._win(reader, won_by, remote, tls, relayed)
         else:  # the loop above ended on a valid Nomination
             if self._winner is not None:
                 raise HandshakeError("a second nomination after one was accepted")
-            self._win(reader, won_by, remote, relayed=relayed)
+            if tls is None and shake.client_hello:  # TLS after the race reads it again
+                reader.buffer[:0] = shake.client_hello
+            self._win(reader, won_by, remote, tls, relayed)
 
-    def _start_tls(self, stream: trio.SocketStream) -> tuple[TLSStream, bytes] | None:
-        """The initiator's TLS on a stream it may nominate and its ClientHello, or None
-        (plaintext, or a certificate OpenSSL cannot load: TLS after the race refuses
-        it, typed). A stream that is not nominated drops it: nothing was sent."""
-        if self.client_tls is None:
+    def _start_tls(
+        self, stream: trio.SocketStream, client_hello: bytes = b""
+    ) -> tuple[TLSStream, bytes] | None:
+        """Our TLS on a stream we may keep, and its first flight: the initiator's
+        ClientHello, or the responder's answer to ``client_hello``. None when
+        plaintext, or when OpenSSL cannot load our certificate or refuses the
+        ClientHello: TLS after the race then fails with its typed error. A stream
+        that is not nominated drops it."""
+        if self.tls is None:
             return None
+        server_side = self.introduction.role is Role.RESPONDER
         try:
-            tls = TLSStream(stream, self.client_tls(), server_side=False)
-            return tls, tls.client_hello()
-        except (ssl.SSLError, ValueError, trio.BrokenResourceError):
+            tls = TLSStream(stream, self.tls(), server_side=server_side, pending=client_hello)
+            return tls, tls.flight()
+        except (ssl.SSLError, ValueError, trio.BrokenResourceError) as exc:
+            log.info("%s: no TLS during the handshake: %s", self._label, exc.__cause__ or exc)
             return None
 
     def _awaiting_nomination(self, change: int) -> None:
@@ -1219,6 +1227,9 @@ class Race:
         relayed: bool,
     ) -> PeerStream:
         stream = reader.stream  # its retransmissions stay capped: see PeerStream.receive_some
+        if tls is not None:
+            tls.feed(bytes(reader.buffer))  # read past the handshake: TLS's
+            reader.buffer.clear()
         return PeerStream(
             socket_stream=stream,
             peer_name=self.introduction.peer_name,

@@ -45,19 +45,21 @@ def introduced_peer_id(introduction: Introduction, expected: str | None) -> str:
     return presented
 
 
-def client_context(
+def race_context(
     identity: Identity, introduction: Introduction, encrypt: bool
 ) -> Callable[[], ssl.SSLContext] | None:
-    """What makes the initiator's TLS client context, for the race to send the
-    ClientHello alongside the Nomination; ``None`` for a responder or a plaintext
-    punch. It is called at nomination, not before the SYNs; the context itself
-    is built as the host opens (:meth:`~punch.Identity.prepare_tls`). Calling
-    it raises :class:`ssl.SSLError` or ``ValueError`` for a certificate
-    OpenSSL cannot load; :func:`encrypt` then refuses it with its typed error.
+    """What makes our TLS context for the race (client as the initiator, server as
+    the responder), so that TLS's first flights ride the handshake's
+    (:mod:`punch._handshake`); ``None`` for a plaintext punch. It is called as
+    each stream comes up, not before the SYNs; the context itself is built as
+    the host opens (:meth:`~punch.Identity.prepare_tls`). Calling it raises
+    :class:`ssl.SSLError` or ``ValueError`` for a certificate OpenSSL cannot
+    load; :func:`encrypt` then refuses it with its typed error.
     """
-    if not encrypt or introduction.role is not Role.INITIATOR:
+    if not encrypt:
         return None
-    return partial(identity.tls_context, introduction.certificate, server_side=False)
+    server_side = introduction.role is Role.RESPONDER
+    return partial(identity.tls_context, introduction.certificate, server_side=server_side)
 
 
 async def encrypt(

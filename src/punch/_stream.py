@@ -143,7 +143,8 @@ class PeerStream(trio.abc.HalfCloseableStream):
     peer_id: str | None = None
     tls_time: float = 0.0
     _started_tls: TLSStream | None = attrs.field(default=None, alias="started_tls")
-    """The initiator's TLS whose ClientHello went with the Nomination."""
+    """Our TLS, started in the race: the initiator's ClientHello went with its Hello, the
+    responder's server flight answered it."""
     _tls: TLSStream | None = attrs.field(default=None, init=False)
     _capped: bool = attrs.field(default=True, init=False)
     """Retransmissions still capped at a second, as through the punch."""
@@ -198,8 +199,9 @@ class PeerStream(trio.abc.HalfCloseableStream):
         """Run the TLS handshake over this stream; from then on every byte is TLS's.
 
         Bytes the punch handshake read past its end are TLS records, and go first.
-        Where the race already started TLS (an initiator's ClientHello leaves with
-        its Nomination), the handshake goes on from there, with that context.
+        Where the race already started TLS (the initiator's ClientHello leaves with
+        its Hello, the responder's server flight answers it), the handshake goes on
+        from there, with that context.
 
         Returns:
             the :class:`~punch._tls.TLSStream` (for its ``ssl_object``).

@@ -81,12 +81,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
         this stream took it over (as ``pending`` does at construction)."""
         self._incoming.write(data)
 
-    def client_hello(self) -> bytes:
-        """The client's first flight (its ClientHello), to send now with other bytes;
-        :meth:`do_handshake` then goes on from it.
+    def flight(self) -> bytes:
+        """Our next handshake flight, as far as the bytes fed so far take it, to send
+        now with other bytes (the client's ClientHello; the server's reply to a
+        ClientHello passed as ``pending``); :meth:`do_handshake` then goes on from it.
 
         Raises:
-            trio.BrokenResourceError: OpenSSL refused to start (a bad context).
+            trio.BrokenResourceError: OpenSSL refused to start (a bad context) or
+                refused what was fed (not a ClientHello it accepts).
         """
         try:
             self.ssl_object.do_handshake()
@@ -94,7 +96,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return self._outgoing.read()
         except ssl.SSLError as exc:
             raise _broken(exc) from exc
-        raise AssertionError("a TLS client cannot finish without an answer")
+        raise AssertionError("a TLS 1.3 handshake cannot finish in one flight")
 
     async def do_handshake(self) -> None:
         """Run the TLS handshake to its end (our side of it).
