@@ -156,6 +156,29 @@ async def test_a_dial_retransmits_every_second_at_most_until_it_is_given_back() 
             assert floor > 100_000
 
 
+class _KernelBefore615:
+    """A socket as Linux before 6.15 has it: no TCP_RTO_MAX_MS or TCP_RTO_MIN_US."""
+
+    def __init__(self) -> None:
+        self.options: dict[int, int] = {}
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        assert level == socket.IPPROTO_TCP
+        if option in (reuse.TCP_RTO_MAX_MS, reuse.TCP_RTO_MIN_US):
+            raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+        self.options[option] = value
+
+
+def test_thin_stream_timeouts_do_not_wait_for_the_6_15_options() -> None:
+    """Linear timeouts (Linux 2.6.34+) are set, and given back, where the 6.15-only
+    bounds are refused; the SYN count stays the system's without the cap."""
+    sock = _KernelBefore615()
+    reuse.cap_retransmission_timeout(sock)  # type: ignore[arg-type]
+    assert sock.options == {reuse.TCP_THIN_LINEAR_TIMEOUTS: 1}
+    reuse.restore_retransmission_timeout(sock)  # type: ignore[arg-type]
+    assert sock.options == {reuse.TCP_THIN_LINEAR_TIMEOUTS: 0}
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 async def test_a_listener_leaves_syns_from_dropped_endpoints_unanswered(host: str) -> None:
     listener = open_listener(Endpoint(host, 0))

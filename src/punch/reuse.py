@@ -15,6 +15,7 @@ by separate sockets::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -195,7 +196,8 @@ def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
     capped through TLS until the peer's first application bytes arrive (only
     then has every handshake message of ours arrived), then gets the system's
     bound back (:func:`restore_retransmission_timeout`); losers are aborted.
-    Linux 6.15 and later; elsewhere nothing changes. Never raises.
+    The bounds need Linux 6.15 or later; elsewhere only the thin-stream mode
+    (below) is set. Never raises.
 
     Capped, the default ``tcp_syn_retries`` of 6 (tcp(7)) would abandon a SYN,
     or a simultaneous open's SYN-ACK, after 7 s (``ETIMEDOUT``), before the
@@ -233,9 +235,10 @@ def cap_retransmission_timeout(sock: trio.socket.SocketType) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, PUNCH_RTO_MAX_MS)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_SYNCNT, PUNCH_SYN_RETRIES)
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MIN_US, PUNCH_RTO_MIN_US)
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 1)
     except (OSError, AttributeError):
         pass  # an older kernel (ENOPROTOOPT), or another OS: its backoff outlasts 7 s
+    with contextlib.suppress(OSError):  # Linux 2.6.34+: set also where the above are not
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 1)
 
 
 def restore_retransmission_timeout(sock: trio.socket.SocketType) -> None:
@@ -247,9 +250,10 @@ def restore_retransmission_timeout(sock: trio.socket.SocketType) -> None:
         sock.setsockopt(
             socket.IPPROTO_TCP, TCP_RTO_MIN_US, _sysctl("tcp_rto_min_us", DEFAULT_RTO_MIN_US)
         )
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 0)  # the sysctl's again
     except OSError:
         pass
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 0)  # the sysctl's again
 
 
 @functools.cache
