@@ -1159,15 +1159,15 @@ class Race:
         waiting = False
         try:
             while shake.expecting:
-                if shake.stage is Stage.NOMINATION and not waiting:
+                if shake.stage is Stage.NOMINATION and not waiting:  # once, as it begins
                     waiting = True
                     self._awaiting_nomination(+1)
+                    if shake.client_hello:  # the responder answers it at once
+                        started = self._start_tls(reader.stream, shake.client_hello)
+                        if started is not None:
+                            tls, server_flight = started
+                            await reader.send(server_flight)
                 shake.receive(await reader.exactly(shake.expecting))
-                if shake.client_hello and tls is None:  # the responder answers it at once
-                    started = self._start_tls(reader.stream, shake.client_hello)
-                    if started is not None:
-                        tls, server_flight = started
-                        await reader.send(server_flight)
         finally:
             if waiting:
                 self._awaiting_nomination(-1)
