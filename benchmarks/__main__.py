@@ -28,6 +28,7 @@ from benchmarks.lab import (
     families,
     families_summary,
     round_trips,
+    shaped_throughput,
     time_to_stream,
     worst_timing,
 )
@@ -38,6 +39,8 @@ SKEW = 0.3
 """Seconds the responder's introduction is held back in the worst-timing run."""
 ROUND_TRIPS = (0.010, 0.050)
 """Seconds between the sites in the round-trip runs (issue 12: two round trips)."""
+SHAPED_RATE = 1_000_000_000
+"""Bit/s of each site's WAN link in the shaped throughput run: a gigabit access line."""
 FULL = {
     "trials": 50,
     "rt_trials": 20,
@@ -46,6 +49,7 @@ FULL = {
     "family_trials": 20,
     "rounds": 5,
     "bytes": 1 << 30,
+    "shaped_bytes": 1 << 28,
     "peers": (10_000, 50_000, 100_000),
     "skew_attempts": 200,
     "pairs": 500,
@@ -60,6 +64,7 @@ QUICK = {
     "family_trials": 3,
     "rounds": 1,
     "bytes": 64 << 20,
+    "shaped_bytes": 16 << 20,
     "peers": (1_000, 2_000),
     "skew_attempts": 30,
     "pairs": 50,
@@ -79,6 +84,7 @@ def p95(values: list[float]) -> float:
 def run(size: dict[str, Any]) -> dict[str, Any]:
     """Every measurement of issue 5, as one JSON-able dict of raw samples and summaries."""
     cone = time_to_stream(size["trials"], size["rounds"], size["bytes"])
+    shaped = shaped_throughput(SHAPED_RATE, size["rounds"], size["shaped_bytes"])
     rst = worst_timing(size["skew_trials"], SKEW)
     delayed = {rt: round_trips(size["rt_trials"], rt) for rt in ROUND_TRIPS}
     cold = cold_start(size["cold_trials"])
@@ -100,8 +106,10 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
     attempts = [max(t["alice"]["attempts_per_s"], t["bob"]["attempts_per_s"]) for t in skewed_ok]
     gib = cone["throughput"]["bytes"] / (1 << 30)
 
-    def rate(seconds: list[float]) -> float:  # GiB/s at the median round
-        return gib / median(seconds)
+    def rate(seconds: list[float], per_round: float = gib) -> float:  # GiB/s, median round
+        return per_round / median(seconds)
+
+    shaped_gib = shaped["throughput"]["bytes"] / (1 << 30)
 
     flows = cone["throughput"]
     summary = {
@@ -139,6 +147,14 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
             for direction in ("up", "down")
         }
         | {"target": 0.97, "tls_target": 0.95, "relay_target": 0.8, "gib_per_round": gib},
+        "shaped_throughput": {
+            direction: {
+                flow: rate(shaped["throughput"][flow][direction], shaped_gib)
+                for flow in ("punched", "relayed")
+            }
+            for direction in ("up", "down")
+        }
+        | {"rate": SHAPED_RATE, "gib_per_round": shaped_gib},
         "capacity": {
             "baseline_rss": peers["baseline_rss"],
             "points": peers["points"],
@@ -155,9 +171,39 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
         "families": families_summary(by_family),
         "round_trips": [_round_trip_summary(rt, report) for rt, report in delayed.items()],
     }
-    samples = {"cone": cone, "cone_rst_skewed": rst, "cold": cold, "families": by_family}
+    samples = {
+        "cone": cone,
+        "shaped": shaped,
+        "cone_rst_skewed": rst,
+        "cold": cold,
+        "families": by_family,
+    }
     samples |= {f"cone_rtt_{rt * 1000:.0f}ms": report for rt, report in delayed.items()}
     return {"summary": summary, "samples": samples}
+
+
+def _shaped_rows(
+    shaped: dict[str, Any] | None, direction: str, label: str, rounds: int, target: float
+) -> list[tuple[str, ...]]:
+    """The relayed against punched row on shaped site links, where the run has one."""
+    if shaped is None:
+        return []
+    flow = shaped[direction]
+    ratio = flow["relayed"] / flow["punched"]
+
+    def gbit(gib_per_s: float) -> str:
+        return f"{gib_per_s * 8 * 2**30 / 1e9:.3f} Gbit/s"
+
+    return [
+        (
+            f"throughput {label}, relayed, TLS 1.3, each site's link shaped to "
+            f"{shaped['rate'] / 1e9:g} Gbit/s, {shaped['gib_per_round'] * 1024:g} MiB x {rounds}",
+            f"{gbit(flow['relayed'])} relayed",
+            f"punched {gbit(flow['punched'])}",
+            f"{ratio:.2f}",
+            f">= {target}: {verdict(ratio >= target)}",
+        )
+    ]
 
 
 def _round_trip_summary(round_trip: float, report: dict[str, Any]) -> dict[str, Any]:
@@ -199,6 +245,7 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
     """The results as a Markdown table: measure, figure, baseline, ratio, target."""
     t, w, c = summary["time_to_stream"], summary["worst_timing"], summary["cold_start"]
     tp, cap = summary["throughput"], summary["capacity"]
+    shaped = summary.get("shaped_throughput")  # absent from runs before 2026-12-04
     top = cap["points"][-1]
     rows = [
         (
@@ -246,7 +293,8 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
                 f">= {tp['tls_target']}: {verdict(tls_ratio >= tp['tls_target'])}",
             ),
             (
-                f"throughput {label}, relayed (issue 17), TLS 1.3",
+                f"throughput {label}, relayed (issue 17), TLS 1.3, bare veth links "
+                "(CPU-bound: the relay's TCP and the extra hops share the 2 cores)",
                 f"{flow['relayed']:.2f} GiB/s relayed",
                 f"punched {flow['punched']:.2f} GiB/s; plaintext relayed "
                 f"{flow['relayed-plain']:.2f}, punched {flow['plain']:.2f}",
@@ -262,6 +310,7 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
                 f">= {tp['target']}: {verdict(ratio >= tp['target'])}",
             ),
         ]
+        rows += _shaped_rows(shaped, direction, label, trials["rounds"], tp["relay_target"])
     if top["peers"] < TARGET_PEERS:  # the descriptor limit stopped us: extrapolate
         projected = cap["baseline_rss"] + top["per_peer"] * TARGET_PEERS
         rows.append(

@@ -30,6 +30,7 @@ TLS_PORT = 7300
 PHASE_TIMEOUT = 300.0
 """Seconds alice gets for all her phases before she is killed (bounds every run)."""
 FIRST_BYTE_TIMEOUT = 20.0
+SHAPED_FLOWS = "punched,relayed"
 
 
 def _lab_pair(
@@ -40,10 +41,14 @@ def _lab_pair(
     count: int = 0,
     skew: float = 0.0,
     delay: float = 0.0,
+    rate: int = 0,
+    flows: str | None = None,
 ) -> dict[str, Any]:
     """Bob at site b (with port forwards for the baselines), alice at site a; alice's report.
 
     ``delay``: seconds one way on the WAN (a round trip between the sites is twice it).
+    ``rate``: bit/s of each site's WAN link (:meth:`Lab.rate`), 0 for the bare veth.
+    ``flows``: alice's ``--flows`` (default: all of them).
     """
     with Lab() as lab:
         topology = build_two_nats(lab, profile, profile)
@@ -53,6 +58,9 @@ def _lab_pair(
             lab.forward(b.nat_ns, port, b.peer_ip)
         if delay:
             lab.delay(delay)
+        for site in topology.sites if rate else ():
+            assert site.nat_ns is not None
+            lab.rate(site.nat_ns, rate)
         if skew:  # the responder's introductions come late, as over a slower path
             lab.hold_back(topology.rendezvous_ns, b.public_ip, skew)
         pair = PairRun()
@@ -73,6 +81,8 @@ def _lab_pair(
             extra += [f"--tls={b.public_ip}:{TLS_PORT}"]
             if rounds:
                 extra += ["--rounds", str(rounds), "--bytes", str(count)]
+            if flows is not None:
+                extra += ["--flows", flows]
             alice = pair.start(
                 "alice", lab.exec_prefix(a.peer_ns), [*PEER, "alice", *common, *extra]
             )
@@ -88,6 +98,12 @@ def _lab_pair(
 def time_to_stream(trials: int, rounds: int, count: int) -> dict[str, Any]:
     """cone x cone: punches and direct baselines, CPU per punch, and the throughput rounds."""
     return _lab_pair("cone", trials=trials, rounds=rounds, count=count)
+
+
+def shaped_throughput(rate: int, rounds: int, count: int) -> dict[str, Any]:
+    """cone x cone, each site's WAN link shaped to ``rate`` bit/s: punched and relayed
+    TLS flows only (issue 17's "relayed against direct on the lab's links")."""
+    return _lab_pair("cone", trials=0, rounds=rounds, count=count, rate=rate, flows=SHAPED_FLOWS)
 
 
 def round_trips(trials: int, round_trip: float) -> dict[str, Any]:

@@ -5,8 +5,8 @@ and ``bob-plain``, without), a port-forwarded direct listener that runs the
 same handshake and TLS (the baseline), a raw TCP listener and a raw TCP
 listener under ``trio.SSLStream`` with the same TLS settings (the throughput
 baselines). Both sides derive the baselines' keys from the shared secret.
-``alice`` drives the phases one after another and prints one JSON document of
-figures on stdout.
+``alice`` drives the phases one after another (the throughput flows take
+turns, round by round) and prints one JSON document of figures on stdout.
 
 Per stream, alice's first byte says what she wants: ``?`` (bob answers one
 JSON line about his side of the connection, then the stream closes) or ``T``
@@ -17,6 +17,7 @@ byte, timed by the sender).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -201,17 +202,62 @@ async def ask(stream: trio.abc.Stream) -> dict[str, Any]:
     return result
 
 
-async def throughput(stream: trio.abc.Stream, rounds: int, count: int) -> dict[str, list[float]]:
-    """``rounds`` of ``count`` bytes each way; seconds per round, per direction."""
-    await stream.send_all(b"T" + json.dumps([rounds, count]).encode().ljust(64))
-    up, down = [], []
-    for _ in range(rounds):
-        up.append(await timed_send(stream, count))
-        started = time.perf_counter()
-        await receive_bytes(stream, count)
-        down.append(time.perf_counter() - started)  # from alice's view: bob's send
-        await stream.send_all(b"!")
-    return {"up": up, "down": down}
+FLOWS = {
+    "punched": ("bob", True, "never"),
+    "plain": ("bob-plain", False, "never"),
+    "relayed": ("bob", True, "only"),  # the rendezvous's relay (issue 17)
+    "relayed-plain": ("bob-plain", False, "only"),
+}
+"""The punched throughput flows: flow -> (bob's name, encrypted, ``connect``'s relay)."""
+BASELINES = ("raw", "sslstream")
+"""The throughput baselines: raw TCP, and raw TCP under ``trio.SSLStream``."""
+
+
+async def open_flow(
+    stack: contextlib.AsyncExitStack, flow: str, args: argparse.Namespace
+) -> trio.abc.Stream:
+    """Alice's stream of ``flow`` (:data:`FLOWS` or :data:`BASELINES`), closed with ``stack``."""
+    if flow in FLOWS:
+        peer, encrypted, relay = FLOWS[flow]
+        host = await stack.enter_async_context(
+            punch.open_host(f"alice-{flow}", rendezvous=args.rendezvous, encrypt=encrypted)
+        )
+        stream: trio.abc.Stream = await host.connect(peer, relay=relay)
+        assert stream.path.value == ("relayed" if relay == "only" else "direct")
+    else:
+        to = Endpoint.parse(args.raw if flow == "raw" else args.tls)
+        stream = await trio.open_tcp_stream(to.ip, to.port)
+        if flow == "sslstream":
+            context = tls_context(bytes.fromhex(args.secret), Role.INITIATOR)
+            stream = trio.SSLStream(stream, context)
+    return await stack.enter_async_context(stream)
+
+
+async def throughput(args: argparse.Namespace, flows: list[str]) -> dict[str, Any]:
+    """``args.rounds`` of ``args.bytes`` each way on every flow; seconds per round,
+    per direction, and flow by flow.
+
+    The flows take turns, round by round (round 1 of each flow, then round 2 of
+    each...), all streams open throughout: a slow spell of the shared machine
+    falls on every flow alike, where one flow's rounds after another's put it on
+    whichever flow it met (the relayed to punched ratio swung 0.52-1.01 over four
+    runs with flows one after another, 2026-12-04).
+    """
+    report: dict[str, Any] = {"bytes": args.bytes}
+    async with contextlib.AsyncExitStack() as stack:
+        streams = {flow: await open_flow(stack, flow, args) for flow in flows}
+        header = b"T" + json.dumps([args.rounds, args.bytes]).encode().ljust(64)
+        for flow, stream in streams.items():
+            await stream.send_all(header)
+            report[flow] = {"up": [], "down": []}
+        for _ in range(args.rounds):
+            for flow, stream in streams.items():
+                report[flow]["up"].append(await timed_send(stream, args.bytes))
+                started = time.perf_counter()
+                await receive_bytes(stream, args.bytes)
+                report[flow]["down"].append(time.perf_counter() - started)  # bob's send
+                await stream.send_all(b"!")
+    return report
 
 
 async def alice(args: argparse.Namespace) -> None:
@@ -240,26 +286,7 @@ async def alice(args: argparse.Namespace) -> None:
                 theirs = await ask(stream)
             report["direct"].append({"alice": about(stream), "bob": theirs})
     if args.rounds:
-        report["throughput"] = {"bytes": args.bytes}
-        for flow, peer, encrypted, relay in (
-            ("punched", "bob", True, "never"),
-            ("plain", "bob-plain", False, "never"),
-            ("relayed", "bob", True, "only"),  # the rendezvous's relay (issue 17)
-            ("relayed-plain", "bob-plain", False, "only"),
-        ):
-            async with punch.open_host(
-                f"alice-{flow}", rendezvous=args.rendezvous, encrypt=encrypted
-            ) as host:
-                async with await host.connect(peer, relay=relay) as stream:
-                    assert stream.path.value == ("relayed" if relay == "only" else "direct")
-                    report["throughput"][flow] = await throughput(stream, args.rounds, args.bytes)
-        to = Endpoint.parse(args.raw)
-        async with await trio.open_tcp_stream(to.ip, to.port) as stream:
-            report["throughput"]["raw"] = await throughput(stream, args.rounds, args.bytes)
-        to = Endpoint.parse(args.tls)
-        context = tls_context(secret, Role.INITIATOR)
-        async with trio.SSLStream(await trio.open_tcp_stream(to.ip, to.port), context) as stream:
-            report["throughput"]["sslstream"] = await throughput(stream, args.rounds, args.bytes)
+        report["throughput"] = await throughput(args, args.flows.split(","))
     print(json.dumps(report), flush=True)
 
 
@@ -277,6 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tls", help="alice: bob's forwarded ip:port for raw TCP + TLS")
     parser.add_argument("--rounds", type=int, default=0, help="alice: throughput rounds")
     parser.add_argument("--bytes", type=int, default=1 << 30, help="per round, each way")
+    parser.add_argument(
+        "--flows",
+        default=",".join([*FLOWS, *BASELINES]),
+        help="alice: the throughput flows, comma-separated (default: all)",
+    )
     parser.add_argument("--log", action="store_true", help="timestamped DEBUG log on stderr")
     args = parser.parse_args(argv)
     if args.log:

@@ -173,6 +173,23 @@ class Lab:
             # (36% for 20%, as each site's uplink had until 2026-12-03)
             self._table(where, f"netdev punchloss_{device}", hook, rule)
 
+    def rate(self, ns: str, bits_per_second: int) -> None:
+        """Shape ``ns``'s WAN link to ``bits_per_second`` each way, as an access
+        line of that speed (a site's uplink, and the WAN router's port down to it).
+
+        A token bucket (``tbf``, tc-tbf(8)) on the egress of each end: a burst of
+        256 KiB (room for a 64 KiB GSO packet, and 2 ms at 1 Gbit/s) and at most
+        20 ms of queue, beyond which the link drops, as a router's buffer does.
+
+        Raises:
+            subprocess.CalledProcessError: ``tc`` refused (no ``sch_tbf`` here).
+        """
+        if bits_per_second <= 0:
+            raise ValueError(f"a link rate is > 0 bit/s, not {bits_per_second}")
+        for where, device in ((ns, "wan0"), (self.prefix + "wan", self.wan_ports[ns])):
+            qdisc = ("root", "tbf", "rate", f"{bits_per_second}bit", "burst", "256kb")
+            self.sh(where, "tc", "qdisc", "replace", "dev", device, *qdisc, "latency", "20ms")
+
     def block(self, ns: str, address: str) -> None:
         """Drop everything ``ns`` would forward to ``address`` (an IPv4 or IPv6 address
         or prefix) until :meth:`unblock`: a black hole, no ICMP error."""

@@ -44,6 +44,9 @@ def test_quick_benchmark_run_measures_everything(tmp_path: Path) -> None:
     assert summary["relay_memory"]["full_per_circuit"] > 0
     assert "| relay: memory per relayed stream" in done.stdout
     assert "| throughput alice to bob, relayed" in done.stdout
+    shaped = summary["shaped_throughput"]  # issue 17: relayed against punched at 1 Gbit/s
+    assert all(shaped[d][f] > 0 for d in ("up", "down") for f in ("punched", "relayed"))
+    assert "| throughput bob to alice, relayed, TLS 1.3, each site's link shaped" in done.stdout
     assert summary["capacity"]["introductions_per_s"] > 0
     scale_out = summary["cluster"]  # issue 18: workers sharing a registry in Redis
     assert [f["workers"] for f in scale_out["introductions"]] == [1, 2, 4]

@@ -401,3 +401,69 @@ def test_loss_on_both_sites_drops_the_given_share_each_way() -> None:
     # binomial(1000, 0.8): sd 12.6, so each band is about 5 sd wide each side
     assert 740 <= up <= 860, up
     assert 0.74 <= int(back) / up <= 0.86, (back, up)
+
+
+TCP_BOTH_WAYS = """
+import socket, sys, time
+size = int(sys.argv[2])
+def timed_receive(s):
+    got, started = 0, None
+    while got < size:
+        data = s.recv(1 << 16)
+        if not data:
+            raise EOFError(got)
+        started = started or time.perf_counter()
+        got += len(data)
+    return time.perf_counter() - started
+if sys.argv[1] == "serve":
+    listener = socket.create_server(("0.0.0.0", 9998))
+    print("ready", flush=True)
+    listener.settimeout(30)
+    s, _ = listener.accept()
+    print(timed_receive(s), flush=True)
+    s.sendall(bytes(size))
+    s.recv(1)
+else:
+    s = socket.create_connection((sys.argv[3], 9998), timeout=30)
+    s.sendall(bytes(size))
+    print(timed_receive(s), flush=True)
+"""
+
+
+def test_a_shaped_site_link_carries_its_rate_each_way_and_no_more() -> None:
+    """``Lab.rate``: 40 Mbit/s on site a's WAN link holds a TCP transfer to that
+    rate up and down (the first 256 KiB may pass as one burst)."""
+    rate, size = 40_000_000, 4 << 20
+    with Lab() as lab:
+        topology = build_two_nats(lab)
+        site = topology.sites[0]
+        assert site.nat_ns is not None
+        lab.rate(site.nat_ns, rate)
+        script = [sys.executable, "-c", TCP_BOTH_WAYS]
+        server = subprocess.Popen(
+            [*lab.exec_prefix(topology.rendezvous_ns), *script, "serve", str(size)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            assert server.stdout.readline() == "ready\n"
+            down = subprocess.run(
+                [
+                    *lab.exec_prefix(site.peer_ns),
+                    *script,
+                    "send",
+                    str(size),
+                    topology.rendezvous_ip,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout
+            up = server.communicate(timeout=30)[0]
+        finally:
+            server.kill()
+    least = (size - (256 << 10)) * 8 / rate  # seconds at exactly the rate, burst left out
+    for seconds in (float(up), float(down)):
+        assert least * 0.95 <= seconds <= least * 3, (seconds, least)
