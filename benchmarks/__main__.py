@@ -54,6 +54,7 @@ FULL = {
     "skew_attempts": 200,
     "pairs": 500,
     "seconds": 5.0,
+    "speedup_rounds": 5,
     "circuits": 1000,
 }
 QUICK = {
@@ -69,6 +70,7 @@ QUICK = {
     "skew_attempts": 30,
     "pairs": 50,
     "seconds": 1.0,
+    "speedup_rounds": 1,
     "circuits": 50,
 }
 
@@ -93,7 +95,13 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
     intros = capacity.introductions(size["pairs"], size["seconds"])
     accepts = capacity.accept_and_close(2 * size["pairs"], size["seconds"])
     relay_memory = capacity.relay_memory(size["circuits"])
-    scale_out = cluster.run(size["pairs"], size["seconds"], size["skew_attempts"], size["peers"][0])
+    scale_out = cluster.run(
+        size["pairs"],
+        size["seconds"],
+        size["skew_attempts"],
+        size["peers"][0],
+        size["speedup_rounds"],
+    )
 
     def both(trial: dict[str, Any]) -> float:  # both sides hold a verified stream
         return max(trial["alice"]["connect_time"], trial["bob"]["connect_time"])

@@ -50,6 +50,8 @@ def test_quick_benchmark_run_measures_everything(tmp_path: Path) -> None:
     assert summary["capacity"]["introductions_per_s"] > 0
     scale_out = summary["cluster"]  # issue 18: workers sharing a registry in Redis
     assert [f["workers"] for f in scale_out["introductions"]] == [1, 2, 4]
+    assert len(scale_out["speedups"]) == 1
+    assert scale_out["speedups"][0] > 0
     assert all(f["per_second"] > 0 for f in scale_out["introductions"])
     assert all(f["errors_per_second"] == 0 for f in scale_out["introductions"])
     assert scale_out["skew"]["across"]["attempts"] == 30
