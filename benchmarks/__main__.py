@@ -302,7 +302,7 @@ def table(summary: dict[str, Any], trials: dict[str, Any]) -> str:
             ),
             (
                 f"throughput {label}, relayed (issue 17), TLS 1.3, bare veth links "
-                "(CPU-bound: the relay's TCP and the extra hops share the 2 cores)",
+                "(CPU-bound: the relay's TCP and the extra hops share the peers' cores)",
                 f"{flow['relayed']:.2f} GiB/s relayed",
                 f"punched {flow['punched']:.2f} GiB/s; plaintext relayed "
                 f"{flow['relayed-plain']:.2f}, punched {flow['plain']:.2f}",
