@@ -41,6 +41,10 @@ ROUND_TRIPS = (0.010, 0.050)
 """Seconds between the sites in the round-trip runs (issue 12: two round trips)."""
 SHAPED_RATE = 1_000_000_000
 """Bit/s of each site's WAN link in the shaped throughput run: a gigabit access line."""
+FLOWS = ("punched", "sslstream", "plain", "raw", "relayed", "relayed-plain")
+"""The throughput flows of the bare-veth run (:data:`benchmarks.peer.FLOWS` and its baselines)."""
+SHAPED_FLOWS = ("punched", "relayed")
+"""The flows of the shaped run."""
 FULL = {
     "trials": 50,
     "rt_trials": 20,
@@ -86,7 +90,7 @@ def p95(values: list[float]) -> float:
 def run(size: dict[str, Any]) -> dict[str, Any]:
     """Every measurement of issue 5, as one JSON-able dict of raw samples and summaries."""
     cone = time_to_stream(size["trials"], size["rounds"], size["bytes"])
-    shaped = shaped_throughput(SHAPED_RATE, size["rounds"], size["shaped_bytes"])
+    shaped = shaped_throughput(SHAPED_RATE, size["rounds"], size["shaped_bytes"], SHAPED_FLOWS)
     rst = worst_timing(size["skew_trials"], SKEW)
     delayed = {rt: round_trips(size["rt_trials"], rt) for rt in ROUND_TRIPS}
     cold = cold_start(size["cold_trials"])
@@ -112,14 +116,6 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
     direct = [t["alice"]["connect_time"] for t in cone["direct"]]
     skewed = [both(t) for t in skewed_ok] or [float("nan")]
     attempts = [max(t["alice"]["attempts_per_s"], t["bob"]["attempts_per_s"]) for t in skewed_ok]
-    gib = cone["throughput"]["bytes"] / (1 << 30)
-
-    def rate(seconds: list[float], per_round: float = gib) -> float:  # GiB/s, median round
-        return per_round / median(seconds)
-
-    shaped_gib = shaped["throughput"]["bytes"] / (1 << 30)
-
-    flows = cone["throughput"]
     summary = {
         "time_to_stream": {
             "punch_median": median(punch),
@@ -147,22 +143,9 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
             "interpreter_median": median(cold["interpreter"]),
             "import_median": median(cold["import"]) - median(cold["interpreter"]),
         },
-        "throughput": {
-            direction: {
-                flow: rate(flows[flow][direction])
-                for flow in ("punched", "sslstream", "plain", "raw", "relayed", "relayed-plain")
-            }
-            for direction in ("up", "down")
-        }
-        | {"target": 0.97, "tls_target": 0.95, "relay_target": 0.8, "gib_per_round": gib},
-        "shaped_throughput": {
-            direction: {
-                flow: rate(shaped["throughput"][flow][direction], shaped_gib)
-                for flow in ("punched", "relayed")
-            }
-            for direction in ("up", "down")
-        }
-        | {"rate": SHAPED_RATE, "gib_per_round": shaped_gib},
+        "throughput": _rates(cone["throughput"], FLOWS)
+        | {"target": 0.97, "tls_target": 0.95, "relay_target": 0.8},
+        "shaped_throughput": _rates(shaped["throughput"], SHAPED_FLOWS) | {"rate": SHAPED_RATE},
         "capacity": {
             "baseline_rss": peers["baseline_rss"],
             "points": peers["points"],
@@ -188,6 +171,14 @@ def run(size: dict[str, Any]) -> dict[str, Any]:
     }
     samples |= {f"cone_rtt_{rt * 1000:.0f}ms": report for rt, report in delayed.items()}
     return {"summary": summary, "samples": samples}
+
+
+def _rates(report: dict[str, Any], flows: tuple[str, ...]) -> dict[str, Any]:
+    """GiB/s at the median round, per direction and flow, of one throughput report
+    (:func:`benchmarks.peer.throughput`), and its GiB per round."""
+    gib = report["bytes"] / (1 << 30)
+    rates = {d: {f: gib / median(report[f][d]) for f in flows} for d in ("up", "down")}
+    return rates | {"gib_per_round": gib}
 
 
 def _shaped_rows(

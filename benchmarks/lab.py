@@ -30,7 +30,6 @@ TLS_PORT = 7300
 PHASE_TIMEOUT = 300.0
 """Seconds alice gets for all her phases before she is killed (bounds every run)."""
 FIRST_BYTE_TIMEOUT = 20.0
-SHAPED_FLOWS = "punched,relayed"
 
 
 def _lab_pair(
@@ -100,10 +99,10 @@ def time_to_stream(trials: int, rounds: int, count: int) -> dict[str, Any]:
     return _lab_pair("cone", trials=trials, rounds=rounds, count=count)
 
 
-def shaped_throughput(rate: int, rounds: int, count: int) -> dict[str, Any]:
-    """cone x cone, each site's WAN link shaped to ``rate`` bit/s: punched and relayed
-    TLS flows only (issue 17's "relayed against direct on the lab's links")."""
-    return _lab_pair("cone", trials=0, rounds=rounds, count=count, rate=rate, flows=SHAPED_FLOWS)
+def shaped_throughput(rate: int, rounds: int, count: int, flows: tuple[str, ...]) -> dict[str, Any]:
+    """cone x cone, each site's WAN link shaped to ``rate`` bit/s: these throughput
+    flows only (issue 17's "relayed against direct on the lab's links")."""
+    return _lab_pair("cone", trials=0, rounds=rounds, count=count, rate=rate, flows=",".join(flows))
 
 
 def round_trips(trials: int, round_trip: float) -> dict[str, Any]:

@@ -166,12 +166,17 @@ class Lab:
         across the internet.
         """
         rule = f"meta protocol {{ ip, ip6 }} numgen random mod 100 < {percent} drop"
-        for where, device in ((ns, "wan0"), (self.prefix + "wan", self.wan_ports[ns])):
+        for where, device in self._wan_link(ns):
             hook = f'type filter hook ingress device "{device}" priority 0'
             # a table per device: the WAN router holds one per lossy port, and a second
             # "chain c" of one shared table would hook every port into both drop rules
             # (36% for 20%, as each site's uplink had until 2026-12-03)
             self._table(where, f"netdev punchloss_{device}", hook, rule)
+
+    def _wan_link(self, ns: str) -> tuple[tuple[str, str], tuple[str, str]]:
+        """``ns``'s WAN link as its two ends, each (namespace, device): ``wan0`` in
+        ``ns``, and its port on the WAN router."""
+        return (ns, "wan0"), (self.prefix + "wan", self.wan_ports[ns])
 
     def rate(self, ns: str, bits_per_second: int) -> None:
         """Shape ``ns``'s WAN link to ``bits_per_second`` each way, as an access
@@ -182,11 +187,12 @@ class Lab:
         20 ms of queue, beyond which the link drops, as a router's buffer does.
 
         Raises:
+            ValueError: ``bits_per_second`` is not > 0.
             subprocess.CalledProcessError: ``tc`` refused (no ``sch_tbf`` here).
         """
         if bits_per_second <= 0:
             raise ValueError(f"a link rate is > 0 bit/s, not {bits_per_second}")
-        for where, device in ((ns, "wan0"), (self.prefix + "wan", self.wan_ports[ns])):
+        for where, device in self._wan_link(ns):
             qdisc = ("root", "tbf", "rate", f"{bits_per_second}bit", "burst", "256kb")
             self.sh(where, "tc", "qdisc", "replace", "dev", device, *qdisc, "latency", "20ms")
 
